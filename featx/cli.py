@@ -1,0 +1,316 @@
+"""The ``featx`` command: parse arguments, call one library function, map errors to exit codes.
+
+torch and h5py are imported inside the commands, so ``featx --help`` answers at once.
+Exit codes: 0 done, 1 failed, 2 usage error, 3 too many failed images, 130/143 interrupted,
+141 stdout closed early (``| head``) after the work completed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from featx.config import ExtractConfig, build, load_toml, parse_shard
+from featx.errors import EXIT_SIGINT, FeatxError
+
+app = typer.Typer(
+    name="featx",
+    help="Extract features of image folders with a cut pretrained backbone, into HDF5.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """One place where library exceptions become one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FeatxError as error:
+            typer.echo(f"featx: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("featx: interrupted", err=True)
+            raise typer.Exit(EXIT_SIGINT) from None
+        except BrokenPipeError:
+            # The reader of stdout went away (`| head -1`): nothing to report, nothing lost.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(data: Any) -> None:
+    """Machine output: JSON on stdout, one document."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """Human output: stderr."""
+    if not quiet:
+        typer.echo(message, err=True)
+
+
+# --- extract --------------------------------------------------------------------------------
+
+_D = ExtractConfig  # defaults are read from the dataclass, never repeated here
+
+
+@app.command()
+@reports_errors
+def extract(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Image folder (class subfolders become labels).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help=f"torchvision name, timm:NAME or efficientnet_lite0 [default: {_D.model}]"
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help=f"DEFAULT, an enum name (IMAGENET1K_V2), none, or a .pth/.safetensors file [default: {_D.weights}]"
+        ),
+    ] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Node name to cut at; repeat for several (one forward pass). [default: the classifier's input]"
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option(help=f"avg | max | flatten | none | cls [default: {_D.pool}]")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Crop size override (resize keeps the weights' ratio).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Images per forward pass [default: {_D.batch_size}]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader decode processes [default: from the core count]")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_D.device}]")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help=f"auto | fp32 | fp16 | bf16 [default: {_D.precision}: fp32 on CPU, fp16 on CUDA]"
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help=f"Storage dtype: float32 | float16 [default: {_D.dtype}]")
+    ] = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(help=f"Images per shard, the unit of resume [default: {_D.shard_size}]"),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="K/N: do part K of N (SLURM arrays, CI matrices); `featx merge` joins the parts."
+        ),
+    ] = None,
+    max_failures: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Exit 3 when more images fail: a count, P% or none [default: {_D.max_failures}]"
+        ),
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(help="Decompression-bomb limit in pixels [default: Pillow's, 89478485]"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with any of these options; flags override it.")
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing output (and discard an unfinished run)."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar, no summary on stderr.")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar on stderr [default: when stderr is a terminal]",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout.")
+    ] = False,
+) -> None:
+    """Extract features of every image under SOURCE into an HDF5 file.
+
+    Example: featx extract ./photos -o feats.h5 --model resnet18 --layer layer3 --pool max
+    """
+    from featx.pipeline import extract as run_extract
+
+    values: dict[str, Any] = load_toml(config, "extract") if config else {}
+    given = {
+        "model": model,
+        "weights": weights,
+        "layers": tuple(layer) if layer else None,
+        "pool": pool,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "precision": precision,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "shard": parse_shard(shard) if shard else None,
+        "max_failures": max_failures,
+        "max_image_pixels": max_image_pixels,
+    }
+    values.update({key: value for key, value in given.items() if value is not None})
+    if overwrite:
+        values["overwrite"] = True
+    values["progress"] = False if quiet else progress
+    settings = build(ExtractConfig, values, source=str(config) if config else "options")
+    result = run_extract(source, output, settings)
+    if as_json:
+        emit(result.as_dict())
+    say(
+        f"wrote {result.output}: {result.images} images, {result.failed} failed, "
+        f"{result.images_per_second:.1f} img/s",
+        quiet,
+    )
+
+
+# --- layers / info / models -------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def layers(
+    model: Annotated[str, typer.Argument(help="torchvision name, timm:NAME or efficientnet_lite0")],
+    pool: Annotated[str, typer.Option(help="Pool used for the dim column.")] = _D.pool,
+    image_size: Annotated[int | None, typer.Option(help="Crop size override.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """List every cut point: node name, output shape, pooled dim, MB per 1,000 images.
+
+    Example: featx layers resnet50 | grep layer4
+    """
+    from featx.backbone import describe_layers, load_backbone
+
+    backbone = load_backbone(model, "none", image_size)
+    infos = describe_layers(backbone, pool)
+    default = backbone.default_layer()
+    if as_json:
+        emit(
+            {
+                "model": model,
+                "default": default,
+                "pool": pool,
+                "input": backbone.transform["crop"],
+                "layers": [i.as_dict() for i in infos],
+            }
+        )
+        return
+    width = max(len(info.name) for info in infos)
+    print(f"{'layer':<{width}}  {'shape':<18} {'dim':>9} {'MB/1k img':>10}")
+    for info in infos:
+        mark = "  (default)" if info.name == default else ""
+        shape = "x".join(str(v) for v in info.shape)
+        print(f"{info.name:<{width}}  {shape:<18} {info.dim:>9} {info.mb_per_1000:>10.2f}{mark}")
+
+
+@app.command()
+@reports_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A featx HDF5 file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Show what a features file holds: counts, layers, dims, model, weights, transform, failures.
+
+    Example: featx info feats.h5 --json
+    """
+    from featx.store import FeatureFile
+
+    with FeatureFile(path) as f:
+        summary = f.summary()
+        failed = f.failed
+    if as_json:
+        emit({**summary, "failed_files": [{"path": p, "error": e} for p, e in failed]})
+        return
+    print(
+        f"{path}: {summary['images']} images, {summary['failed']} failed, "
+        f"complete={summary.get('complete')}"
+    )
+    print(
+        f"model {summary.get('model')}  weights {summary.get('weights')}  pool {summary.get('pool')}"
+    )
+    for name, shape in summary["feature_shapes"].items():
+        print(
+            f"  features/{name}: {summary['images']} x {' x '.join(map(str, shape))} "
+            f"{summary['dtype']}"
+        )
+    if summary["class_counts"]:
+        counts = ", ".join(f"{k} {v}" for k, v in summary["class_counts"].items())
+        print(
+            f"classes: {counts}"
+            + (f", unlabelled {summary['unlabelled']}" if summary["unlabelled"] else "")
+        )
+    print(f"transform: {json.dumps(summary.get('transform'))}")
+    print(
+        f"created {summary.get('created')} by featx {summary.get('featx_version')}, "
+        f"torch {summary.get('torch_version')}, torchvision {summary.get('torchvision_version')}"
+    )
+    for p, e in failed[:20]:
+        print(f"  failed: {p}: {e}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (featx info --json lists all)")
+
+
+@app.command()
+@reports_errors
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="Only names containing this.")] = None,
+    timm_models: Annotated[
+        bool, typer.Option("--timm", help="List timm's models instead.")
+    ] = False,
+) -> None:
+    """List model names featx accepts.
+
+    Example: featx models resnet
+    """
+    if timm_models:
+        from featx.timm_models import require_timm
+
+        names = [f"timm:{n}" for n in require_timm().list_models()]
+    else:
+        from featx.backbone import torchvision_models
+
+        names = [*torchvision_models(), "efficientnet_lite0"]
+    for name in sorted(names):
+        if pattern is None or pattern in name:
+            print(name)
+
+
+def main() -> None:
+    """Entry point of the ``featx`` script."""
+    app()

@@ -1,0 +1,293 @@
+"""Find image files, label them from folders, and decode one image robustly.
+
+Decoding returns a uint8 ``[3, crop, crop]`` tensor or raises; :class:`ImageDataset` turns every
+exception into a recorded failure so that a bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from featx.errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Pillow may only use the decoders for the formats featx claims.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+ALPHA_POLICY = "composite onto background {background}; hidden colours under alpha=0 are dropped"
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The work list: files (relative to ``root``) in sorted order, with labels."""
+
+    root: str
+    paths: list[str]  # relative, as os.fsdecode gives them (surrogate escapes kept for reading)
+    labels: list[int]  # -1 when unlabelled
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index])
+
+
+def printable(path: str) -> str:
+    """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def scan_folder(source: str | os.PathLike[str]) -> ImageList:
+    """Every image under ``source``, recursively, sorted by relative path.
+
+    Class folders (a top level holding only subfolders) become labels in sorted folder order,
+    as torchvision's ImageFolder does. Symlinks are followed once: a loop is not re-entered and a
+    file reached twice is listed once.
+
+    Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
+    """
+    root = os.fspath(source)
+    if not os.path.exists(root):
+        raise UsageError(f"source {root}: no such file or directory")
+    if not os.path.isdir(root):
+        raise UsageError(f"source {root}: not a directory (use --files-from for a list)")
+    try:
+        top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
+    except PermissionError:
+        raise UsageError(f"source {root}: permission denied") from None
+    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
+    labelled = bool(top_dirs) and len(top_dirs) == len(top)
+    class_names = top_dirs if labelled else []
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    paths: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
+            dirnames[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or not is_image_name(name):
+                continue
+            full = os.path.join(directory, name)
+            real = os.path.realpath(full)
+            if real in seen_files and os.path.exists(real):
+                continue
+            seen_files.add(real)
+            paths.append(os.path.relpath(full, root))
+    paths.sort(key=lambda p: os.fsencode(p))
+    # A file reached through two directory links keeps its first (sorted) path only.
+    labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
+    return ImageList(root, paths, labels, class_names)
+
+
+def _top_folder(relative: str) -> str:
+    return relative.split(os.sep, 1)[0]
+
+
+def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -> ImageList:
+    """An explicit file list (stdin, --files-from), kept in the given order, deduplicated.
+
+    Relative paths resolve against ``root``; labels come from an optional ``path,label`` CSV.
+    """
+    paths: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        entry = line.strip("\r\n")
+        if not entry:
+            continue
+        relative = os.path.relpath(entry, root) if os.path.isabs(entry) else os.path.normpath(entry)
+        if relative not in seen:
+            seen.add(relative)
+            paths.append(relative)
+    if not paths:
+        raise UsageError("the file list is empty")
+    class_names: list[str] = []
+    labels = [-1] * len(paths)
+    if labels_csv:
+        class_names, labels = labels_from_csv(labels_csv, paths, root)
+    return ImageList(root, paths, labels, class_names)
+
+
+def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
+    """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except OSError as error:
+        raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
+    if rows and rows[0][:2] == ["path", "label"]:
+        rows = rows[1:]
+    by_path: dict[str, str] = {}
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise UsageError(f"--labels {csv_path}: line {number} is not 'path,label'")
+        key = os.path.normpath(os.path.relpath(row[0], root) if os.path.isabs(row[0]) else row[0])
+        by_path[key] = row[1].strip()
+    class_names = sorted(set(by_path.values()))
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[by_path[p]] if p in by_path else -1 for p in paths]
+    return class_names, labels
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How pixels are made: recorded in the output file so features can be reproduced."""
+
+    transform: dict[str, Any]
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_image_pixels: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        from PIL import Image
+
+        return {
+            "alpha": ALPHA_POLICY.format(background=list(self.background)),
+            "exif_orientation": "applied (features describe the upright image)",
+            "animated": "first frame",
+            "high_bit_depth": "scaled to 8 bits (65535 → 255)",
+            "max_image_pixels": self.max_image_pixels or Image.MAX_IMAGE_PIXELS,
+        }
+
+
+def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
+    """Decode one file to an upright RGB uint8 tensor ``[3, crop, crop]``, or raise.
+
+    Example: ``load_image("cat.jpg", DecodePolicy(transform)).shape == (3, 224, 224)``
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    image = decode_bytes(data, policy)
+    return resize_crop(image, policy.transform)
+
+
+def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
+    """Bytes → full-size RGB uint8 ``[3, H, W]``: libjpeg-turbo for JPEGs, Pillow for the rest."""
+    from PIL import Image
+
+    header = _open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
+    if header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK"):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice for io
+            tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_jpeg(tensor, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    return _pillow_rgb(header, policy, Image)
+
+
+def _open_checked(data: bytes, policy: DecodePolicy) -> Any:
+    from PIL import Image
+
+    limit_before = Image.MAX_IMAGE_PIXELS
+    if policy.max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = policy.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # Above 1x the limit Pillow only warns; featx treats that as a failure too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit_before
+
+
+def _pillow_rgb(image: Any, policy: DecodePolicy, Image: Any) -> torch.Tensor:
+    import numpy as np
+    from PIL import ImageOps
+
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "F":
+        gray = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and "transparency" in image.info
+    ):
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (*policy.background, 255))
+        rgb = np.asarray(Image.alpha_composite(backdrop, rgba).convert("RGB"))
+    else:
+        rgb = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
+    """Resize the shorter side, then centre-crop, in uint8: exactly what the weights'
+    ``transforms()`` does to a uint8 tensor before it converts to float."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    resized = F.resize(
+        image,
+        [transform["resize"]],
+        interpolation=InterpolationMode(transform["interpolation"]),
+        antialias=transform.get("antialias", True),
+    )
+    return F.center_crop(resized, [transform["crop"]])
+
+
+def describe_error(error: BaseException) -> str:
+    """``ClassName: message`` on one line, for ``failed/errors``; the same on every run."""
+    message = " ".join(str(error).split()) or "(no message)"
+    message = _OBJECT_ADDRESS.sub("the file", message)  # Pillow names a BytesIO at an address
+    return f"{type(error).__name__}: {message[:500]}"
+
+
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Index → ``(index, uint8 image or None, error text)``; never raises for a bad file."""
+
+    def __init__(self, images: ImageList, policy: DecodePolicy) -> None:
+        self.images = images
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        path = self.images.absolute(index)
+        if os.path.isdir(path):
+            return index, None, "IsADirectoryError: a directory, not an image file"
+        try:
+            return index, load_image(path, self.policy), ""
+        except Exception as error:  # every decoder failure is data about that file, not a crash
+            return index, None, describe_error(error)
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
+    """Stack the good images; carry the failures alongside."""
+    good = [(index, image) for index, image, _ in items if image is not None]
+    failures = [(index, error) for index, image, error in items if image is None]
+    images = torch.stack([image for _, image in good]) if good else None
+    return {"indices": [index for index, _ in good], "images": images, "failures": failures}

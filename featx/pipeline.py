@@ -1,0 +1,333 @@
+"""``extract()``: image files → uint8 batches → cut model → pooled vectors → shards → one file.
+
+Read this file top to bottom to know what a run does. Decoding lives in images.py, the model in
+backbone.py, pooling in pooling.py, shards and the output file in store.py, and the plumbing
+(device, signals, progress, writer thread) in runtime.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featx import __version__, runtime, store
+from featx.backbone import Backbone, describe_layers, load_backbone
+from featx.config import ExtractConfig, too_many_failures
+from featx.errors import Interrupted, TooManyFailures, UsageError
+from featx.images import DecodePolicy, ImageDataset, ImageList, collate, scan_folder
+from featx.pooling import pool
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What a run did; ``featx extract --json`` prints this."""
+
+    output: str
+    images: int  # rows written (good images)
+    failed: int
+    total: int  # files in the work list (for this part)
+    shards_done_before: int  # shards found finished from an earlier, interrupted run
+    elapsed_s: float
+    images_per_second: float
+    complete: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CutModel(nn.Module):
+    """uint8 images on the device → normalised → cut backbone → ``{layer: pooled vectors}``."""
+
+    def __init__(self, backbone: Backbone, layers: list[str], how: str) -> None:
+        super().__init__()
+        self.extractor = backbone.cut(layers)
+        self.layers = layers
+        self.how = how
+        self.prefix_tokens = backbone.prefix_tokens
+        self.register_buffer("mean", torch.tensor(backbone.transform["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.transform["std"]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Same arithmetic as the weights' transforms(): to float in [0, 1], then normalise.
+        x = images.to(torch.float32).div(255).sub(self.mean).div(self.std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out = self.extractor(x)
+        return {layer: pool(out[layer], self.how, self.prefix_tokens) for layer in self.layers}
+
+
+def extract(
+    source: str | os.PathLike[str] | ImageList,
+    out: str | os.PathLike[str],
+    config: ExtractConfig = ExtractConfig(),
+) -> ExtractResult:
+    """Extract features of every image in ``source`` into the HDF5 file ``out``.
+
+    Re-running the same call after a kill resumes from the finished shards.
+
+    Example: ``extract("photos/", "feats.h5", ExtractConfig(model="resnet18", layers=("layer3",)))``
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    store.check_writable(out)
+    images = source if isinstance(source, ImageList) else scan_folder(source)
+    part, parts = config.shard or (0, 1)
+    target = part_path(out, part, parts) if parts > 1 else out
+    if target.exists() and not config.overwrite:
+        raise UsageError(f"output {target} exists; pass --overwrite to replace it")
+    if not len(images):
+        raise UsageError(
+            f"source {images.root}: no image files found "
+            f"(looked for {', '.join(s[1:] for s in _suffixes())})"
+        )
+
+    # Everything that can be wrong with the arguments fails here, before any image is read.
+    backbone = load_backbone(config.model, config.weights, config.image_size)
+    layers = backbone.check_layers(config.layers)
+    shapes = {info.name: info for info in describe_layers(backbone, config.pool, layers)}
+    _check_pool(config.pool, layers, shapes)
+    device = runtime.pick_device(config.device)
+    precision = runtime.pick_precision(config.precision, device)
+    policy = DecodePolicy(backbone.transform, config.background, config.max_image_pixels)
+    fingerprint = {
+        "model": config.model,
+        "weights": backbone.weights,
+        "layers": layers,
+        "pool": config.pool,
+        "transform": backbone.transform,
+        "dtype": config.dtype,
+        "precision": precision,
+        "decode": policy.describe(),
+        "files": len(images),
+        "files_sha256": store.list_digest(images.paths, images.labels),
+        "shapes": {layer: list(_pooled(shapes[layer].shape, config.pool)) for layer in layers},
+    }
+
+    with store.output_lock(target):
+        work = store.open_work_dir(
+            target, fingerprint, config.shard_size, len(images), config.overwrite
+        )
+        mine = store.part_shards(work.shard_count, part, parts)
+        todo = [shard for shard in mine if not work.is_done(shard)]
+        first = work.shard_range(mine.start)[0] if mine else 0
+        last = work.shard_range(mine[-1])[1] if mine else 0
+        done_before = len(mine) - len(todo)
+        model = CutModel(backbone, layers, config.pool).to(device).eval()
+        if config.compile:
+            model = torch.compile(model, dynamic=False)
+        rows_done = sum(
+            min(work.shard_range(s)[1], last) - work.shard_range(s)[0]
+            for s in mine
+            if s not in todo
+        )
+        _run_shards(
+            images,
+            work,
+            todo,
+            model,
+            config,
+            device,
+            precision,
+            policy,
+            initial=rows_done,
+            total=last - first,
+        )
+
+        attrs = _file_attributes(images, backbone, config, layers, precision, policy, fingerprint)
+        if parts > 1:
+            attrs["part"] = f"{part}/{parts}"
+        result = store.assemble(
+            work, mine, images.paths, images.labels, attrs, target, (first, last)
+        )
+        work.remove()
+
+    elapsed = time.perf_counter() - started
+    summary = ExtractResult(
+        str(target),
+        result.rows,
+        result.failed,
+        last - first,
+        done_before,
+        round(elapsed, 3),
+        round((last - first - rows_done) / elapsed, 2),
+    )
+    if too_many_failures(config.max_failures, result.failed, last - first):
+        raise TooManyFailures(
+            f"{result.failed} of {last - first} images failed (more than --max-failures "
+            f"{config.max_failures}); the output {target} was written: see its failed/ group"
+        )
+    return summary
+
+
+def _run_shards(
+    images: ImageList,
+    work: store.WorkDir,
+    todo: list[int],
+    model: nn.Module,
+    config: ExtractConfig,
+    device: torch.device,
+    precision: str,
+    policy: DecodePolicy,
+    initial: int,
+    total: int,
+) -> None:
+    """The loop: loader → device → model → writer thread, one finished shard at a time."""
+    batches = [
+        list(range(start, min(start + config.batch_size, stop)))
+        for shard in todo
+        for start, stop in [work.shard_range(shard)]
+        for start in range(start, stop, config.batch_size)
+    ]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(images, policy),
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=runtime.worker_init,
+        prefetch_factor=4 if config.num_workers else None,
+    )
+    shard_writer = _ShardSink(work, config.dtype)
+    writer = runtime.BackgroundWriter(shard_writer.handle)
+    failed = 0
+    progress = runtime.progress_bar(
+        total, initial, runtime.show_progress(config.progress), desc=Path(work.out).name
+    )
+    try:
+        with runtime.StopSignals() as signals, torch.inference_mode():
+            for batch in loader:
+                features: dict[str, Any] = {}
+                if batch["images"] is not None:
+                    x = batch["images"].to(device, non_blocking=True)
+                    with runtime.autocast(precision, device):
+                        outputs = model(x)
+                    features = {k: v.float().cpu().numpy() for k, v in outputs.items()}
+                writer.put((batch, features))
+                failed += len(batch["failures"])
+                progress.update(len(batch["indices"]) + len(batch["failures"]))
+                progress.set_postfix(failed=failed, refresh=False)
+                if signals.received is not None:
+                    raise Interrupted(
+                        f"interrupted by {_signal_name(signals.received)}: finished shards are "
+                        f"kept in {work.path}; run the same command again to resume",
+                        signals.received,
+                    )
+            writer.close()
+    except BaseException:
+        writer_error = _close_quietly(writer)
+        shard_writer.discard()
+        if writer_error is not None:
+            raise writer_error from None
+        raise
+    finally:
+        progress.close()
+
+
+class _ShardSink:
+    """Routes batches to per-shard files; a shard is published when its last batch arrives."""
+
+    def __init__(self, work: store.WorkDir, dtype: str) -> None:
+        self.work = work
+        self.dtype = dtype
+        self.open: dict[int, store.ShardWriter] = {}
+
+    def handle(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        batch, features = item
+        every = batch["indices"] + [index for index, _ in batch["failures"]]
+        shard = min(every) // self.work.shard_size
+        writer = self.open.get(shard) or self.open.setdefault(
+            shard, store.ShardWriter(self.work, shard, self.dtype)
+        )
+        try:
+            writer.append(batch["indices"], features, batch["failures"])
+            if max(every) == self.work.shard_range(shard)[1] - 1:
+                writer.finish()
+                del self.open[shard]
+        except OSError as error:
+            self.discard()
+            raise store.disk_full_message(error, self.work) or error from None
+
+    def discard(self) -> None:
+        for writer in self.open.values():
+            writer.discard()
+        self.open.clear()
+
+
+def _close_quietly(writer: runtime.BackgroundWriter) -> BaseException | None:
+    try:
+        writer.close()
+    except BaseException as error:  # reported instead of the error it caused downstream
+        return error
+    return None
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _suffixes() -> tuple[str, ...]:
+    from featx.images import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
+def _pooled(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
+    from featx.pooling import pooled_shape
+
+    return pooled_shape(shape, how)
+
+
+def _check_pool(how: str, layers: list[str], shapes: dict[str, Any]) -> None:
+    for layer in layers:
+        if layer not in shapes:
+            raise UsageError(f"layer {layer!r} does not output a batched tensor; pick another")
+        _pooled(shapes[layer].shape, how)
+
+
+def part_path(out: Path, part: int, parts: int) -> Path:
+    """Where ``--shard K/N`` writes its part: ``feats.h5`` → ``feats.part-03-of-16.h5``."""
+    width = len(str(parts - 1))
+    return out.with_name(f"{out.stem}.part-{part:0{width}d}-of-{parts}{out.suffix}")
+
+
+def _file_attributes(
+    images: ImageList,
+    backbone: Backbone,
+    config: ExtractConfig,
+    layers: list[str],
+    precision: str,
+    policy: DecodePolicy,
+    fingerprint: dict[str, Any],
+) -> dict[str, Any]:
+    import torchvision
+
+    attrs: dict[str, Any] = {
+        "featx_schema": store.SCHEMA_VERSION,
+        "class_names": images.class_names,
+        "model": config.model,
+        "weights": backbone.weights,
+        "layers": layers,
+        "pool": config.pool,
+        "transform": backbone.transform,
+        "dtype": config.dtype,
+        "precision": precision,
+        "decode": policy.describe(),
+        "shapes": fingerprint["shapes"],
+        "source": os.path.abspath(images.root),
+        "files_sha256": fingerprint["files_sha256"],
+        "featx_version": __version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+    }
+    if backbone.source == "timm":
+        import timm
+
+        attrs["timm_version"] = timm.__version__
+    return attrs

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny real photo folders, seeded random weights, a CLI runner.
+
+Nothing here touches the network: models get seeded random weights saved to a local file, and
+the photos are scikit-image's bundled samples.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from featx.cli import app
+
+os.environ.setdefault("FEATX_OFFLINE", "1")  # belt and braces: no test may download
+SMALL = ["--model", "resnet18", "--image-size", "64", "--workers", "0", "-q"]
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not _has_cuda():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _rng_hygiene():
+    """Each test starts from the same RNG state and leaves it as it found it."""
+    state = torch.get_rng_state()
+    np_state = np.random.get_state()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+    torch.set_rng_state(state)
+    np.random.set_state(np_state)
+
+
+def sample_photos() -> dict[str, np.ndarray]:
+    import skimage.data as data
+
+    return {
+        "chelsea": data.chelsea(),  # a cat
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "astronaut": data.astronaut(),
+        "camera": data.camera(),  # grayscale
+    }
+
+
+@pytest.fixture(scope="session")
+def photo_arrays() -> dict[str, np.ndarray]:
+    return sample_photos()
+
+
+def save(array: np.ndarray, path: Path, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **options)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, photo_arrays) -> Path:
+    """Two class folders of real photos, JPEG and PNG, one grayscale."""
+    root = tmp_path_factory.mktemp("photos")
+    save(photo_arrays["chelsea"], root / "animal" / "chelsea.jpg", quality=90)
+    save(photo_arrays["astronaut"], root / "animal" / "astronaut.png")
+    save(photo_arrays["coffee"], root / "thing" / "coffee.jpg", quality=90)
+    save(photo_arrays["rocket"], root / "thing" / "rocket.jpg", quality=90)
+    save(photo_arrays["camera"], root / "thing" / "sub" / "camera.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def resnet18_file(tmp_path_factory) -> Path:
+    """A seeded random-init resnet18 state dict, as a user's local weight file."""
+    import torchvision
+
+    torch.manual_seed(1234)
+    model = torchvision.models.resnet18()
+    path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process as a user types it; returns the click Result."""
+    runner = CliRunner()
+
+    def run(*args: object, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return run
+
+
+def run_featx(*args: object, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m featx`` in a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "featx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=check,
+        **kwargs,
+    )
