@@ -1,0 +1,65 @@
+"""The README stays honest: its commands exist, CI runs its test command, its examples parse."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from featx.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("featx ")]
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = next(line for line in README.splitlines() if "pytest" in line
+                        and line.startswith("python3 -m venv"))
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
+    commands = [line for line in first_block.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2
+    assert "featx extract" in commands[0] and "efficientnet_lite0" in commands[0]
+    assert "pytest" in commands[1]
+
+
+@pytest.mark.parametrize("command", sorted({c.split()[1] for c in readme_commands()}))
+def test_every_readme_command_exists(command):
+    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    names |= {g.name for g in app.registered_groups}
+    assert command in names
+
+
+def test_every_command_is_in_the_readme_and_has_an_example():
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__.replace("_", "-")
+        assert f"featx {name}" in README, name
+        assert "Example:" in (command.callback.__doc__ or ""), name
+
+
+def test_readme_examples_use_real_options():
+    """Every --option in a README featx command is an option of that command."""
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for line in readme_commands():
+        words = shlex.split(line.split("|")[0])
+        command = group.get_command(click.Context(group), words[1])
+        if isinstance(command, click.Group):
+            command = command.get_command(click.Context(command), words[2])
+        options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+        for word in words:
+            if word.startswith("--"):
+                assert word.split("=")[0] in options, (line, word)
