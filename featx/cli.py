@@ -311,6 +311,47 @@ def models(
             print(name)
 
 
+weights_app = typer.Typer(help="Fetch pretrained weights for offline use; list the cache.",
+                          no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("fetch")
+@reports_errors
+def weights_fetch(
+    model: Annotated[str, typer.Argument(help="torchvision name, timm:NAME or efficientnet_lite0")],
+    weights: Annotated[str, typer.Option(help="DEFAULT or an enum name / timm tag.")] = "DEFAULT",
+) -> None:
+    """Download weights into the standard torch/timm cache and print where the file went.
+
+    Example: featx weights fetch resnet50 --weights IMAGENET1K_V2
+    """
+    from featx.weights import fetch
+
+    print(fetch(model, weights))
+
+
+@weights_app.command("list")
+@reports_errors
+def weights_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """List cached weight files with their sizes.
+
+    Example: featx weights list
+    """
+    from featx.weights import cached_files
+
+    files = cached_files()
+    if as_json:
+        emit([{"path": str(path), "bytes": size} for path, size in files])
+        return
+    for path, size in files:
+        print(f"{size / 1e6:10.1f} MB  {path}")
+    if not files:
+        say("no cached weights (featx weights fetch MODEL downloads some)")
+
+
 def main() -> None:
     """Entry point of the ``featx`` script."""
     app()

