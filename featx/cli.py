@@ -311,8 +311,9 @@ def models(
             print(name)
 
 
-weights_app = typer.Typer(help="Fetch pretrained weights for offline use; list the cache.",
-                          no_args_is_help=True)
+weights_app = typer.Typer(
+    help="Fetch pretrained weights for offline use; list the cache.", no_args_is_help=True
+)
 app.add_typer(weights_app, name="weights")
 
 

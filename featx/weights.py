@@ -183,6 +183,7 @@ def fetch(model: str, spec: str = "DEFAULT") -> Path:
     path = hub_checkpoint_path(url)
     if not path.is_file():
         ensure_reachable(url, model)
-        torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu",
-                                           weights_only=True)
+        torch.hub.load_state_dict_from_url(
+            url, progress=True, map_location="cpu", weights_only=True
+        )
     return path

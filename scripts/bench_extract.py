@@ -42,8 +42,9 @@ def make_images(folder: Path, count: int, size: tuple[int, int] = (500, 375)) ->
 
         photos = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut()]
     except ImportError:
-        photos = [np.random.default_rng(i).integers(0, 255, (600, 800, 3), np.uint8)
-                  for i in range(4)]
+        photos = [
+            np.random.default_rng(i).integers(0, 255, (600, 800, 3), np.uint8) for i in range(4)
+        ]
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(list(folder.glob("*.jpg")))
     for i in range(existing, count):
@@ -76,9 +77,17 @@ def run_method(method: str, source: Path, args: argparse.Namespace) -> dict:
             for path in files:
                 (subset / path.name).symlink_to(path)
             started = time.perf_counter()
-            extract(subset, Path(tmp) / "f.h5", ExtractConfig(
-                model=args.model, weights="none", image_size=args.image_size,
-                batch_size=args.batch_size, progress=False))
+            extract(
+                subset,
+                Path(tmp) / "f.h5",
+                ExtractConfig(
+                    model=args.model,
+                    weights="none",
+                    image_size=args.image_size,
+                    batch_size=args.batch_size,
+                    progress=False,
+                ),
+            )
     else:
         model = create_feature_extractor(backbone.model, {layer: "out"}).eval()
         model = model.to(memory_format=torch.channels_last)
@@ -92,7 +101,8 @@ def run_method(method: str, source: Path, args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             if method == "model":
                 batch = torch.randn(args.batch_size, 3, crop, crop).contiguous(
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last
+                )
                 model(batch)  # warm-up, as the other methods' first batch is
                 started = time.perf_counter()
                 for _ in range(0, len(files), args.batch_size):
@@ -113,21 +123,38 @@ def run_method(method: str, source: Path, args: argparse.Namespace) -> dict:
                     def __getitem__(self, i: int):
                         return preset(Image.open(files[i]).convert("RGB"))
 
-                loader = torch.utils.data.DataLoader(Files(), batch_size=args.batch_size,
-                                                     num_workers=default_workers())
+                loader = torch.utils.data.DataLoader(
+                    Files(), batch_size=args.batch_size, num_workers=default_workers()
+                )
                 for batch in loader:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                     model(batch)["out"].flatten(1).numpy()
     seconds = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "images": len(files), "seconds": seconds,
-            "images_per_second": len(files) / seconds, "peak_rss_mb": peak_kb / 1024}
+    return {
+        "method": method,
+        "images": len(files),
+        "seconds": seconds,
+        "images_per_second": len(files) / seconds,
+        "peak_rss_mb": peak_kb / 1024,
+    }
 
 
 def in_subprocess(method: str, source: Path, args: argparse.Namespace, images: int) -> dict:
-    command = [sys.executable, __file__, "--one", method, "--source", str(source),
-               "--model", args.model, "--batch-size", str(args.batch_size),
-               "--images", str(images)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        method,
+        "--source",
+        str(source),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--images",
+        str(images),
+    ]
     if args.image_size:
         command += ["--image-size", str(args.image_size)]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -153,16 +180,19 @@ def main() -> None:
     source = args.source or Path(tempfile.gettempdir()) / "featx-bench-images"
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     if args.rss:
         sizes = [int(n) for n in args.rss.split(",")]
         make_images(source, max(sizes), size=(160, 120))
         rows = [in_subprocess("featx", source, args, n) for n in sizes]
         print("\n| images | img/s | peak RSS MB |\n| ---: | ---: | ---: |")
         for row in rows:
-            print(f"| {row['images']} | {row['images_per_second']:.1f} | "
-                  f"{row['peak_rss_mb']:.0f} |")
+            print(
+                f"| {row['images']} | {row['images_per_second']:.1f} | {row['peak_rss_mb']:.0f} |"
+            )
         growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
         print(f"\npeak RSS growth {sizes[0]} → {sizes[-1]} images: {growth:+.1%}")
         return
@@ -175,8 +205,10 @@ def main() -> None:
         for method in order:
             results[method].append(in_subprocess(method, source, args, args.images))
             last = results[method][-1]
-            print(f"round {round_ + 1} {method:<10} {last['images_per_second']:8.2f} img/s",
-                  file=sys.stderr)
+            print(
+                f"round {round_ + 1} {method:<10} {last['images_per_second']:8.2f} img/s",
+                file=sys.stderr,
+            )
     speed = {m: statistics.median(r["images_per_second"] for r in results[m]) for m in methods}
     label = f"{args.model}, default layer, batch {args.batch_size}"
     if args.image_size:

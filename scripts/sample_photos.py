@@ -38,10 +38,13 @@ def main(target: str, per_class: int = 6) -> None:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i, variant in enumerate(variants(array, per_class)):
-            Image.fromarray(np.ascontiguousarray(variant)).save(folder / f"{name}_{i}.jpg",
-                                                                quality=92)
-    print(f"wrote {len(photos) * per_class} photos in {len(photos)} classes under {root}",
-          file=sys.stderr)
+            Image.fromarray(np.ascontiguousarray(variant)).save(
+                folder / f"{name}_{i}.jpg", quality=92
+            )
+    print(
+        f"wrote {len(photos) * per_class} photos in {len(photos)} classes under {root}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

