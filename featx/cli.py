@@ -311,6 +311,39 @@ def models(
             print(name)
 
 
+@app.command()
+@reports_errors
+def merge(
+    output: Annotated[Path, typer.Argument(help="The file to assemble (its parts lie beside it).")],
+    parts: Annotated[
+        list[Path] | None, typer.Argument(help="Part files, if not found by name.")
+    ] = None,
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            "--virtual", help="An HDF5 virtual dataset over the parts: one view, no copy."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON summary on stdout.")] = False,
+) -> None:
+    """Assemble the part files of `featx extract --shard K/N` runs into one file.
+
+    Example: featx merge feats.h5 --virtual
+    """
+    from featx.merge import merge as run_merge
+
+    result = run_merge(output, parts, virtual=virtual, overwrite=overwrite)
+    if as_json:
+        emit(result)
+    say(
+        f"wrote {result['output']}: {result['images']} images from {result['parts']} parts"
+        + (" (virtual)" if virtual else "")
+    )
+
+
 weights_app = typer.Typer(
     help="Fetch pretrained weights for offline use; list the cache.", no_args_is_help=True
 )

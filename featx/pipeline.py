@@ -7,6 +7,7 @@ backbone.py, pooling in pooling.py, shards and the output file in store.py, and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featx import __version__, runtime, store
+from featx import __version__, distributed, runtime, store
 from featx.backbone import Backbone, describe_layers, load_backbone
 from featx.config import ExtractConfig, too_many_failures
 from featx.errors import Interrupted, TooManyFailures, UsageError
@@ -34,8 +35,8 @@ class ExtractResult:
     total: int  # files in the work list (for this part)
     shards_done_before: int  # shards found finished from an earlier, interrupted run
     elapsed_s: float
-    images_per_second: float
-    complete: bool = True
+    images_per_second: float  # images computed by this run (not resumed ones) per second
+    complete: bool = True  # False on torchrun ranks other than 0: rank 0 writes the file
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,11 +76,11 @@ def extract(
     started = time.perf_counter()
     out = Path(out)
     store.check_writable(out)
-    images = source if isinstance(source, ImageList) else scan_folder(source)
-    part, parts = config.shard or (0, 1)
-    target = part_path(out, part, parts) if parts > 1 else out
+    job = distributed.job_for(config.shard)
+    target = part_path(out, job.part, job.parts) if job.writes_part else out
     if target.exists() and not config.overwrite:
         raise UsageError(f"output {target} exists; pass --overwrite to replace it")
+    images = source if isinstance(source, ImageList) else scan_folder(source)
     if not len(images):
         raise UsageError(
             f"source {images.root}: no image files found "
@@ -91,7 +92,7 @@ def extract(
     layers = backbone.check_layers(config.layers)
     shapes = {info.name: info for info in describe_layers(backbone, config.pool, layers)}
     _check_pool(config.pool, layers, shapes)
-    device = runtime.pick_device(config.device)
+    device = job.device(runtime.pick_device(config.device))
     precision = runtime.pick_precision(config.precision, device)
     policy = DecodePolicy(backbone.transform, config.background, config.max_image_pixels)
     fingerprint = {
@@ -108,23 +109,21 @@ def extract(
         "shapes": {layer: list(_pooled(shapes[layer].shape, config.pool)) for layer in layers},
     }
 
-    with store.output_lock(target):
-        work = store.open_work_dir(
-            target, fingerprint, config.shard_size, len(images), config.overwrite
+    lock = store.output_lock(target) if job.leader else contextlib.nullcontext()
+    with job.session(device), lock:
+        work = job.leader_first(
+            lambda overwrite: store.open_work_dir(
+                target, fingerprint, config.shard_size, len(images), overwrite
+            ),
+            config.overwrite,
         )
-        mine = store.part_shards(work.shard_count, part, parts)
+        mine = store.part_shards(work.shard_count, job.part, job.parts)
         todo = [shard for shard in mine if not work.is_done(shard)]
-        first = work.shard_range(mine.start)[0] if mine else 0
-        last = work.shard_range(mine[-1])[1] if mine else 0
-        done_before = len(mine) - len(todo)
         model = CutModel(backbone, layers, config.pool).to(device).eval()
         if config.compile:
             model = torch.compile(model, dynamic=False)
-        rows_done = sum(
-            min(work.shard_range(s)[1], last) - work.shard_range(s)[0]
-            for s in mine
-            if s not in todo
-        )
+        size = sum(len(range(*work.shard_range(s))) for s in mine)
+        todo_size = sum(len(range(*work.shard_range(s))) for s in todo)
         _run_shards(
             images,
             work,
@@ -134,31 +133,43 @@ def extract(
             device,
             precision,
             policy,
-            initial=rows_done,
-            total=last - first,
+            initial=size - todo_size,
+            total=size,
         )
+        job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
 
-        attrs = _file_attributes(images, backbone, config, layers, precision, policy, fingerprint)
-        if parts > 1:
-            attrs["part"] = f"{part}/{parts}"
-        result = store.assemble(
-            work, mine, images.paths, images.labels, attrs, target, (first, last)
+        # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
+        shards = mine if job.writes_part else range(work.shard_count)
+        rows = (
+            (work.shard_range(shards[0])[0], work.shard_range(shards[-1])[1]) if shards else (0, 0)
         )
-        work.remove()
+        if job.leader:
+            attrs = _file_attributes(
+                images, backbone, config, layers, precision, policy, fingerprint
+            )
+            if job.writes_part:
+                attrs["part"] = f"{job.part}/{job.parts}"
+            written = store.assemble(work, shards, images.paths, images.labels, attrs, target, rows)
+            work.remove()
+            counts = (written.rows, written.failed)
+        else:
+            counts = store.count_rows(work, mine)
 
     elapsed = time.perf_counter() - started
+    total = rows[1] - rows[0] if job.leader else size
     summary = ExtractResult(
         str(target),
-        result.rows,
-        result.failed,
-        last - first,
-        done_before,
+        counts[0],
+        counts[1],
+        total,
+        len(mine) - len(todo),
         round(elapsed, 3),
-        round((last - first - rows_done) / elapsed, 2),
+        round(todo_size / elapsed, 2),
+        job.leader,
     )
-    if too_many_failures(config.max_failures, result.failed, last - first):
+    if job.leader and too_many_failures(config.max_failures, counts[1], total):
         raise TooManyFailures(
-            f"{result.failed} of {last - first} images failed (more than --max-failures "
+            f"{counts[1]} of {total} images failed (more than --max-failures "
             f"{config.max_failures}); the output {target} was written: see its failed/ group"
         )
     return summary
@@ -321,6 +332,7 @@ def _file_attributes(
         "decode": policy.describe(),
         "shapes": fingerprint["shapes"],
         "source": os.path.abspath(images.root),
+        "files": fingerprint["files"],
         "files_sha256": fingerprint["files_sha256"],
         "featx_version": __version__,
         "torch_version": torch.__version__,

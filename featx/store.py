@@ -292,12 +292,7 @@ def assemble(
     from featx.images import printable
 
     layers, row_shapes, dtype = _shard_layout(work, shards)
-    row_count = 0
-    failed_count = 0
-    for shard in shards:
-        with h5py.File(work.shard_path(shard), "r") as f:
-            row_count += f["index"].shape[0]
-            failed_count += f["failed/index"].shape[0]
+    row_count, failed_count = count_rows(work, shards)
     temporary = temporary_name(out)
     try:
         with h5py.File(temporary, "w", track_order=True) as dst:
@@ -319,7 +314,7 @@ def assemble(
                 with h5py.File(work.shard_path(shard), "r") as src:
                     index = src["index"][:]
                     for layer in layers:
-                        _copy_rows(src[f"features/{layer}"], outputs[layer], row)
+                        copy_rows(src[f"features/{layer}"], outputs[layer], row)
                     out_paths.extend(printable(paths[i]) for i in index)
                     out_labels.extend(labels[i] for i in index)
                     failed_paths.extend(printable(paths[i]) for i in src["failed/index"][:])
@@ -353,6 +348,16 @@ def assemble(
     return Assembled(row_count, failed_count, out)
 
 
+def count_rows(work: WorkDir, shards: range) -> tuple[int, int]:
+    """(good rows, failed files) in finished shards, without reading any features."""
+    rows = failed = 0
+    for shard in shards:
+        with h5py.File(work.shard_path(shard), "r") as f:
+            rows += f["index"].shape[0]
+            failed += f["failed/index"].shape[0]
+    return rows, failed
+
+
 def _shard_layout(work: WorkDir, shards: range) -> tuple[list[str], dict[str, tuple], np.dtype]:
     layers: list[str] = list(work.fingerprint["layers"])
     shapes: dict[str, tuple] = {}
@@ -367,7 +372,7 @@ def _shard_layout(work: WorkDir, shards: range) -> tuple[list[str], dict[str, tu
     return layers, shapes, dtype
 
 
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, offset: int, step: int = 1024) -> None:
+def copy_rows(src: h5py.Dataset, dst: h5py.Dataset, offset: int, step: int = 1024) -> None:
     for start in range(0, src.shape[0], step):
         block = src[start : start + step]
         dst[offset + start : offset + start + len(block)] = block

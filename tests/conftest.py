@@ -113,3 +113,51 @@ def run_featx(*args: object, check: bool = False, **kwargs) -> subprocess.Comple
         check=check,
         **kwargs,
     )
+
+
+SETTINGS = [
+    "--model",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--workers",
+    "0",
+    "--shard-size",
+    "4",
+    "--batch-size",
+    "2",
+    "-q",
+]
+
+
+def featx_process(source: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "featx", "extract", str(source), "-o", str(out), *SETTINGS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def many_photos(tmp_path_factory, photo_arrays) -> Path:
+    """48 small JPEGs in two classes, cut from the sample photos."""
+    root = tmp_path_factory.mktemp("many")
+    arrays = [photo_arrays[name] for name in ("chelsea", "coffee", "rocket", "astronaut")]
+    for i in range(48):
+        array = arrays[i % 4]
+        top, left = (i * 7) % 60, (i * 13) % 80
+        crop = array[top : top + 160, left : left + 200]
+        save(crop, root / ("a" if i % 2 else "b") / f"img{i:03d}.jpg", quality=85)
+    return root
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(many_photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    process = featx_process(many_photos, out)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return out

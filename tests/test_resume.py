@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from featx import ExtractConfig, extract
-from tests.conftest import save
+from tests.conftest import SETTINGS, featx_process  # noqa: F401  (re-exported for other tests)
 
 
 def assert_same_file(a: Path, b: Path) -> None:
@@ -34,45 +32,6 @@ def assert_same_file(a: Path, b: Path) -> None:
                 assert str(fa.attrs[key]) == str(fb.attrs[key]), key
 
 
-@pytest.fixture(scope="module")
-def many_photos(tmp_path_factory, photo_arrays) -> Path:
-    """48 small JPEGs in two classes, cut from the sample photos."""
-    root = tmp_path_factory.mktemp("many")
-    arrays = [photo_arrays[name] for name in ("chelsea", "coffee", "rocket", "astronaut")]
-    for i in range(48):
-        array = arrays[i % 4]
-        top, left = (i * 7) % 60, (i * 13) % 80
-        crop = array[top : top + 160, left : left + 200]
-        save(crop, root / ("a" if i % 2 else "b") / f"img{i:03d}.jpg", quality=85)
-    return root
-
-
-SETTINGS = [
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "64",
-    "--workers",
-    "0",
-    "--shard-size",
-    "4",
-    "--batch-size",
-    "2",
-    "-q",
-]
-
-
-def featx_process(source: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "featx", "extract", str(source), "-o", str(out), *SETTINGS, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: float = 120) -> None:
     work = out.with_name(out.name + ".featx")
     deadline = time.monotonic() + limit
@@ -83,15 +42,6 @@ def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: flo
             raise AssertionError(f"run ended before {count} shards: {process.communicate()[1]}")
         time.sleep(0.005)
     raise AssertionError("no shard appeared in time")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(many_photos, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    process = featx_process(many_photos, out)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    return out
 
 
 def test_sigkill_then_rerun_gives_identical_file(many_photos, uninterrupted, tmp_path):

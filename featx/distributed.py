@@ -1,0 +1,97 @@
+"""Riding torchrun and SLURM: which part of the work this process does, and who assembles.
+
+* one process: part 0 of 1, assembles;
+* ``--shard K/N`` (a SLURM array task, a CI matrix job): part K of N, writes its own part file
+  ``OUT.part-K-of-N.h5``; ``featx merge`` joins the parts later;
+* torchrun (``WORLD_SIZE`` > 1): rank R does part R of WORLD_SIZE into the shared shard folder,
+  binds GPU ``LOCAL_RANK``; after a barrier rank 0 assembles the single output file.
+
+No scheduler of featx's own: the shard plan is a pure function of the sorted file list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from featx.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Job:
+    part: int
+    parts: int
+    torchrun: bool = False
+    local_rank: int = 0
+
+    @property
+    def writes_part(self) -> bool:
+        """A ``--shard K/N`` part file rather than the final output."""
+        return self.parts > 1 and not self.torchrun
+
+    @property
+    def leader(self) -> bool:
+        """Takes the output lock, creates the shard folder, assembles."""
+        return self.writes_part or self.part == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        if self.torchrun and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    @contextlib.contextmanager
+    def session(self, device: torch.device) -> Iterator[None]:
+        """The torch.distributed process group for the duration of the run (torchrun only)."""
+        if not self.torchrun:
+            yield
+            return
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        minutes = int(os.environ.get("FEATX_DIST_TIMEOUT_MIN", "720"))
+        # Ranks wait for each other only at the end; a slow rank must not time the others out.
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.torchrun:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def leader_first(self, make: Callable[[bool], Any], overwrite: bool) -> Any:
+        """Run ``make(overwrite)`` on the leader, then (after a barrier) on the other ranks, so
+        only the leader ever creates or discards the shared shard folder."""
+        if not self.torchrun:
+            return make(overwrite)
+        result = make(overwrite) if self.leader else None
+        self.barrier()
+        return result if self.leader else make(False)
+
+
+def job_for(shard: tuple[int, int] | None) -> Job:
+    """The job of this process, from ``--shard`` or torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if shard is not None:
+            raise UsageError("--shard and torchrun both split the work: use one of them")
+        return Job(
+            int(os.environ["RANK"]),
+            world,
+            torchrun=True,
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    if shard is not None:
+        return Job(*shard)
+    return Job(0, 1)
