@@ -18,11 +18,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from featx.config import ExtractConfig, build, load_toml, parse_shard
-from featx.errors import EXIT_SIGINT, FeatxError
+from featx.errors import EXIT_SIGINT, FeatxError, UsageError
 
 app = typer.Typer(
     name="featx",
-    help="Extract features of image folders with a cut pretrained backbone, into HDF5.",
+    help="Extract features of image folders with a cut pretrained backbone, into HDF5.\n\n"
+    "Example: featx extract ./photos -o feats.h5 --model resnet50 --layer layer3",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -75,8 +76,31 @@ _D = ExtractConfig  # defaults are read from the dataclass, never repeated here
 @reports_errors
 def extract(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="Image folder (class subfolders become labels).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")],
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Image folder (class subfolders become labels), or - to read paths from stdin."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HDF5 file to write.")
+    ] = None,
+    files_from: Annotated[
+        Path | None, typer.Option(help="Read image paths from this file (one per line).")
+    ] = None,
+    null: Annotated[
+        bool, typer.Option("-0", "--null", help="Paths are NUL-separated (find -print0).")
+    ] = False,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Relative listed paths resolve against this folder [default: the current folder]."
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="CSV of path,label: labels for listed files or flat folders."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -189,8 +213,12 @@ def extract(
     if overwrite:
         values["overwrite"] = True
     values["progress"] = False if quiet else progress
+    if labels:
+        values["labels_csv"] = str(labels)
     settings = build(ExtractConfig, values, source=str(config) if config else "options")
-    result = run_extract(source, output, settings)
+    if output is None:
+        raise UsageError("missing option -o / --output: the HDF5 file to write")
+    result = run_extract(_image_source(source, files_from, null, root, labels), output, settings)
     if as_json:
         emit(result.as_dict())
     say(
@@ -198,6 +226,33 @@ def extract(
         f"{result.images_per_second:.1f} img/s",
         quiet,
     )
+
+
+def _image_source(
+    source: str | None, files_from: Path | None, null: bool, root: Path | None, labels: Path | None
+) -> Any:
+    """A folder path, or an ImageList from stdin (``-``) or ``--files-from``."""
+    from featx.images import read_path_list
+
+    if source not in (None, "-") and files_from is not None:
+        raise UsageError("SOURCE and --files-from both name the images: use one of them")
+    if source is None and files_from is None:
+        raise UsageError("missing SOURCE: an image folder, - for paths on stdin, or --files-from")
+    if source not in (None, "-"):
+        if root is not None:
+            raise UsageError("--root applies to path lists (- or --files-from), not to a folder")
+        return source
+    if source == "-":
+        if sys.stdin.isatty():
+            raise UsageError("SOURCE is - but stdin is a terminal: pipe a list of paths in")
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(files_from).read_bytes()
+        except OSError as error:
+            raise UsageError(f"--files-from {files_from}: {error.strerror}") from None
+    entries = [os.fsdecode(item) for item in data.split(b"\0" if null else b"\n")]
+    return read_path_list(entries, str(root or Path.cwd()), str(labels) if labels else None)
 
 
 # --- layers / info / models -------------------------------------------------------------------
@@ -344,8 +399,34 @@ def merge(
     )
 
 
+@app.command()
+@reports_errors
+def plot(
+    path: Annotated[Path, typer.Argument(help="A featx HDF5 file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+    layer: Annotated[
+        str | None, typer.Option(help="Feature layer [default: the only one].")
+    ] = None,
+    max_points: Annotated[
+        int, typer.Option(help="Draw at most this many rows (a seeded sample).")
+    ] = 5000,
+    width: Annotated[int, typer.Option(help="Picture width in pixels.")] = 800,
+    height: Annotated[int, typer.Option(help="Picture height in pixels.")] = 600,
+) -> None:
+    """Draw a 2-D PCA scatter of the features, coloured by class, to see if a layer separates them.
+
+    Example: featx plot feats.h5 -o features.png
+    """
+    from featx.plot import plot_features
+
+    result = plot_features(path, output, layer, max_points, (width, height))
+    say(f"wrote {result['output']}: {result['points']} points of {result['layer']}")
+
+
 weights_app = typer.Typer(
-    help="Fetch pretrained weights for offline use; list the cache.", no_args_is_help=True
+    help="Fetch pretrained weights for offline use; list the cache.\n\n"
+    "Example: featx weights fetch resnet50 --weights IMAGENET1K_V2",
+    no_args_is_help=True,
 )
 app.add_typer(weights_app, name="weights")
 
@@ -388,4 +469,13 @@ def weights_list(
 
 def main() -> None:
     """Entry point of the ``featx`` script."""
-    app()
+    try:
+        app()
+    finally:
+        # Block-buffered stdout is flushed here, not at interpreter exit, so a reader that left
+        # early (`| head -1`) costs a quiet exit 141 instead of an "Exception ignored" trace.
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None

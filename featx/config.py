@@ -141,7 +141,12 @@ def load_toml(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
     table = data.get(section, data)
     if not isinstance(table, dict):
         raise UsageError(f"--config {path}: [{section}] must be a table")
-    return {key.replace("-", "_"): value for key, value in table.items() if key != "head"}
+    # Sub-tables are other commands' sections; a plain ``head = "mlp"`` is train-head's option.
+    return {
+        key.replace("-", "_"): value
+        for key, value in table.items()
+        if not isinstance(value, dict)
+    }
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
@@ -151,10 +156,12 @@ def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
 def build(cls: type, values: dict[str, Any], source: str = "options") -> Any:
     """Make a config dataclass from a dict, refusing unknown keys with their names."""
     known = config_fields(cls)
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(known) - ({"layer"} if "layers" in known else set()))
     if unknown:
         raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)}")
     converted = dict(values)
+    if "layer" in converted and "layer" not in known:  # the CLI flag's name works too
+        converted["layers"] = converted.pop("layer")
     for key in ("layers",):
         if key in converted and isinstance(converted[key], (list, str)):
             value = converted[key]
@@ -164,3 +171,111 @@ def build(cls: type, values: dict[str, Any], source: str = "options") -> Any:
     if "shard" in converted and isinstance(converted["shard"], str):
         converted["shard"] = parse_shard(converted["shard"])
     return cls(**converted)
+
+
+# --- train-head / predict / evaluate ----------------------------------------------------------
+
+HEADS = ("linear", "mlp")
+OPTIMIZERS = ("auto", "lbfgs", "adamw")
+CLASS_WEIGHTS = ("none", "balanced")
+_BYTE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(spec: str | int) -> int:
+    """'2GB' → 2147483648; '512MB', '64K', '1.5G' or a plain count of bytes (powers of 1024)."""
+    text = str(spec).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _BYTE_UNITS and text[-1:] else (text, "")
+    try:
+        value = int(float(number) * _BYTE_UNITS[unit])
+    except (ValueError, OverflowError):  # 'x', 'inf'
+        value = 0
+    if value < 1:
+        raise UsageError(f"--memory-budget {spec!r}: expected a size such as 512MB or 2GB")
+    return value
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Everything that decides what `featx train-head` trains and how.
+
+    ``weight_decay`` is the L2 coefficient on the mean loss for L-BFGS (sklearn's
+    ``C = 1 / (weight_decay * n_train)``) and AdamW's decoupled decay otherwise; biases are
+    never decayed. Example: ``HeadConfig(head="mlp", hidden=256, dropout=0.3)``
+    """
+
+    head: str = "linear"  # linear: multinomial logistic regression; mlp: one hidden layer
+    hidden: int = 512  # mlp only
+    dropout: float = 0.2  # mlp only
+    layer: str | None = None  # None: the file's only feature layer
+    val_split: float = 0.2  # stratified fraction of each class held out, unless `val` is given
+    val: str | None = None  # a features file of the same extraction to validate on instead
+    optimizer: str = "auto"  # auto: lbfgs for linear (full batch, like sklearn), adamw for mlp
+    epochs: int = 100  # lbfgs: one epoch is LBFGS_ITERATIONS iterations; adamw: one pass
+    lr: float | None = None  # None: 1.0 for lbfgs (line search picks the step), 1e-3 for adamw
+    weight_decay: float = 1e-4
+    batch_size: int = 256  # adamw minibatch
+    patience: int = 10  # epochs without a better validation loss before stopping
+    class_weight: str = "none"  # balanced: weight n / (classes * n_class), as sklearn
+    seed: int = 0
+    device: str = "auto"
+    memory_budget: str = "2GB"  # features that fit are loaded whole; larger files stream in blocks
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("head", self.head, HEADS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("class-weight", self.class_weight, CLASS_WEIGHTS)
+        for name in ("hidden", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise UsageError("--dropout must be in [0, 1)")
+        if not 0 < self.val_split < 1:
+            raise UsageError("--val-split must be between 0 and 1 (or validate on --val FILE)")
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError("--lr must be positive")
+        if not self.weight_decay >= 0:
+            raise UsageError("--weight-decay must be 0 or more")
+        if self.optimizer == "lbfgs" and self.head != "linear":
+            raise UsageError("--optimizer lbfgs is for --head linear; --head mlp trains with adamw")
+        parse_bytes(self.memory_budget)
+
+    @property
+    def solver(self) -> str:
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "lbfgs" if self.head == "linear" else "adamw"
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.solver == "lbfgs" else 1e-3
+
+    def replace(self, **changes: Any) -> HeadConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How `featx predict` and `featx evaluate` run; what they compute comes from the head.
+
+    Example: ``PredictConfig(top_k=5, device="cpu")``
+    """
+
+    top_k: int = 3  # classes per row in the CSV, best first
+    device: str = "auto"
+    batch_size: int | None = None  # images per forward pass; None: ExtractConfig's
+    workers: int | None = None  # decode processes; None: ExtractConfig's
+    memory_budget: str = "2GB"
+    overwrite: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise UsageError("--top-k must be 0 or more")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be 0 or more")
+        parse_bytes(self.memory_budget)

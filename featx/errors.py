@@ -27,6 +27,10 @@ class ResumeMismatch(UsageError):
     """An unfinished run of different settings sits at the output path."""
 
 
+class HeadMismatch(UsageError):
+    """A head meets features of another extraction (model, weights, layer, pool or transform)."""
+
+
 class OfflineError(FeatxError):
     """Weights are neither cached nor reachable."""
 

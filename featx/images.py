@@ -39,6 +39,11 @@ class ImageList:
     def absolute(self, index: int) -> str:
         return os.path.join(self.root, self.paths[index])
 
+    def relabelled(self, labels_csv: str) -> ImageList:
+        """The same files with labels from a ``path,label`` CSV (paths relative to root)."""
+        class_names, labels = labels_from_csv(labels_csv, self.paths, self.root)
+        return ImageList(self.root, self.paths, labels, class_names)
+
 
 def printable(path: str) -> str:
     """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
@@ -258,11 +263,11 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
 def describe_error(error: BaseException) -> str:
     """``ClassName: message`` on one line, for ``failed/errors``; the same on every run."""
     message = " ".join(str(error).split()) or "(no message)"
-    message = _OBJECT_ADDRESS.sub("the file", message)  # Pillow names a BytesIO at an address
+    message = _OBJECT_ADDRESS.sub("", message).strip()  # Pillow names a BytesIO at an address
     return f"{type(error).__name__}: {message[:500]}"
 
 
-_OBJECT_ADDRESS = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+_OBJECT_ADDRESS = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -81,6 +81,8 @@ def extract(
     if target.exists() and not config.overwrite:
         raise UsageError(f"output {target} exists; pass --overwrite to replace it")
     images = source if isinstance(source, ImageList) else scan_folder(source)
+    if config.labels_csv and isinstance(source, (str, os.PathLike)):
+        images = images.relabelled(config.labels_csv)
     if not len(images):
         raise UsageError(
             f"source {images.root}: no image files found "

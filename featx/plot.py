@@ -1,0 +1,82 @@
+"""A picture of the features: a 2-D PCA scatter coloured by class (matplotlib, optional extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx.errors import UsageError
+from featx.store import FeatureFile
+
+
+def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows projected on the two leading principal components, and their variance ratios."""
+    x = features.reshape(len(features), -1).astype(np.float64)
+    x -= x.mean(axis=0)
+    if len(x) < 2:
+        return np.zeros((len(x), 2)), np.zeros(2)
+    _, singular, vt = np.linalg.svd(x, full_matrices=False)
+    components = vt[:2]
+    projected = x @ components.T
+    if projected.shape[1] < 2:  # a single feature: pad the missing axis
+        projected = np.hstack([projected, np.zeros((len(x), 2 - projected.shape[1]))])
+    variance = singular**2
+    ratio = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
+    return projected, np.pad(ratio, (0, 2 - len(ratio)))
+
+
+def plot_features(
+    path: str | Path,
+    out: str | Path,
+    layer: str | None = None,
+    max_points: int = 5000,
+    size: tuple[int, int] = (800, 600),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a PNG scatter of ``layer``'s features (PCA to 2-D), one colour per class.
+
+    At most ``max_points`` rows are drawn (a seeded random sample), so big files plot quickly.
+    Example: ``plot_features("feats.h5", "features.png")``
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("featx plot needs matplotlib: pip install 'featx[plot]'") from None
+    with FeatureFile(path) as f:
+        name = f.layer(layer)
+        total = len(f)
+        if total == 0:
+            raise UsageError(f"{path} has no rows to plot")
+        rows = np.arange(total)
+        if total > max_points:
+            rows = np.sort(np.random.default_rng(seed).choice(total, max_points, replace=False))
+        features = f.features(name)[rows] if len(rows) < total else f.features(name)[()]
+        labels = f.labels[rows]
+        class_names = f.class_names
+        model = f.attrs.get("model")
+    points, ratio = pca_2d(features)
+    dpi = 100
+    figure, axes = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    for label in np.unique(labels):
+        mask = labels == label
+        text = class_names[label] if 0 <= label < len(class_names) else "unlabelled"
+        axes.scatter(points[mask, 0], points[mask, 1], s=12, alpha=0.75, label=text)
+    axes.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
+    axes.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
+    axes.set_title(f"{model} {name}: {len(rows)} of {total} images")
+    if len(np.unique(labels)) <= 20:
+        axes.legend(loc="best", fontsize="small", markerscale=1.5)
+    figure.tight_layout()
+    figure.savefig(out, dpi=dpi)
+    plt.close(figure)
+    return {
+        "output": str(out),
+        "points": int(len(rows)),
+        "layer": name,
+        "explained_variance": [float(v) for v in ratio],
+    }

@@ -1,0 +1,251 @@
+"""Shell pipelines and CI: file lists on stdin, JSON on stdout, exit codes, configs, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from featx import FeatureFile
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATX = f"{shlex.quote(sys.executable)} -m featx"
+SMALL = "--model resnet18 --weights none --image-size 64 --workers 0"
+
+
+def shell(
+    script: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run a real bash pipeline, with pipefail so every stage's failure shows."""
+    return subprocess.run(
+        ["bash", "-c", f"set -o pipefail\n{script}"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_paths_on_stdin_and_json_summary_through_a_pipe(photos, tmp_path):
+    result = shell(
+        f"find {photos} -name '*.jpg' | {FEATX} extract - -o {tmp_path}/new.h5 "
+        f"{SMALL} --json | {shlex.quote(sys.executable)} -c "
+        '\'import json,sys; d=json.load(sys.stdin); print(d["images_per_second"] > 0,'
+        ' d["images"], d["failed"], d["output"])\''
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "3", "0", f"{tmp_path}/new.h5"]
+    with FeatureFile(tmp_path / "new.h5") as f:
+        assert sorted(Path(p).name for p in f.paths) == ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+        assert f.labels.tolist() == [-1, -1, -1]
+
+
+def test_nul_separated_paths_from_find_print0(photos, tmp_path):
+    odd = tmp_path / "odd names"
+    odd.mkdir()
+    for path in photos.rglob("*.png"):
+        (odd / f"with space\nand newline {path.name}").write_bytes(path.read_bytes())
+    result = shell(
+        f"find {shlex.quote(str(odd))} -type f -print0 | {FEATX} extract - -0 "
+        f"-o {tmp_path}/f.h5 {SMALL} -q --root {shlex.quote(str(odd))}"
+    )
+    assert result.returncode == 0, result.stderr
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert sorted(f.paths) == [
+            "with space\nand newline astronaut.png",
+            "with space\nand newline camera.png",
+        ]
+
+
+def test_files_from_with_labels_csv_and_relative_root(photos, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("animal/chelsea.jpg\nthing/coffee.jpg\nthing/rocket.jpg\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nanimal/chelsea.jpg,cat\nthing/coffee.jpg,drink\n")
+    result = shell(
+        f"{FEATX} extract --files-from {listing} --labels {labels} -o {tmp_path}/f.h5 {SMALL} -q",
+        cwd=photos,
+    )
+    assert result.returncode == 0, result.stderr
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert f.paths == ["animal/chelsea.jpg", "thing/coffee.jpg", "thing/rocket.jpg"]
+        assert f.class_names == ["cat", "drink"]
+        assert f.labels.tolist() == [0, 1, -1]  # not in the CSV: unlabelled
+
+
+def test_stdout_carries_only_machine_output(photos, tmp_path):
+    result = shell(f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL}")
+    assert result.returncode == 0
+    assert result.stdout == ""  # the human summary went to stderr
+    assert "wrote" in result.stderr
+    assert "\r" not in result.stderr  # stderr is not a terminal: no progress bar
+    forced = shell(
+        f"{FEATX} extract {photos} -o {tmp_path}/g.h5 {SMALL} --progress", env={"NO_COLOR": "1"}
+    )
+    assert forced.returncode == 0
+    assert "img/s" in forced.stderr and "\x1b[" not in forced.stderr
+
+
+def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
+    result = shell(
+        f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL} --json | head -1; "
+        f"{FEATX} models --timm | head -1"
+    )
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert len(f) == 5 and f.attrs["complete"]
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [
+        ("{featx} extract {photos} -o {tmp}/ok.h5 {small} -q", 0),
+        ("{featx} extract {photos} -o {tmp}/x.h5 {small} --pool mean", 2),
+        ("{featx} extract {photos} -o {tmp}/x.h5 {small} --no-such-flag", 2),
+        ("{featx} extract {tmp}/missing -o {tmp}/x.h5 {small}", 2),
+        ("{featx} info {tmp}/missing.h5", 2),
+        ("{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1", 3),
+        ("{featx} extract {dirty} -o {tmp}/y.h5 {small} --max-failures 10%", 3),
+        ("{featx} extract {dirty} -o {tmp}/z.h5 {small} --max-failures 2", 0),
+    ],
+)
+def test_documented_exit_codes(photos, tmp_path, script, code):
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    for path in sorted(photos.rglob("*.jpg")):
+        (dirty / path.name).write_bytes(path.read_bytes())
+    (dirty / "broken1.jpg").write_bytes(b"not a jpeg")
+    (dirty / "broken2.png").write_bytes(b"")
+    result = shell(
+        script.format(featx=FEATX, photos=photos, tmp=tmp_path, small=SMALL, dirty=dirty)
+    )
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    if code == 3:
+        assert "--max-failures" in result.stderr
+        assert (tmp_path / "x.h5").exists() or (tmp_path / "y.h5").exists()
+
+
+def test_runtime_failure_exits_1(photos, tmp_path):
+    """No network and nothing cached is a failure of the run, not of the arguments."""
+    result = shell(
+        f"{FEATX} extract {photos} -o {tmp_path}/x.h5 --model resnet18",
+        env={"FEATX_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("featx: error:")
+
+
+def test_sigint_exits_130_and_keeps_finished_shards(many_photos, tmp_path):
+    out = tmp_path / "f.h5"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "extract",
+            str(many_photos),
+            "-o",
+            str(out),
+            *SMALL.split(),
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "2",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    work = out.with_name(out.name + ".featx")
+    deadline = time.monotonic() + 120
+    while not list(work.glob("shard-*.h5")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr
+    assert list(work.glob("shard-*.h5"))
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_config_in_configs_runs(config, photos, tmp_path):
+    """Each example config runs as written; flags override it (random weights: no download)."""
+    import tomllib
+
+    section = tomllib.loads(config.read_text())
+    if "extract" not in section:
+        pytest.skip("not an extract config")  # train-head configs run in test_head
+    out = tmp_path / "f.h5"
+    result = shell(
+        f"{FEATX} extract --config {config} {photos} -o {out} --weights none "
+        "--image-size 64 --workers 0 -q"
+    )
+    assert result.returncode == 0, result.stderr
+    with FeatureFile(out) as f:
+        assert f.attrs["model"] == section["extract"]["model"]
+        assert f.layers == section["extract"]["layers"]
+        assert f.attrs["pool"] == section["extract"]["pool"]
+        assert f.attrs["weights"] == "none (seed 0)"  # the flag won over the config
+
+
+def test_config_with_an_unknown_key_is_refused(photos, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[extract]\nmodel = "resnet18"\npoool = "avg"\n')
+    result = shell(f"{FEATX} extract --config {config} {photos} -o {tmp_path}/f.h5")
+    assert result.returncode == 2
+    assert "unknown option(s) poool" in result.stderr
+
+
+def test_plot_writes_a_png_of_the_requested_size(photos, tmp_path, cli):
+    feats = tmp_path / "f.h5"
+    assert cli("extract", photos, "-o", feats, *SMALL.split(), "-q").exit_code == 0
+    result = cli(
+        "plot", feats, "-o", tmp_path / "features.png", "--width", "640", "--height", "480"
+    )
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "features.png"
+    assert png.stat().st_size > 5000
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (640, 480)
+
+
+def test_shell_completion_script(cli):
+    result = cli("--show-completion", "bash")
+    assert result.exit_code == 0
+    assert "_FEATX_COMPLETE" in result.stdout
+
+
+def test_every_help_has_an_example(cli):
+    import typer.main
+
+    from featx.cli import app
+
+    group = typer.main.get_command(app)
+    paths = [[name] for name in group.commands]
+    paths += [["weights", name] for name in group.commands["weights"].commands]
+    for path in paths:
+        result = cli(*path, "--help")
+        assert result.exit_code == 0, path
+        assert "Example: featx" in result.stdout, path
+
+
+def test_info_json_is_parseable(photos, tmp_path):
+    result = shell(
+        f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL} -q && "
+        f"{FEATX} info {tmp_path}/f.h5 --json"
+    )
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["images"] == 5 and info["class_names"] == ["animal", "thing"]
