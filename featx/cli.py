@@ -163,6 +163,16 @@ def extract(
         int | None,
         typer.Option(help="Decompression-bomb limit in pixels [default: Pillow's, 89478485]"),
     ] = None,
+    decode: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu (full decode) | fast (JPEG DCT scaling for big photos) | gpu (nvJPEG) [default: cpu]"
+        ),
+    ] = None,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the cut model (fixed batch shape).")
+    ] = False,
+    compression: Annotated[str | None, typer.Option(help="none | lzf [default: none]")] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML file with any of these options; flags override it.")
     ] = None,
@@ -208,10 +218,14 @@ def extract(
         "shard": parse_shard(shard) if shard else None,
         "max_failures": max_failures,
         "max_image_pixels": max_image_pixels,
+        "decode": decode,
+        "compression": compression,
     }
     values.update({key: value for key, value in given.items() if value is not None})
     if overwrite:
         values["overwrite"] = True
+    if compile_model:
+        values["compile"] = True
     values["progress"] = False if quiet else progress
     if labels:
         values["labels_csv"] = str(labels)
@@ -364,6 +378,67 @@ def models(
     for name in sorted(names):
         if pattern is None or pattern in name:
             print(name)
+
+
+@app.command()
+@reports_errors
+def bench(
+    source: Annotated[str, typer.Argument(help="An image folder (your own images).")],
+    model: Annotated[str, typer.Option(help="Model name.")] = _D.model,
+    layer: Annotated[
+        list[str] | None, typer.Option(help="Cut point(s) [default: the classifier's input].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = _D.batch_size,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode processes [default: from the core count].")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = _D.device,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = _D.precision,
+    image_size: Annotated[int | None, typer.Option(help="Crop size override.")] = None,
+    decode: Annotated[str, typer.Option(help="cpu | fast | gpu")] = _D.decode,
+    limit: Annotated[int, typer.Option(help="Use at most this many images.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Measure decode, model and end-to-end images/s on your images, and name the bottleneck.
+
+    Random weights are used (throughput does not depend on them), so nothing is downloaded.
+    Example: featx bench ./photos --model resnet50 --batch-size 32 --json
+    """
+    from featx.bench import bench as run_bench
+
+    settings = ExtractConfig(
+        model=model,
+        weights="none",
+        layers=tuple(layer or ()),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        image_size=image_size,
+        decode=decode,
+    )
+    report = run_bench(source, settings, limit=limit)
+    if as_json:
+        emit(report)
+        return
+    rows = [
+        ("decode per worker", report["decode_images_per_second_per_worker"]),
+        (
+            f"decode ceiling ({report['workers']} workers)",
+            report["decode_ceiling_images_per_second"],
+        ),
+        ("model on pre-made tensors", report["model_images_per_second"]),
+        ("end to end", report["end_to_end_images_per_second"]),
+    ]
+    print(
+        f"{report['model']} {','.join(report['layers'])} on {report['device']} "
+        f"({report['precision']}, batch {report['batch_size']}, {report['images']} images)"
+    )
+    for name, value in rows:
+        print(f"  {name:<32} {value:>9.1f} img/s")
+    print(f"  {'writer share of wall time':<32} {report['writer_share_of_wall_time']:>9.1%}")
+    print(f"  {'peak RSS':<32} {report['peak_rss_mb']:>9.0f} MB")
+    print(f"  bottleneck: {report['bottleneck']}")
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
 import warnings
@@ -161,6 +162,7 @@ class DecodePolicy:
     transform: dict[str, Any]
     background: tuple[int, int, int] = (255, 255, 255)
     max_image_pixels: int | None = None
+    mode: str = "cpu"  # cpu: full decode; fast: JPEG DCT scaling when ≥2x; gpu: nvJPEG
 
     def describe(self) -> dict[str, Any]:
         from PIL import Image
@@ -171,7 +173,15 @@ class DecodePolicy:
             "animated": "first frame",
             "high_bit_depth": "scaled to 8 bits (65535 → 255)",
             "max_image_pixels": self.max_image_pixels or Image.MAX_IMAGE_PIXELS,
+            "jpeg": JPEG_DECODE[self.mode],
         }
+
+
+JPEG_DECODE = {
+    "cpu": "full-size decode (libjpeg-turbo), then resize",
+    "fast": "reduced-size DCT decode (Pillow draft) when at least 2x the resize, then resize",
+    "gpu": "nvJPEG on the device (progressive/CMYK/non-JPEG files on the CPU), then resize",
+}
 
 
 def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
@@ -192,6 +202,15 @@ def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
     from PIL import Image
 
     header = _open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
+    if policy.mode == "fast" and header.format == "JPEG" and header.mode in ("RGB", "L"):
+        # DCT scaling decodes 1/2, 1/4 or 1/8 of each side directly: 1.5-2.5x faster on big
+        # photos. Pillow keeps the scaled size >= the request, so the resize still downsamples.
+        scale = policy.transform["resize"] / min(header.size)
+        if scale <= 0.5:
+            header.draft(
+                "RGB", (math.ceil(header.size[0] * scale), math.ceil(header.size[1] * scale))
+            )
+            return _pillow_rgb(header, policy, Image)
     if header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK"):
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -281,18 +300,78 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
+        bytes as uint8 ``[n]`` for the device to decode."""
         path = self.images.absolute(index)
         if os.path.isdir(path):
             return index, None, "IsADirectoryError: a directory, not an image file"
         try:
+            if self.policy.mode == "gpu":
+                encoded = gpu_decodable(path, self.policy)
+                if encoded is not None:
+                    return index, encoded, ""
             return index, load_image(path, self.policy), ""
         except Exception as error:  # every decoder failure is data about that file, not a crash
             return index, None, describe_error(error)
 
 
+def gpu_decodable(path: str, policy: DecodePolicy) -> torch.Tensor | None:
+    """The file's bytes when nvJPEG can decode it (baseline RGB/gray JPEG), else None.
+
+    Progressive and CMYK JPEGs and every other format fall back to the CPU decoder per image.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    header = _open_checked(data, policy)
+    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+        return None
+    if header.info.get("progressive") or header.info.get("progression"):
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    """Stack the good images; carry the failures alongside."""
-    good = [(index, image) for index, image, _ in items if image is not None]
+    """Stack the decoded images; keep encoded JPEGs (``--decode gpu``) and failures aside."""
+    good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
+    encoded = [(index, data) for index, data, _ in items if data is not None and data.ndim == 1]
     failures = [(index, error) for index, image, error in items if image is None]
     images = torch.stack([image for _, image in good]) if good else None
-    return {"indices": [index for index, _ in good], "images": images, "failures": failures}
+    return {
+        "indices": [index for index, _ in good],
+        "images": images,
+        "failures": failures,
+        "encoded": encoded,
+    }
+
+
+def decode_on_device(
+    encoded: list[tuple[int, torch.Tensor]], transform: dict[str, Any], device: Any
+) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+    """Batched nvJPEG decode + resize/crop on the device; a file nvJPEG rejects is retried on
+    the CPU, and one that fails there too is reported, not fatal."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    indices, images, failures = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            decoded = decode_jpeg(
+                [data for _, data in encoded],
+                mode=ImageReadMode.RGB,
+                device=device,
+                apply_exif_orientation=True,
+            )
+        except RuntimeError:  # one bad file fails the batched call: go one by one
+            decoded = [None] * len(encoded)
+    for (index, data), image in zip(encoded, decoded, strict=True):
+        try:
+            if image is None:
+                image = decode_bytes(bytes(data.numpy()), DecodePolicy(transform)).to(device)
+            images.append(resize_crop(image, transform))
+            indices.append(index)
+        except Exception as error:  # reported per file, as the CPU path does
+            failures.append((index, describe_error(error)))
+    stacked = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return indices, stacked, failures

@@ -36,6 +36,8 @@ class ExtractResult:
     shards_done_before: int  # shards found finished from an earlier, interrupted run
     elapsed_s: float
     images_per_second: float  # images computed by this run (not resumed ones) per second
+    writer_s: float  # time spent writing shards (overlapped with compute by the writer thread)
+    loop_s: float  # the decode → model → write loop alone (no model loading, no assembly)
     complete: bool = True  # False on torchrun ranks other than 0: rank 0 writes the file
 
     def as_dict(self) -> dict[str, Any]:
@@ -47,7 +49,8 @@ class CutModel(nn.Module):
 
     def __init__(self, backbone: Backbone, layers: list[str], how: str) -> None:
         super().__init__()
-        self.extractor = backbone.cut(layers)
+        # channels_last weights and inputs: oneDNN / cuDNN's fast convolution layout.
+        self.extractor = backbone.cut(layers).to(memory_format=torch.channels_last)
         self.layers = layers
         self.how = how
         self.prefix_tokens = backbone.prefix_tokens
@@ -96,7 +99,11 @@ def extract(
     _check_pool(config.pool, layers, shapes)
     device = job.device(runtime.pick_device(config.device))
     precision = runtime.pick_precision(config.precision, device)
-    policy = DecodePolicy(backbone.transform, config.background, config.max_image_pixels)
+    policy = DecodePolicy(
+        backbone.transform, config.background, config.max_image_pixels, config.decode
+    )
+    if config.decode == "gpu" and device.type != "cuda":
+        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
     fingerprint = {
         "model": config.model,
         "weights": backbone.weights,
@@ -126,7 +133,8 @@ def extract(
             model = torch.compile(model, dynamic=False)
         size = sum(len(range(*work.shard_range(s))) for s in mine)
         todo_size = sum(len(range(*work.shard_range(s))) for s in todo)
-        _run_shards(
+        loop_started = time.perf_counter()
+        writer_s = _run_shards(
             images,
             work,
             todo,
@@ -138,6 +146,7 @@ def extract(
             initial=size - todo_size,
             total=size,
         )
+        loop_s = time.perf_counter() - loop_started
         job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
 
         # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
@@ -167,6 +176,8 @@ def extract(
         len(mine) - len(todo),
         round(elapsed, 3),
         round(todo_size / elapsed, 2),
+        round(writer_s, 3),
+        round(loop_s, 3),
         job.leader,
     )
     if job.leader and too_many_failures(config.max_failures, counts[1], total):
@@ -188,7 +199,7 @@ def _run_shards(
     policy: DecodePolicy,
     initial: int,
     total: int,
-) -> None:
+) -> float:
     """The loop: loader → device → model → writer thread, one finished shard at a time."""
     batches = [
         list(range(start, min(start + config.batch_size, stop)))
@@ -205,8 +216,9 @@ def _run_shards(
         worker_init_fn=runtime.worker_init,
         prefetch_factor=4 if config.num_workers else None,
     )
-    shard_writer = _ShardSink(work, config.dtype)
-    writer = runtime.BackgroundWriter(shard_writer.handle)
+    shard_writer = _ShardSink(work, config.dtype, config.compression)
+    writer = runtime.BackgroundWriter(shard_writer.handle, depth=4 if config.write_behind else 0)
+    pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
     failed = 0
     progress = runtime.progress_bar(
         total, initial, runtime.show_progress(config.progress), desc=Path(work.out).name
@@ -214,12 +226,7 @@ def _run_shards(
     try:
         with runtime.StopSignals() as signals, torch.inference_mode():
             for batch in loader:
-                features: dict[str, Any] = {}
-                if batch["images"] is not None:
-                    x = batch["images"].to(device, non_blocking=True)
-                    with runtime.autocast(precision, device):
-                        outputs = model(x)
-                    features = {k: v.float().cpu().numpy() for k, v in outputs.items()}
+                features = _compute(batch, model, device, precision, policy, pad_to)
                 writer.put((batch, features))
                 failed += len(batch["failures"])
                 progress.update(len(batch["indices"]) + len(batch["failures"]))
@@ -239,22 +246,71 @@ def _run_shards(
         raise
     finally:
         progress.close()
+    return shard_writer.busy_s
+
+
+def _compute(
+    batch: dict[str, Any],
+    model: nn.Module,
+    device: torch.device,
+    precision: str,
+    policy: DecodePolicy,
+    pad_to: int | None,
+) -> dict[str, Any]:
+    """One batch through the cut model; rows come back in the batch's index order."""
+    images = batch["images"]
+    if batch["encoded"]:  # --decode gpu: nvJPEG on the device, merged with CPU-decoded files
+        from featx.images import decode_on_device
+
+        indices, decoded, failures = decode_on_device(batch["encoded"], policy.transform, device)
+        batch["failures"].extend(failures)
+        parts = [
+            t
+            for t in (images.to(device) if images is not None else None, decoded)
+            if t is not None and len(t)
+        ]
+        images = torch.cat(parts) if parts else None
+        order = sorted(
+            range(len(batch["indices"]) + len(indices)),
+            key=(batch["indices"] + indices).__getitem__,
+        )
+        batch["indices"] = sorted(batch["indices"] + indices)
+        images = images[order] if images is not None else None
+        batch["encoded"] = []
+    if images is None:
+        return {}
+    x = images.to(device, non_blocking=True)
+    count = len(x)
+    if pad_to and count < pad_to:
+        x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
+    with runtime.autocast(precision, device):
+        outputs = model(x)
+    return {k: v[:count].float().cpu().numpy() for k, v in outputs.items()}
 
 
 class _ShardSink:
     """Routes batches to per-shard files; a shard is published when its last batch arrives."""
 
-    def __init__(self, work: store.WorkDir, dtype: str) -> None:
+    def __init__(self, work: store.WorkDir, dtype: str, compression: str = "none") -> None:
         self.work = work
         self.dtype = dtype
+        self.compression = compression
         self.open: dict[int, store.ShardWriter] = {}
+        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
 
     def handle(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            self._write(item)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _write(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
         batch, features = item
         every = batch["indices"] + [index for index, _ in batch["failures"]]
         shard = min(every) // self.work.shard_size
         writer = self.open.get(shard) or self.open.setdefault(
-            shard, store.ShardWriter(self.work, shard, self.dtype)
+            shard, store.ShardWriter(self.work, shard, self.dtype, self.compression)
         )
         try:
             writer.append(batch["indices"], features, batch["failures"])
@@ -330,6 +386,7 @@ def _file_attributes(
         "pool": config.pool,
         "transform": backbone.transform,
         "dtype": config.dtype,
+        "compression": config.compression,
         "precision": precision,
         "decode": policy.describe(),
         "shapes": fingerprint["shapes"],

@@ -120,11 +120,14 @@ class BackgroundWriter:
     """
 
     def __init__(self, handle: Callable[[Any], None], depth: int = 4) -> None:
+        """``depth`` 0 writes synchronously in the caller (no thread): the plain path."""
         self._handle = handle
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="featx-writer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="featx-writer", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -139,11 +142,15 @@ class BackgroundWriter:
 
     def put(self, item: Any) -> None:
         self._raise()
+        if self._thread is None:
+            self._handle(item)
+            return
         self._queue.put(item)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
         self._raise()
 
     def _raise(self) -> None:

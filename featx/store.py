@@ -196,7 +196,8 @@ def open_work_dir(
 class ShardWriter:
     """Append batches to one shard's temporary file; ``finish`` publishes it atomically."""
 
-    def __init__(self, work: WorkDir, shard: int, dtype: str) -> None:
+    def __init__(self, work: WorkDir, shard: int, dtype: str, compression: str = "none") -> None:
+        self.compression = None if compression == "none" else compression
         self.final = work.shard_path(shard)
         self.temporary = temporary_name(self.final)
         self.dtype = np.dtype(dtype)
@@ -226,6 +227,7 @@ class ShardWriter:
                     maxshape=(None, *values.shape[1:]),
                     dtype=self.dtype,
                     chunks=row_chunks(values.shape[1:], self.dtype),
+                    compression=self.compression,
                 )
         stop = self.rows + count
         self.file["index"].resize((stop,))
@@ -302,6 +304,7 @@ def assemble(
                     shape=(row_count, *row_shapes[layer]),
                     dtype=dtype,
                     chunks=row_chunks(row_shapes[layer], dtype, row_count) if row_count else None,
+                    compression=None if attrs.get("compression", "none") == "none" else "lzf",
                 )
                 for layer in layers
             }

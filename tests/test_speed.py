@@ -1,0 +1,188 @@
+"""Every fast path computes what the plain path computes (no timed assertions here: speed is
+measured by `featx bench` and scripts/bench_extract.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featx import ExtractConfig, FeatureFile, extract
+from featx.images import DecodePolicy, decode_bytes, gpu_decodable, load_image
+
+PLAIN = ExtractConfig(
+    model="resnet18",
+    weights="none",
+    image_size=64,
+    workers=0,
+    progress=False,
+    batch_size=2,
+    shard_size=3,
+)
+
+
+def features(path):
+    with FeatureFile(path) as f:
+        return f.paths, f.features()[:]
+
+
+def test_writer_thread_gives_the_same_bytes_as_writing_inline(photos, tmp_path):
+    extract(photos, tmp_path / "inline.h5", PLAIN.replace(write_behind=False))
+    extract(photos, tmp_path / "thread.h5", PLAIN.replace(write_behind=True))
+    paths_a, a = features(tmp_path / "inline.h5")
+    paths_b, b = features(tmp_path / "thread.h5")
+    assert paths_a == paths_b
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lzf_compression_keeps_the_numbers(photos, tmp_path):
+    extract(photos, tmp_path / "plain.h5", PLAIN)
+    extract(photos, tmp_path / "lzf.h5", PLAIN.replace(compression="lzf"))
+    np.testing.assert_array_equal(
+        features(tmp_path / "plain.h5")[1], features(tmp_path / "lzf.h5")[1]
+    )
+    with FeatureFile(tmp_path / "lzf.h5") as f:
+        assert f.features().compression == "lzf"
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_features(photos, tmp_path):
+    extract(photos, tmp_path / "plain.h5", PLAIN)
+    extract(photos, tmp_path / "compiled.h5", PLAIN.replace(compile=True))
+    paths_a, a = features(tmp_path / "plain.h5")
+    paths_b, b = features(tmp_path / "compiled.h5")
+    assert paths_a == paths_b
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _jpeg(array: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_fast_decode_only_changes_big_jpegs_and_stays_close(photo_arrays, tmp_path):
+    transform = {
+        "resize": 73,
+        "crop": 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "antialias": True,
+    }
+    big = photo_arrays["chelsea"]  # 451x300: more than 2x the resize of 73
+    exact = decode_bytes(_jpeg(big), DecodePolicy(transform))
+    fast = decode_bytes(_jpeg(big), DecodePolicy(transform, mode="fast"))
+    assert exact.shape == (3, 300, 451)
+    assert min(fast.shape[1:]) >= 73 and fast.shape[2] < 451  # decoded at reduced size
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(_jpeg(big))
+    a = load_image(str(path), DecodePolicy(transform)).float()
+    b = load_image(str(path), DecodePolicy(transform, mode="fast")).float()
+    assert (a - b).abs().mean() < 4  # grey levels, of 255: the same picture
+    small = photo_arrays["chelsea"][:120, :140]  # under 2x: decoded exactly either way
+    assert torch.equal(
+        decode_bytes(_jpeg(small), DecodePolicy(transform)),
+        decode_bytes(_jpeg(small), DecodePolicy(transform, mode="fast")),
+    )
+
+
+def test_fast_decode_is_recorded_and_part_of_the_fingerprint(photos, tmp_path):
+    extract(photos, tmp_path / "f.h5", PLAIN.replace(decode="fast"))
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert "draft" in f.attrs["decode"]["jpeg"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "on_gpu"),
+    [("baseline", True), ("gray", True), ("progressive", False), ("cmyk", False), ("png", False)],
+)
+def test_gpu_decode_falls_back_to_cpu_for_what_nvjpeg_cannot_do(
+    photo_arrays, tmp_path, kind, on_gpu
+):
+    array = photo_arrays["coffee"]
+    path = tmp_path / f"{kind}.img"
+    if kind == "baseline":
+        path.write_bytes(_jpeg(array))
+    elif kind == "gray":
+        path.write_bytes(_jpeg(array[..., 0]))
+    elif kind == "progressive":
+        path.write_bytes(_jpeg(array, progressive=True))
+    elif kind == "cmyk":
+        buffer = io.BytesIO()
+        Image.fromarray(array).convert("CMYK").save(buffer, "JPEG")
+        path.write_bytes(buffer.getvalue())
+    else:
+        Image.fromarray(array).save(path, "PNG")
+    transform = {
+        "resize": 73,
+        "crop": 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "antialias": True,
+    }
+    encoded = gpu_decodable(str(path), DecodePolicy(transform, mode="gpu"))
+    assert (encoded is not None) == on_gpu
+    if on_gpu:
+        assert encoded.dtype == torch.uint8 and encoded.ndim == 1
+
+
+def test_gpu_decode_without_cuda_is_a_usage_error(photos, tmp_path, cli):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen")
+    result = cli(
+        "extract",
+        photos,
+        "-o",
+        tmp_path / "f.h5",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--decode",
+        "gpu",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 2 and "--decode gpu needs a CUDA device" in result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_paths_match_the_cpu_path(photos, tmp_path):
+    """On CUDA: fp32 GPU features, and nvJPEG decode with its CPU fallback, match the CPU run."""
+    extract(photos, tmp_path / "cpu.h5", PLAIN)
+    extract(photos, tmp_path / "gpu.h5", PLAIN.replace(device="cuda", precision="fp32"))
+    extract(
+        photos, tmp_path / "nvjpeg.h5", PLAIN.replace(device="cuda", precision="fp32", decode="gpu")
+    )
+    paths, cpu = features(tmp_path / "cpu.h5")
+    for name in ("gpu.h5", "nvjpeg.h5"):
+        other_paths, other = features(tmp_path / name)
+        assert other_paths == paths
+        np.testing.assert_allclose(other, cpu, rtol=2e-2, atol=2e-2)
+
+
+def test_bench_reports_every_stage_and_a_bottleneck(photos, cli):
+    result = cli(
+        "bench", photos, "--model", "resnet18", "--image-size", "64", "--workers", "0", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in (
+        "decode_images_per_second_per_worker",
+        "model_images_per_second",
+        "end_to_end_images_per_second",
+        "writer_share_of_wall_time",
+        "peak_rss_mb",
+    ):
+        assert report[key] > 0, key
+    assert report["bottleneck"] in ("decode", "model") or report["bottleneck"].startswith(
+        "pipeline"
+    )
+    human = cli("bench", photos, "--model", "resnet18", "--image-size", "64", "--workers", "0")
+    assert "bottleneck:" in human.stdout
