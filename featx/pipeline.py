@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ from featx import __version__, distributed, runtime, store
 from featx.backbone import Backbone, describe_layers, load_backbone
 from featx.config import ExtractConfig, too_many_failures
 from featx.errors import Interrupted, TooManyFailures, UsageError
-from featx.images import DecodePolicy, ImageDataset, ImageList, collate, scan_folder
+from featx.images import (
+    DecodePolicy,
+    DecoderCrashed,
+    ImageDataset,
+    ImageList,
+    collate,
+    describe_error,
+    scan_folder,
+)
 from featx.pooling import pool
 
 
@@ -155,9 +164,7 @@ def extract(
             (work.shard_range(shards[0])[0], work.shard_range(shards[-1])[1]) if shards else (0, 0)
         )
         if job.leader:
-            attrs = _file_attributes(
-                images, backbone, config, layers, precision, policy, fingerprint
-            )
+            attrs = _file_attributes(images, backbone, config, fingerprint)
             if job.writes_part:
                 attrs["part"] = f"{job.part}/{job.parts}"
             written = store.assemble(work, shards, images.paths, images.labels, attrs, target, rows)
@@ -207,15 +214,6 @@ def _run_shards(
         for start, stop in [work.shard_range(shard)]
         for start in range(start, stop, config.batch_size)
     ]
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(images, policy),
-        batch_sampler=batches,
-        collate_fn=collate,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=runtime.worker_init,
-        prefetch_factor=4 if config.num_workers else None,
-    )
     shard_writer = _ShardSink(work, config.dtype, config.compression)
     writer = runtime.BackgroundWriter(shard_writer.handle, depth=4 if config.write_behind else 0)
     pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
@@ -224,8 +222,14 @@ def _run_shards(
         total, initial, runtime.show_progress(config.progress), desc=Path(work.out).name
     )
     try:
-        with runtime.StopSignals() as signals, torch.inference_mode():
-            for batch in loader:
+        with (
+            runtime.StopSignals() as signals,
+            torch.inference_mode(),
+            contextlib.closing(
+                _decoded(ImageDataset(images, policy), batches, config, device)
+            ) as loaded,
+        ):
+            for batch in loaded:
                 features = _compute(batch, model, device, precision, policy, pad_to)
                 writer.put((batch, features))
                 failed += len(batch["failures"])
@@ -247,6 +251,49 @@ def _run_shards(
     finally:
         progress.close()
     return shard_writer.busy_s
+
+
+PREFETCH = 4  # batches each DataLoader worker decodes ahead
+
+
+def _decoded(
+    dataset: ImageDataset, batches: list[list[int]], config: ExtractConfig, device: torch.device
+) -> Iterator[dict[str, Any]]:
+    """The batches, decoded, in order. A decoder that kills its worker process (a segfault in a
+    C library, the OOM killer) must not end the run: the batches that worker may have held are
+    decoded again one image per child process, so the culprit is found and recorded in failed/,
+    and a fresh DataLoader takes the rest."""
+    done = 0
+    while done < len(batches):
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches[done:],
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=runtime.worker_init,
+            prefetch_factor=PREFETCH if config.num_workers else None,
+        )
+        try:
+            with runtime.loader_iterator(loader) as iterator:
+                for batch in iterator:
+                    yield batch
+                    done += 1
+            return
+        except RuntimeError as error:
+            if not runtime.is_worker_death(error):
+                raise
+        for batch in batches[done : done + config.num_workers * PREFETCH]:
+            yield collate([_decode_alone(dataset, index) for index in batch])
+            done += 1
+
+
+def _decode_alone(dataset: ImageDataset, index: int) -> tuple[int, Any, str]:
+    """One image decoded in a process of its own: if that process dies, the image is the culprit."""
+    try:
+        return runtime.call_in_child(dataset.__getitem__, index)
+    except runtime.ProcessDied as died:
+        return index, None, describe_error(DecoderCrashed(f"the process decoding this file {died}"))
 
 
 def _compute(
@@ -367,32 +414,17 @@ def part_path(out: Path, part: int, parts: int) -> Path:
 
 
 def _file_attributes(
-    images: ImageList,
-    backbone: Backbone,
-    config: ExtractConfig,
-    layers: list[str],
-    precision: str,
-    policy: DecodePolicy,
-    fingerprint: dict[str, Any],
+    images: ImageList, backbone: Backbone, config: ExtractConfig, fingerprint: dict[str, Any]
 ) -> dict[str, Any]:
+    """The root attributes: the run's fingerprint plus labels, source and versions."""
     import torchvision
 
     attrs: dict[str, Any] = {
         "featx_schema": store.SCHEMA_VERSION,
         "class_names": images.class_names,
-        "model": config.model,
-        "weights": backbone.weights,
-        "layers": layers,
-        "pool": config.pool,
-        "transform": backbone.transform,
-        "dtype": config.dtype,
+        **fingerprint,
         "compression": config.compression,
-        "precision": precision,
-        "decode": policy.describe(),
-        "shapes": fingerprint["shapes"],
         "source": os.path.abspath(images.root),
-        "files": fingerprint["files"],
-        "files_sha256": fingerprint["files_sha256"],
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
