@@ -21,11 +21,15 @@ _LAZY = {
     "FeatureFile": "featx.store",
     "load_backbone": "featx.backbone",
     "describe_layers": "featx.backbone",
+    "train_head": "featx.head",
+    "load_head": "featx.head",
+    "predict": "featx.predict",
+    "evaluate": "featx.predict",
 }
-from featx.config import ExtractConfig  # noqa: E402  (light: stdlib only)
+from featx.config import ExtractConfig, HeadConfig, PredictConfig  # noqa: E402  (stdlib only)
 from featx.errors import FeatxError  # noqa: E402
 
-__all__ = ["ExtractConfig", "FeatxError", "__version__", *_LAZY]
+__all__ = ["ExtractConfig", "FeatxError", "HeadConfig", "PredictConfig", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from featx.config import ExtractConfig, build, load_toml, parse_shard
+from featx.config import ExtractConfig, HeadConfig, PredictConfig, build, load_toml, parse_shard
 from featx.errors import EXIT_SIGINT, FeatxError, UsageError
 
 app = typer.Typer(
@@ -542,8 +542,284 @@ def weights_list(
         say("no cached weights (featx weights fetch MODEL downloads some)")
 
 
+# --- train-head / predict / evaluate --------------------------------------------------------
+
+_H = HeadConfig  # defaults are read from the dataclasses, never repeated here
+_P = PredictConfig
+
+
+@app.command("train-head")
+@reports_errors
+def train_head(
+    features: Annotated[Path, typer.Argument(help="A featx HDF5 file whose rows have labels.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Head file to write (safetensors + JSON).")
+    ],
+    layer: Annotated[
+        str | None, typer.Option(help="Feature layer [default: the file's only one]")
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(help=f"linear (multinomial logistic) | mlp [default: {_H.head}]"),
+    ] = None,
+    hidden: Annotated[
+        int | None, typer.Option(help=f"MLP hidden units [default: {_H.hidden}]")
+    ] = None,
+    dropout: Annotated[
+        float | None, typer.Option(help=f"MLP dropout [default: {_H.dropout}]")
+    ] = None,
+    val_split: Annotated[
+        float | None,
+        typer.Option(help=f"Stratified fraction held out to validate [default: {_H.val_split}]"),
+    ] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Validate on this features file (same extraction) instead of a split."),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="auto | lbfgs | adamw [default: auto: lbfgs for linear, adamw for mlp]"),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help=f"At most this many epochs (lbfgs: 20 iterations each) [default: {_H.epochs}]"
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate [default: 1.0 for lbfgs (line search), 1e-3 for adamw]"),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            help="L2 on the weights (lbfgs), decoupled decay (adamw) [default: 1/training rows, sklearn's C=1]"
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"adamw minibatch rows [default: {_H.batch_size}]")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Stop after this many epochs without a better val loss [default: {_H.patience}]"
+        ),
+    ] = None,
+    class_weight: Annotated[
+        str | None,
+        typer.Option(help=f"none | balanced (for skewed classes) [default: {_H.class_weight}]"),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Seeds the split, init and shuffling [default: {_H.seed}]")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_H.device}]")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Features held in memory at once; larger files stream [default: {_H.memory_budget}]"
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file ([train-head] table) with any of these options; flags override it."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing head file.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics on stdout.")] = False,
+) -> None:
+    """Train a classifier head on a features file: the head, OUT.metrics.json, OUT.confusion.png.
+
+    Example: featx train-head feats.h5 -o cats.head --head mlp --class-weight balanced
+    """
+    from featx.head import train_head as run_train
+    from featx.metrics import metrics_table
+
+    values: dict[str, Any] = load_toml(config, "train-head") if config else {}
+    given = {
+        "layer": layer,
+        "head": head,
+        "hidden": hidden,
+        "dropout": dropout,
+        "val_split": val_split,
+        "val": str(val) if val else None,
+        "optimizer": optimizer,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "patience": patience,
+        "class_weight": class_weight,
+        "seed": seed,
+        "device": device,
+        "memory_budget": memory_budget,
+    }
+    values.update({key: value for key, value in given.items() if value is not None})
+    if values.get("val") and "val_split" in values:
+        raise UsageError("--val and --val-split both choose the validation rows: use one of them")
+    if overwrite:
+        values["overwrite"] = True
+    settings = build(HeadConfig, values, source=str(config) if config else "options")
+    result = run_train(features, output, settings)
+    if as_json:
+        emit(result.metrics)
+    metrics = result.metrics
+    say(metrics_table(metrics), quiet)
+    say(
+        f"wrote {result.output}, {result.metrics_file}, {result.picture}: trained on "
+        f"{metrics['train_size']} rows, validated on {metrics['val_size']}, "
+        f"{metrics['epochs_run']} epochs ({metrics['stopped']})",
+        quiet,
+    )
+
+
+def _predict_config(values: dict[str, Any], quiet: bool, progress: bool | None) -> Any:
+    values = {key: value for key, value in values.items() if value is not None}
+    values["progress"] = False if quiet else progress
+    return build(PredictConfig, values)
+
+
+def _report_failures(failed: list[dict[str, str]], quiet: bool) -> None:
+    for item in failed[:20]:
+        say(f"featx: skipped {item['path']}: {item['error']}", quiet)
+    if len(failed) > 20:
+        say(f"featx: ... and {len(failed) - 20} more images skipped (--json lists all)", quiet)
+
+
+@app.command()
+@reports_errors
+def predict(
+    source: Annotated[str, typer.Argument(help="Image folder, or a featx HDF5 features file.")],
+    head: Annotated[Path, typer.Option(help="Head file written by featx train-head.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
+    top_k: Annotated[
+        int | None, typer.Option(help=f"Best classes listed per row [default: {_P.top_k}]")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_P.device}]")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass [default: extract's]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader decode processes [default: extract's]")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help=f"Features held in memory at once [default: {_P.memory_budget}]"),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing CSV.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr.")] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar while extracting images."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON summary on stdout.")] = False,
+) -> None:
+    """Predict classes with a head: on an image folder (extracted as the head records) or features.
+
+    CSV columns: path, predicted_class, probability, then top1_class, top1_probability, ...
+    Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
+    """
+    from featx.predict import predict as run_predict
+
+    settings = _predict_config(
+        {
+            "top_k": top_k,
+            "device": device,
+            "batch_size": batch_size,
+            "workers": workers,
+            "memory_budget": memory_budget,
+            "overwrite": overwrite,
+        },
+        quiet,
+        progress,
+    )
+    result = run_predict(source, head, output, settings)
+    if as_json:
+        emit(result.as_dict())
+    _report_failures(result.failed, quiet)
+    say(
+        f"wrote {result.output}: {result.rows} rows"
+        + (f", {len(result.failed)} images skipped" if result.failed else ""),
+        quiet,
+    )
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    source: Annotated[
+        str, typer.Argument(help="Labelled featx HDF5 features file, or class-folder images.")
+    ],
+    head: Annotated[Path, typer.Option(help="Head file written by featx train-head.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Metrics JSON to write (the PNG goes beside it) [default: SOURCE.HEAD.metrics.json]",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_P.device}]")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass [default: extract's]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader decode processes [default: extract's]")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help=f"Features held in memory at once [default: {_P.memory_budget}]"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr.")] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar while extracting images."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics on stdout.")] = False,
+) -> None:
+    """Measure a head on a labelled set: the same metrics JSON and confusion PNG as train-head.
+
+    Example: featx evaluate test_feats.h5 --head cats.head --json
+    """
+    from featx.metrics import metrics_table
+    from featx.predict import evaluate as run_evaluate
+
+    settings = _predict_config(
+        {
+            "device": device,
+            "batch_size": batch_size,
+            "workers": workers,
+            "memory_budget": memory_budget,
+        },
+        quiet,
+        progress,
+    )
+    result = run_evaluate(source, head, output, settings)
+    if as_json:
+        emit(result.metrics)
+    _report_failures(result.metrics["failed"], quiet)
+    say(metrics_table(result.metrics), quiet)
+    say(f"wrote {result.metrics_file}, {result.picture}", quiet)
+
+
 def main() -> None:
     """Entry point of the ``featx`` script."""
+    import signal
+
+    # Past a file-size limit (`ulimit -f`) the kernel sends SIGXFSZ, which kills at once. Ignored,
+    # the write fails with EFBIG instead and is reported like a full disk, shards kept.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         app()
     finally:

@@ -199,9 +199,10 @@ def parse_bytes(spec: str | int) -> int:
 class HeadConfig:
     """Everything that decides what `featx train-head` trains and how.
 
-    ``weight_decay`` is the L2 coefficient on the mean loss for L-BFGS (sklearn's
-    ``C = 1 / (weight_decay * n_train)``) and AdamW's decoupled decay otherwise; biases are
-    never decayed. Example: ``HeadConfig(head="mlp", hidden=256, dropout=0.3)``
+    ``weight_decay`` is the L2 coefficient on the mean loss for L-BFGS (scikit-learn's
+    ``C = 1 / (weight_decay * n_train)``; the default 1 / n_train is its default C=1) and
+    AdamW's decoupled decay otherwise; biases are never decayed.
+    Example: ``HeadConfig(head="mlp", hidden=256, dropout=0.3)``
     """
 
     head: str = "linear"  # linear: multinomial logistic regression; mlp: one hidden layer
@@ -213,7 +214,7 @@ class HeadConfig:
     optimizer: str = "auto"  # auto: lbfgs for linear (full batch, like sklearn), adamw for mlp
     epochs: int = 100  # lbfgs: one epoch is LBFGS_ITERATIONS iterations; adamw: one pass
     lr: float | None = None  # None: 1.0 for lbfgs (line search picks the step), 1e-3 for adamw
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None  # None: 1 / training rows (scikit-learn's C=1)
     batch_size: int = 256  # adamw minibatch
     patience: int = 10  # epochs without a better validation loss before stopping
     class_weight: str = "none"  # balanced: weight n / (classes * n_class), as sklearn
@@ -235,7 +236,7 @@ class HeadConfig:
             raise UsageError("--val-split must be between 0 and 1 (or validate on --val FILE)")
         if self.lr is not None and not self.lr > 0:
             raise UsageError("--lr must be positive")
-        if not self.weight_decay >= 0:
+        if self.weight_decay is not None and not self.weight_decay >= 0:
             raise UsageError("--weight-decay must be 0 or more")
         if self.optimizer == "lbfgs" and self.head != "linear":
             raise UsageError("--optimizer lbfgs is for --head linear; --head mlp trains with adamw")
@@ -246,6 +247,10 @@ class HeadConfig:
         if self.optimizer != "auto":
             return self.optimizer
         return "lbfgs" if self.head == "linear" else "adamw"
+
+    def decay(self, train_rows: int) -> float:
+        """The weight decay for ``train_rows`` training rows."""
+        return self.weight_decay if self.weight_decay is not None else 1.0 / max(train_rows, 1)
 
     @property
     def learning_rate(self) -> float:

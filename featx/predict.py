@@ -1,0 +1,280 @@
+"""Apply a head to a features file, or to an image folder through the extraction it records.
+
+On an image folder, the backbone, weights, layer, pool and transform come from the head
+(``weights_spec`` turns the recorded weights back into a ``--weights`` value), the features go
+to a temporary file beside the output, and the rest is the same as on a features file. Either
+way :meth:`featx.head.Head.check` refuses features of another extraction, and rows are read in
+blocks within the memory budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx.config import ExtractConfig, PredictConfig, parse_bytes
+from featx.errors import HeadMismatch, UsageError
+from featx.head import (
+    Head,
+    extraction_differences,
+    label_map,
+    load_head,
+    report_paths,
+    require_labels,
+    write_reports,
+)
+from featx.metrics import classification_metrics
+from featx.rows import FeatureRows
+from featx.store import FeatureFile, check_writable, publish, temporary_name
+
+
+def weights_spec(recorded: str) -> str:
+    """The ``--weights`` value that loads the weights a features file records.
+
+    ``ResNet18_Weights.IMAGENET1K_V1`` → ``IMAGENET1K_V1``; ``none (seed 0)`` → ``none``;
+    ``file:PATH sha256:HEX`` → ``PATH`` (HeadMismatch when the file is gone or changed);
+    ``timm:ARCH.TAG`` → ``TAG``; the offline EfficientNet-Lite0 package's weights → ``DEFAULT``.
+    Example: ``weights_spec("ResNet50_Weights.IMAGENET1K_V2")``
+    """
+    from featx.lite0 import PACKAGE
+    from featx.weights import file_digest
+
+    text = str(recorded)
+    if text.startswith("none"):
+        return "none"
+    if text.startswith("file:"):
+        path, _, digest = text[len("file:") :].rpartition(" sha256:")
+        if not Path(path).is_file():
+            raise HeadMismatch(
+                f"the head's features came from weights file {path}, which is not there "
+                f"(from {os.getcwd()}); run where it is, or extract the images yourself and "
+                f"predict on the features file"
+            )
+        actual = file_digest(path)
+        if actual != digest:
+            raise HeadMismatch(
+                f"weights file {path} changed since the head's features were extracted "
+                f"(sha256 {digest[:12]}… then, {actual[:12]}… now)"
+            )
+        return path
+    if text.startswith("timm:"):
+        tag = text[len("timm:") :].partition(".")[2]
+        return tag if tag not in ("", "None") else "DEFAULT"
+    if text.startswith(f"{PACKAGE}:"):
+        return "DEFAULT"
+    return text.rsplit(".", 1)[-1]  # an enum member: torchvision accepts its name
+
+
+def extraction_config(head: Head, config: PredictConfig = PredictConfig()) -> ExtractConfig:
+    """The ``ExtractConfig`` that makes the features ``head`` was trained on.
+
+    The crop size is always passed: the resize keeps the weights' ratio, so at the default crop
+    it reproduces the default transform, and ``Head.check`` compares the result anyway.
+    Example: ``extract("new/", "f.h5", extraction_config(load_head("cats.head")))``
+    """
+    recorded = head.extraction
+    transform = recorded.get("transform") or {}
+    return ExtractConfig(
+        model=str(recorded["model"]),
+        weights=weights_spec(recorded["weights"]),
+        layers=(head.layer,),
+        pool=str(recorded["pool"]),
+        image_size=transform.get("crop"),
+        batch_size=config.batch_size or ExtractConfig.batch_size,
+        workers=config.workers,
+        device=config.device,
+        max_failures="none",  # bad images are reported, never fatal
+        progress=config.progress,
+    )
+
+
+@contextlib.contextmanager
+def features_of(
+    source: str | os.PathLike[str], head: Head, config: PredictConfig, scratch: Path
+) -> Iterator[Path]:
+    """A features file for ``source``: itself, or extracted from an image folder into
+    ``scratch`` (a temporary folder removed afterwards)."""
+    from featx.pipeline import extract
+
+    path = Path(source)
+    if path.is_file():
+        yield path
+        return
+    if not path.is_dir():
+        raise UsageError(f"source {source}: no such file or folder")
+    settings = extraction_config(head, config)
+    with tempfile.TemporaryDirectory(prefix=".featx-predict-", dir=scratch) as temporary:
+        out = Path(temporary) / "features.h5"
+        extract(path, out, settings)
+        with FeatureFile(out) as data:
+            changes = extraction_differences(head.extraction, data.extraction(head.layer))
+        if changes:  # e.g. another torchvision version preprocesses differently
+            raise HeadMismatch(
+                f"{source}: extracting with the settings head {head.path} records did not "
+                f"reproduce its features ({'; '.join(changes)[:400]})"
+            )
+        yield out
+
+
+def probabilities(
+    head: Head, data: FeatureFile, config: PredictConfig
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, probabilities)`` for every row of ``data``, in order, block by block."""
+    layer = head.check(data)
+    rows = FeatureRows(
+        data.features(layer), np.arange(len(data)), parse_bytes(config.memory_budget)
+    )
+    device = str(_device(config.device))
+    for positions, x in rows.blocks():
+        yield positions, head.probabilities(x, device)
+
+
+def _device(spec: str) -> Any:
+    from featx.runtime import pick_device
+
+    return pick_device(spec)
+
+
+def _failures(data: FeatureFile, source: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Images of this run that could not be used (a features file's own list is old news)."""
+    if not Path(source).is_dir():
+        return []
+    return [{"path": path, "error": error} for path, error in data.failed]
+
+
+def _paths(data: FeatureFile, positions: np.ndarray) -> list[str]:
+    # Unshuffled blocks are contiguous runs of rows, so one slice reads their paths.
+    raw = data.file["paths"][int(positions[0]) : int(positions[-1]) + 1]
+    return [p.decode() if isinstance(p, bytes) else p for p in raw]
+
+
+# --- predict --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What ``predict`` wrote; ``featx predict --json`` prints it."""
+
+    output: str
+    rows: int
+    class_counts: dict[str, int]
+    failed: list[dict[str, str]] = field(default_factory=list)  # images that could not be used
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def csv_columns(top_k: int) -> list[str]:
+    """``path, predicted_class, probability, top1_class, top1_probability, …``"""
+    columns = ["path", "predicted_class", "probability"]
+    for rank in range(1, top_k + 1):
+        columns += [f"top{rank}_class", f"top{rank}_probability"]
+    return columns
+
+
+def predict(
+    source: str | os.PathLike[str],
+    head: str | os.PathLike[str] | Head,
+    out: str | os.PathLike[str],
+    config: PredictConfig = PredictConfig(),
+) -> PredictResult:
+    """Predict a class for every image of ``source`` (an image folder or a features file) and
+    write a CSV (``csv_columns``); images that cannot be decoded are listed, not fatal.
+
+    Example: ``predict("new_photos/", "cats.head", "predictions.csv")``
+    """
+    head = head if isinstance(head, Head) else load_head(head)
+    out = Path(out)
+    check_writable(out)
+    if out.exists() and not config.overwrite:
+        raise UsageError(f"output {out} exists; pass --overwrite to replace it")
+    names = head.class_names
+    top_k = min(config.top_k, len(names))
+    counts = np.zeros(len(names), dtype=np.int64)
+    temporary = temporary_name(out)
+    try:
+        with (
+            features_of(source, head, config, out.parent) as path,
+            FeatureFile(path) as data,
+            open(temporary, "w", newline="", encoding="utf-8") as handle,
+        ):
+            failed = _failures(data, source)
+            writer = csv.writer(handle)
+            writer.writerow(csv_columns(top_k))
+            for positions, probs in probabilities(head, data, config):
+                best = np.argsort(-probs, axis=1, kind="stable")[:, : max(top_k, 1)]
+                counts += np.bincount(best[:, 0], minlength=len(names))
+                for row_path, p, order in zip(_paths(data, positions), probs, best, strict=True):
+                    row = [row_path, names[order[0]], f"{p[order[0]]:.6g}"]
+                    for index in order[:top_k]:
+                        row += [names[index], f"{p[index]:.6g}"]
+                    writer.writerow(row)
+            rows = len(data)
+        publish(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return PredictResult(
+        str(out), rows, {n: int(c) for n, c in zip(names, counts, strict=True)}, failed
+    )
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What ``evaluate`` measured and wrote; ``featx evaluate --json`` prints ``metrics``."""
+
+    metrics_file: str
+    picture: str
+    metrics: dict[str, Any]
+
+
+def evaluation_path(source: str | os.PathLike[str], head: str | os.PathLike[str]) -> Path:
+    """Default metrics file of ``evaluate``: ``test.h5`` + ``cats.head`` →
+    ``test.cats.metrics.json`` beside the source (``photos/`` → ``photos.cats.metrics.json``)."""
+    data = Path(source)
+    base = data.with_suffix("") if data.is_file() else data
+    return Path(f"{base}.{Path(head).stem}.metrics.json")
+
+
+def evaluate(
+    source: str | os.PathLike[str],
+    head: str | os.PathLike[str] | Head,
+    out: str | os.PathLike[str] | None = None,
+    config: PredictConfig = PredictConfig(),
+) -> EvaluateResult:
+    """Predict on a labelled set and measure: the same metrics JSON and confusion PNG as
+    ``train_head`` writes (reports are replaced if they exist; see ``evaluation_path``).
+
+    Example: ``evaluate("test_feats.h5", "cats.head").metrics["accuracy"]``
+    """
+    head = head if isinstance(head, Head) else load_head(head)
+    metrics_path = Path(out) if out else evaluation_path(source, head.path or "head")
+    check_writable(metrics_path)
+    picture_path = report_paths(metrics_path)[1]
+    with features_of(source, head, config, metrics_path.parent) as path, FeatureFile(path) as data:
+        head.check(data)
+        require_labels(data, data.labels, "evaluate")
+        truth = label_map(data, head.class_names)[data.labels]
+        predicted = np.empty(len(data), dtype=np.int64)
+        for positions, probs in probabilities(head, data, config):
+            predicted[positions] = probs.argmax(axis=1)
+        failed = _failures(data, source)
+    metrics = {
+        "head": str(head.path),
+        "source": str(source),
+        "layer": head.layer,
+        "failed": failed,
+        **classification_metrics(truth, predicted, head.class_names),
+    }
+    write_reports(metrics, metrics_path, picture_path, f"{Path(str(head.path)).name} on {source}")
+    return EvaluateResult(str(metrics_path), str(picture_path), metrics)
