@@ -7,11 +7,14 @@ exception into a recorded failure so that a bad file never stops a run.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
 import os
 import re
+import stat
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Pillow may only use the decoders for the formats featx claims.
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 ALPHA_POLICY = "composite onto background {background}; hidden colours under alpha=0 are dropped"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Above this many pixels an image is first shrunk by an integer factor (JPEG: DCT scaling while
+# decoding, so the full-size image never exists; other formats: a box filter), which keeps a
+# decode and its float resize within about 0.5 GB. Smaller images, every camera up to 32 MP,
+# decode exactly as torchvision does, so their features match the weights' own transforms.
+REDUCE_ABOVE_PIXELS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -78,27 +87,31 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     class_names = top_dirs if labelled else []
     class_index = {name: i for i, name in enumerate(class_names)}
 
-    paths: list[str] = []
+    paths: list[str] = []  # broken links: listed, so that failed/ reports them
+    found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[str] = set()
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
-        stat = os.stat(directory)
-        if (stat.st_dev, stat.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
             dirnames[:] = []
             continue
-        seen_dirs.add((stat.st_dev, stat.st_ino))
+        seen_dirs.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
+        for name in sorted(filenames):
             if name.startswith(".") or not is_image_name(name):
                 continue
             full = os.path.join(directory, name)
-            real = os.path.realpath(full)
-            if real in seen_files and os.path.exists(real):
+            relative = os.path.relpath(full, root)
+            if not os.path.exists(full):  # a dangling link, or a loop of links
+                paths.append(relative)
                 continue
-            seen_files.add(real)
-            paths.append(os.path.relpath(full, root))
-    paths.sort(key=lambda p: os.fsencode(p))
-    # A file reached through two directory links keeps its first (sorted) path only.
+            # A file reached twice is listed once: by its own name rather than a link's, else
+            # by the first path the sorted walk reaches.
+            real, link = os.path.realpath(full), os.path.islink(full)
+            if real not in found or (found[real][0] and not link):
+                found[real] = (link, relative)
+    paths.extend(relative for _, relative in found.values())
+    paths.sort(key=os.fsencode)
     labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
     return ImageList(root, paths, labels, class_names)
 
@@ -174,6 +187,8 @@ class DecodePolicy:
             "high_bit_depth": "scaled to 8 bits (65535 → 255)",
             "max_image_pixels": self.max_image_pixels or Image.MAX_IMAGE_PIXELS,
             "jpeg": JPEG_DECODE[self.mode],
+            "huge_images": f"above {REDUCE_ABOVE_PIXELS} pixels: first shrunk by an integer "
+            "factor (JPEG DCT scaling, else a box filter) to bound memory",
         }
 
 
@@ -189,18 +204,31 @@ def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
 
     Example: ``load_image("cat.jpg", DecodePolicy(transform)).shape == (3, 224, 224)``
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
+    image = decode_bytes(read_file(path), policy)
+    return resize_crop(image, policy.transform)
+
+
+def read_file(path: str) -> bytes:
+    """A regular file's bytes. A folder, FIFO or device named like an image is refused: reading
+    a FIFO would wait forever and ``/dev/zero`` never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO cannot hang
+    try:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not an image file")
+        if not stat.S_ISREG(kind):
+            raise OSError("not a regular file (a pipe, socket or device named like an image)")
+        with open(fd, "rb", closefd=False) as handle:
+            data = handle.read()
+    finally:
+        os.close(fd)
     if not data:
         raise ValueError("empty file (0 bytes)")
-    image = decode_bytes(data, policy)
-    return resize_crop(image, policy.transform)
+    return data
 
 
 def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
     """Bytes → full-size RGB uint8 ``[3, H, W]``: libjpeg-turbo for JPEGs, Pillow for the rest."""
-    from PIL import Image
-
     header = _open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
     if policy.mode == "fast" and header.format == "JPEG" and header.mode in ("RGB", "L"):
         # DCT scaling decodes 1/2, 1/4 or 1/8 of each side directly: 1.5-2.5x faster on big
@@ -210,20 +238,25 @@ def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
             header.draft(
                 "RGB", (math.ceil(header.size[0] * scale), math.ceil(header.size[1] * scale))
             )
-            return _pillow_rgb(header, policy, Image)
-    if header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK"):
+            return _pillow_rgb(header, policy)
+    huge = _shrink_factor(header.size, policy.transform) > 1  # Pillow can decode those smaller
+    if header.format == "JPEG" and header.mode in ("RGB", "L", "CMYK") and not huge:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice for io
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return decode_jpeg(tensor, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    return _pillow_rgb(header, policy, Image)
+    return _pillow_rgb(header, policy)
 
 
 def _open_checked(data: bytes, policy: DecodePolicy) -> Any:
-    from PIL import Image
+    """Pillow's lazy open (the header only), limited to the formats featx claims and to the
+    decompression-bomb limit; a PNG's chunk checksums are verified first."""
+    from PIL import Image, UnidentifiedImageError
 
+    if data.startswith(PNG_SIGNATURE):
+        _check_png_crcs(data)
     limit_before = Image.MAX_IMAGE_PIXELS
     if policy.max_image_pixels is not None:
         Image.MAX_IMAGE_PIXELS = policy.max_image_pixels
@@ -232,36 +265,96 @@ def _open_checked(data: bytes, policy: DecodePolicy) -> Any:
             # Above 1x the limit Pillow only warns; featx treats that as a failure too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(
+            f"cannot identify image file: not {', '.join(PILLOW_FORMATS)} "
+            "(the formats featx decodes), or a broken header"
+        ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit_before
 
 
-def _pillow_rgb(image: Any, policy: DecodePolicy, Image: Any) -> torch.Tensor:
+def _check_png_crcs(data: bytes) -> None:
+    """Pillow skips the checksums of image data chunks, so a flipped bit there could silently
+    change pixels: check every chunk's CRC (fast next to inflating the data)."""
+    view = memoryview(data)
+    start = len(PNG_SIGNATURE)
+    while start + 12 <= len(data):
+        end = start + 12 + int.from_bytes(view[start : start + 4], "big")
+        if end > len(data):
+            return  # truncated: Pillow's own error says so
+        kind = bytes(view[start + 4 : start + 8])
+        if zlib.crc32(view[start + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            name = kind.decode("latin-1")
+            raise OSError(f"broken PNG file: bad CRC in the {name!r} chunk at byte {start}")
+        if kind == b"IEND":
+            return
+        start = end
+
+
+def _pillow_rgb(image: Any, policy: DecodePolicy) -> torch.Tensor:
+    """Pillow's decode → RGB uint8 ``[3, H, W]``: first frame, upright, high bit depths scaled,
+    alpha composited onto the background, huge images shrunk first (REDUCE_ABOVE_PIXELS)."""
     import numpy as np
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
+    factor = _shrink_factor(image.size, policy.transform)
+    if factor > 1 and image.format == "JPEG":  # DCT scaling: the full-size image never exists
+        image.draft(image.mode, (image.width // factor, image.height // factor))
     image.load()
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-    elif mode == "F":
-        gray = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        mode == "P" and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        backdrop = Image.new("RGBA", rgba.size, (*policy.background, 255))
-        rgb = np.asarray(Image.alpha_composite(backdrop, rgba).convert("RGB"))
-    else:
-        rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_eight_bit_gray(image), "L")
+    image = _shrunk(image, _shrink_factor(image.size, policy.transform))
+    if _has_alpha(image):
+        backdrop = Image.new("RGBA", image.size, (*policy.background, 255))
+        image = Image.alpha_composite(backdrop, image.convert("RGBA"))
+    rgb = np.array(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def _eight_bit_gray(image: Any) -> Any:
+    """16- and 32-bit gray scaled (not clipped) to 0..255, so 1000 and 65535 stay apart."""
+    import numpy as np
+
+    array = np.asarray(image)
+    if image.mode == "F":
+        return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    top = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+    gray = np.empty(array.shape, np.uint8)
+    for row in range(0, len(array), 1024):  # blocks of rows keep the int64 temporaries small
+        block = array[row : row + 1024].astype(np.int64).clip(0, top)
+        gray[row : row + 1024] = (block * 255 + top // 2) // top  # rounded, as np.rint
+    return gray
+
+
+def _has_alpha(image: Any) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def _shrink_factor(size: tuple[int, int], transform: dict[str, Any]) -> int:
+    """1 up to REDUCE_ABOVE_PIXELS; above, the smallest integer factor that brings the image
+    under it, but never below the resize (so the resize still only shrinks)."""
+    width, height = size
+    if width * height <= REDUCE_ABOVE_PIXELS:
+        return 1
+    needed = math.ceil(math.sqrt(width * height / REDUCE_ABOVE_PIXELS))
+    return max(1, min(needed, min(width, height) // transform["resize"]))
+
+
+def _shrunk(image: Any, factor: int) -> Any:
+    """A 1/factor box-filtered copy. Alpha is averaged premultiplied, so a colour under alpha=0
+    cannot bleed into its semi-transparent neighbours."""
+    if factor == 1:
+        return image
+    if _has_alpha(image):
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        return rgba.convert("RGBa").reduce(factor).convert("RGBA")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    return image.reduce(factor)
 
 
 def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
@@ -281,12 +374,23 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
 
 def describe_error(error: BaseException) -> str:
     """``ClassName: message`` on one line, for ``failed/errors``; the same on every run."""
-    message = " ".join(str(error).split()) or "(no message)"
+    # An OSError's strerror leaves out the absolute path: the record already names the file.
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    message = " ".join(str(text).split()) or "(no message)"
     message = _OBJECT_ADDRESS.sub("", message).strip()  # Pillow names a BytesIO at an address
+    message = _SOURCE_LOCATION.sub("", message)  # torchvision names its C++ file and line
     return f"{type(error).__name__}: {message[:500]}"
 
 
 _OBJECT_ADDRESS = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:cpp|cc|c|h):\d+,?\s*")
+
+
+class DecoderCrashed(Exception):
+    """Decoding a file killed the process doing it: a crash in a C decoder, or the OOM killer.
+
+    Recorded in ``failed/`` like any other decode error; the run goes on.
+    """
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -303,8 +407,6 @@ class ImageDataset(torch.utils.data.Dataset):
         """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
         bytes as uint8 ``[n]`` for the device to decode."""
         path = self.images.absolute(index)
-        if os.path.isdir(path):
-            return index, None, "IsADirectoryError: a directory, not an image file"
         try:
             if self.policy.mode == "gpu":
                 encoded = gpu_decodable(path, self.policy)
@@ -320,10 +422,7 @@ def gpu_decodable(path: str, policy: DecodePolicy) -> torch.Tensor | None:
 
     Progressive and CMYK JPEGs and every other format fall back to the CPU decoder per image.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
+    data = read_file(path)
     header = _open_checked(data, policy)
     if header.format != "JPEG" or header.mode not in ("RGB", "L"):
         return None
@@ -347,7 +446,7 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]
 
 
 def decode_on_device(
-    encoded: list[tuple[int, torch.Tensor]], transform: dict[str, Any], device: Any
+    encoded: list[tuple[int, torch.Tensor]], policy: DecodePolicy, device: Any
 ) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
     """Batched nvJPEG decode + resize/crop on the device; a file nvJPEG rejects is retried on
     the CPU, and one that fails there too is reported, not fatal."""
@@ -368,8 +467,8 @@ def decode_on_device(
     for (index, data), image in zip(encoded, decoded, strict=True):
         try:
             if image is None:
-                image = decode_bytes(bytes(data.numpy()), DecodePolicy(transform)).to(device)
-            images.append(resize_crop(image, transform))
+                image = decode_bytes(bytes(data.numpy()), policy).to(device)
+            images.append(resize_crop(image, policy.transform))
             indices.append(index)
         except Exception as error:  # reported per file, as the CPU path does
             failures.append((index, describe_error(error)))

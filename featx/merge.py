@@ -61,7 +61,14 @@ def merge(
     first = metas[0]["attrs"]
     temporary = store.temporary_name(out)
     try:
-        with h5py.File(temporary, "w", track_order=True) as dst:
+        # Copies go through store.writing_hdf5 (a full disk is one clean error); a virtual view
+        # is written directly, so HDF5 knows its real path to resolve the parts against.
+        opened = (
+            h5py.File(temporary, "w", track_order=True)
+            if virtual
+            else store.writing_hdf5(temporary)
+        )
+        with opened as dst:
             for layer in first["layers"]:
                 _features(dst, layer, ordered, metas, total_rows, virtual, out.parent)
             for name in ("paths", "labels", "failed/paths", "failed/errors"):

@@ -90,8 +90,7 @@ def extract(
     store.check_writable(out)
     job = distributed.job_for(config.shard)
     target = part_path(out, job.part, job.parts) if job.writes_part else out
-    if target.exists() and not config.overwrite:
-        raise UsageError(f"output {target} exists; pass --overwrite to replace it")
+    _refuse_existing(target, config)
     images = source if isinstance(source, ImageList) else scan_folder(source)
     if config.labels_csv and isinstance(source, (str, os.PathLike)):
         images = images.relabelled(config.labels_csv)
@@ -129,6 +128,8 @@ def extract(
 
     lock = store.output_lock(target) if job.leader else contextlib.nullcontext()
     with job.session(device), lock:
+        if job.leader:
+            _refuse_existing(target, config)  # again: another run may have finished meanwhile
         work = job.leader_first(
             lambda overwrite: store.open_work_dir(
                 target, fingerprint, config.shard_size, len(images), overwrite
@@ -167,7 +168,12 @@ def extract(
             attrs = _file_attributes(images, backbone, config, fingerprint)
             if job.writes_part:
                 attrs["part"] = f"{job.part}/{job.parts}"
-            written = store.assemble(work, shards, images.paths, images.labels, attrs, target, rows)
+            try:
+                written = store.assemble(
+                    work, shards, images.paths, images.labels, attrs, target, rows
+                )
+            except OSError as error:
+                raise store.disk_full_message(error, work) or error from None
             work.remove()
             counts = (written.rows, written.failed)
         else:
@@ -309,7 +315,7 @@ def _compute(
     if batch["encoded"]:  # --decode gpu: nvJPEG on the device, merged with CPU-decoded files
         from featx.images import decode_on_device
 
-        indices, decoded, failures = decode_on_device(batch["encoded"], policy.transform, device)
+        indices, decoded, failures = decode_on_device(batch["encoded"], policy, device)
         batch["failures"].extend(failures)
         parts = [
             t
@@ -380,6 +386,11 @@ def _close_quietly(writer: runtime.BackgroundWriter) -> BaseException | None:
     except BaseException as error:  # reported instead of the error it caused downstream
         return error
     return None
+
+
+def _refuse_existing(target: Path, config: ExtractConfig) -> None:
+    if target.exists() and not config.overwrite:
+        raise UsageError(f"output {target} exists; pass --overwrite to replace it")
 
 
 def _signal_name(signum: int) -> str:

@@ -88,6 +88,71 @@ def temporary_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+class DiskFile:
+    """The file h5py writes through (its ``fileobj`` driver), keeping a failed write to itself.
+
+    HDF5 that sees a write fail (disk full, quota, ``ulimit -f``) cannot close its file any more
+    and crashes the interpreter at exit. So the first write error is kept here and later writes
+    are dropped: HDF5 closes cleanly, :meth:`check` raises the kept error, the file is deleted.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.raw = open(path, "w+b", buffering=0)  # closed by close()
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while len(view) and self.error is None:
+            try:
+                view = view[self.raw.write(view) :]  # raw writes may be partial
+            except OSError as error:
+                self.error = error
+        return size
+
+    def readinto(self, buffer: Any) -> int:
+        return self.raw.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self.raw.truncate(size)
+        except OSError as error:
+            self.error = self.error or error
+            return self.raw.tell()
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def writing_hdf5(path: Path) -> Iterator[h5py.File]:
+    """``h5py.File(path, "w")`` through a :class:`DiskFile`: a failed write is raised as the
+    OSError it was once HDF5 has closed cleanly."""
+    disk = DiskFile(path)
+    try:
+        with h5py.File(disk, "w", track_order=True) as f:
+            yield f
+    finally:
+        disk.close()
+    disk.check()
+
+
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Refuse a second writer of the same output, whatever HDF5's own locking is set to.
@@ -96,24 +161,39 @@ def output_lock(out: Path) -> Iterator[None]:
     holder dies, so a killed run never leaves a stale lock behind.
     """
     lock_path = out.with_name(f".{out.name}.lock")
+    fd = _locked(lock_path, out)
     try:
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as error:
-        raise UsageError(f"output {out}: cannot create files there ({error.strerror})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise OutputLocked(
-                f"output {out} is being written by {holder}; wait for it or choose another -o"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"featx pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
         lock_path.unlink(missing_ok=True)  # tidy after success; a killed run leaves it, harmless
     finally:
         os.close(fd)
+
+
+def _locked(lock_path: Path, out: Path) -> int:
+    """An fd holding the flock on the file now at ``lock_path``."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as error:
+            raise UsageError(
+                f"output {out}: cannot create files there ({error.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputLocked(
+                f"output {out} is being written by {holder}; wait for it or choose another -o"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder finished and removed it just now: lock the one there now
 
 
 # --- one run's work directory -----------------------------------------------------------------
@@ -185,11 +265,13 @@ def open_work_dir(
         "schema": SCHEMA_VERSION,
     }
     temporary = temporary_name(meta_path)
-    temporary.write_text(json.dumps(meta, indent=1))
     try:
+        temporary.write_text(json.dumps(meta, indent=1))
         publish(temporary, meta_path)
     except FileExistsError:  # another rank published first: same fingerprint or a clear error
         pass
+    except OSError as error:
+        raise FeatxError(f"cannot write {meta_path}: {error.strerror}") from None
     return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
 
 
@@ -200,8 +282,10 @@ class ShardWriter:
         self.compression = None if compression == "none" else compression
         self.final = work.shard_path(shard)
         self.temporary = temporary_name(self.final)
+        self.capacity = len(range(*work.shard_range(shard)))  # no chunk bigger than the shard
         self.dtype = np.dtype(dtype)
-        self.file = h5py.File(self.temporary, "w", track_order=True)
+        self.disk = DiskFile(self.temporary)
+        self.file = h5py.File(self.disk, "w", track_order=True)
         self.file.attrs["shard"] = shard
         self.rows = 0
         self.failed_index: list[int] = []
@@ -218,7 +302,11 @@ class ShardWriter:
         count = len(indices)
         if self.rows == 0:
             self.file.create_dataset(
-                "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)
+                "index",
+                shape=(0,),
+                maxshape=(None,),
+                dtype=np.int64,
+                chunks=(min(4096, self.capacity),),
             )
             for layer, values in features.items():
                 self.file.create_dataset(
@@ -226,7 +314,7 @@ class ShardWriter:
                     shape=(0, *values.shape[1:]),
                     maxshape=(None, *values.shape[1:]),
                     dtype=self.dtype,
-                    chunks=row_chunks(values.shape[1:], self.dtype),
+                    chunks=row_chunks(values.shape[1:], self.dtype, self.capacity),
                     compression=self.compression,
                 )
         stop = self.rows + count
@@ -237,6 +325,7 @@ class ShardWriter:
             dataset.resize((stop, *dataset.shape[1:]))
             dataset[self.rows : stop] = values.astype(self.dtype, copy=False)
         self.rows = stop
+        self.disk.check()
 
     def finish(self) -> None:
         order = np.argsort(np.asarray(self.failed_index, dtype=np.int64), kind="stable")
@@ -253,11 +342,14 @@ class ShardWriter:
         if self.rows == 0:
             self.file.create_dataset("index", data=np.zeros(0, np.int64))
         self.file.close()
+        self.disk.close()
+        self.disk.check()
         publish(self.temporary, self.final)
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
             self.file.close()
+        self.disk.close()
         with contextlib.suppress(FileNotFoundError):
             self.temporary.unlink()
 
@@ -297,7 +389,7 @@ def assemble(
     row_count, failed_count = count_rows(work, shards)
     temporary = temporary_name(out)
     try:
-        with h5py.File(temporary, "w", track_order=True) as dst:
+        with writing_hdf5(temporary) as dst:
             outputs = {
                 layer: dst.create_dataset(
                     f"features/{layer}",
@@ -316,7 +408,7 @@ def assemble(
             for shard in shards:
                 with h5py.File(work.shard_path(shard), "r") as src:
                     index = src["index"][:]
-                    for layer in layers:
+                    for layer in layers if len(index) else []:  # every image here failed
                         copy_rows(src[f"features/{layer}"], outputs[layer], row)
                     out_paths.extend(printable(paths[i]) for i in index)
                     out_labels.extend(labels[i] for i in index)
@@ -532,7 +624,8 @@ def check_writable(out: Path) -> None:
 def disk_full_message(error: OSError, work: WorkDir) -> FeatxError | None:
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return FeatxError(
-            f"no space left writing {work.out} ({error.strerror}); finished shards are kept in "
-            f"{work.path}: free some space and run the same command again to resume"
+            f"cannot write {work.out}: {error.strerror} (disk full, quota or file-size limit); "
+            f"finished shards are kept in {work.path}: free some space and run the same "
+            "command again to resume"
         )
     return None

@@ -1,0 +1,773 @@
+"""The fault matrix of the [faults] issue: every good image extracted, every bad one explained in
+``failed/``, nothing lost to a kill, a full disk or a second run.
+
+Input rows place each bad file among good photos and check two things: the good photos come out
+bit for bit as in a clean run (one image per batch, so neighbours cannot change a row), and the
+bad file is listed in ``failed/`` with its exception class and message. Pixel-level checks of the
+same rows are in tests/test_decode.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx import ExtractConfig, FeatureFile, extract
+from featx.images import scan_folder
+from tests.conftest import SETTINGS, featx_process
+from tests.test_resume import assert_same_file, wait_for_shards
+
+CONFIG = ExtractConfig(
+    model="resnet18",
+    weights="none",
+    image_size=64,
+    workers=0,
+    batch_size=1,
+    shard_size=4,
+    max_failures="none",  # rows with many bad files; --max-failures has its own test
+    progress=False,
+)
+# The same settings on the command line.
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "64", "--workers", "0"]
+ARGS += ["--batch-size", "1", "--shard-size", "4", "-q"]
+
+
+@dataclass
+class Rows:
+    """A features file, read into dicts keyed by stored path."""
+
+    features: dict[str, np.ndarray]
+    labels: dict[str, int]
+    failed: dict[str, str]
+    attrs: dict
+
+    @classmethod
+    def read(cls, path: Path) -> Rows:
+        with FeatureFile(path) as f:
+            vectors = f.features()[:]
+            return cls(
+                dict(zip(f.paths, vectors, strict=True)),
+                dict(zip(f.paths, f.labels.tolist(), strict=True)),
+                dict(f.failed),
+                f.attrs,
+            )
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, photo_arrays) -> Path:
+    """Three small photos, each as a JPEG and a PNG, in two class folders."""
+    root = tmp_path_factory.mktemp("good")
+    for folder, name in [("animal", "chelsea"), ("animal", "astronaut"), ("thing", "coffee")]:
+        (root / folder).mkdir(exist_ok=True)
+        small = Image.fromarray(photo_arrays[name]).reduce(4)
+        small.save(root / folder / f"{name}.jpg", quality=90)
+        small.save(root / folder / f"{name}-copy.png")
+    return root
+
+
+def opened(path: Path) -> Image.Image:
+    """The decoded image, with its file closed (filterwarnings=error catches leaks)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def clean(good, tmp_path_factory) -> Rows:
+    out = tmp_path_factory.mktemp("clean") / "clean.h5"
+    extract(good, out, CONFIG)
+    rows = Rows.read(out)
+    assert len(rows.features) == 6 and not rows.failed
+    return rows
+
+
+def among_good(good: Path, tmp_path: Path) -> Path:
+    """A copy of the good photos to add bad files to (inside the class folders)."""
+    folder = tmp_path / "photos"
+    shutil.copytree(good, folder)
+    return folder
+
+
+def extract_rows(source, tmp_path: Path, config: ExtractConfig = CONFIG) -> Rows:
+    tmp_path.mkdir(exist_ok=True)
+    out = tmp_path / "feats.h5"
+    extract(source, out, config)
+    return Rows.read(out)
+
+
+def assert_good_unchanged(rows: Rows, clean: Rows) -> None:
+    for path, vector in clean.features.items():
+        np.testing.assert_array_equal(rows.features[path], vector, err_msg=path)
+        assert rows.labels[path] == clean.labels[path]
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def test_zero_byte_file_is_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    (folder / "animal" / "empty.jpg").write_bytes(b"")
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert rows.failed == {"animal/empty.jpg": "ValueError: empty file (0 bytes)"}
+
+
+def test_text_and_html_named_jpg_are_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    (folder / "animal" / "page.jpg").write_text("<!doctype html><html><body>404</body></html>")
+    (folder / "thing" / "notes.jpg").write_text("just some text\n" * 20)
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert sorted(rows.failed) == ["animal/page.jpg", "thing/notes.jpg"]
+    for error in rows.failed.values():
+        assert error.startswith("UnidentifiedImageError: cannot identify image file: not JPEG")
+
+
+def test_jpeg_truncated_at_several_points_is_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    for progressive in (False, True):
+        data = encode(opened(good / "thing" / "coffee.jpg"), "JPEG", progressive=progressive)
+        for keep in (0.01, 0.3, 0.6, 0.9):
+            cut = int(len(data) * keep)
+            (folder / "thing" / f"cut-{progressive:d}-{keep}.jpg").write_bytes(data[:cut])
+        (folder / "thing" / f"cut-{progressive:d}-no-eoi.jpg").write_bytes(data[:-2])
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert len(rows.failed) == 10, "no truncated JPEG passes as an image"
+    for error in rows.failed.values():
+        assert error in (
+            "OSError: Truncated File Read",  # inside the header
+            "RuntimeError: decode_jpeg, Image is incomplete or truncated",  # inside the scans
+        ), error
+
+
+def test_png_with_a_broken_crc_is_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    data = bytearray((good / "animal" / "chelsea-copy.png").read_bytes())
+    data[-20] ^= 0x01  # a bit in the last IDAT chunk: Pillow alone would not notice
+    (folder / "animal" / "flipped.png").write_bytes(bytes(data))
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert list(rows.failed) == ["animal/flipped.png"]
+    assert rows.failed["animal/flipped.png"].startswith(
+        "OSError: broken PNG file: bad CRC in the 'IDAT' chunk"
+    )
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_decompression_bomb_is_recorded_and_the_limit_is_settable(good, clean, tmp_path, cli):
+    folder = among_good(good, tmp_path)
+    (folder / "animal" / "bomb.png").write_bytes(png_claiming_size(30000, 30000))
+    (folder / "animal" / "near-bomb.png").write_bytes(png_claiming_size(9500, 9500))
+    Image.new("RGB", (300, 300), (9, 9, 9)).save(folder / "thing" / "big.png")  # 90,000 pixels
+    default = extract_rows(folder, tmp_path)
+    assert_good_unchanged(default, clean)
+    assert default.failed["animal/bomb.png"].startswith("DecompressionBombError: Image size")
+    assert default.failed["animal/near-bomb.png"].startswith(
+        "DecompressionBombWarning: Image size (90250000 pixels) exceeds limit of 89478485"
+    )
+    assert "thing/big.png" in default.features
+
+    limited = tmp_path / "limited.h5"
+    result = cli("extract", folder, "-o", limited, *ARGS, "--max-image-pixels", "80000")
+    assert result.exit_code == 0, result.output
+    rows = Rows.read(limited)
+    assert_good_unchanged(rows, clean)
+    assert rows.failed["thing/big.png"].startswith(
+        "DecompressionBombWarning: Image size (90000 pixels) exceeds limit of 80000 pixels"
+    )
+    assert rows.attrs["decode"]["max_image_pixels"] == 80000
+
+
+def peak_memory_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_huge_but_legal_images_are_extracted_in_bounded_memory(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    huge = Image.linear_gradient("L").resize((9000, 8000))  # 72 MP: under the 89 MP limit
+    huge.save(folder / "thing" / "huge.jpg", quality=80)
+    huge.save(folder / "thing" / "huge.png", compress_level=1)
+    del huge
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # restart the peak (VmHWM) from the memory in use now
+    before = peak_memory_mb()
+    rows = extract_rows(folder, tmp_path)
+    # A full-size decode and float resize of 72 MP takes over 1 GB (measured: 1.04 GB).
+    assert peak_memory_mb() - before < 450
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed and {"thing/huge.jpg", "thing/huge.png"} <= set(rows.features)
+    assert relative_error(rows.features["thing/huge.jpg"], rows.features["thing/huge.png"]) < 0.05
+
+
+def test_cmyk_jpeg_is_extracted_as_its_rgb_colours(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    photo = opened(good / "animal" / "chelsea-copy.png")
+    photo.convert("CMYK").save(folder / "animal" / "cmyk.jpg", quality=95)
+    photo.save(folder / "animal" / "rgb.jpg", quality=95)
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    assert relative_error(rows.features["animal/cmyk.jpg"], rows.features["animal/rgb.jpg"]) < 0.05
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_saturated(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    ramp = (np.arange(64 * 96, dtype=np.uint32).reshape(64, 96) * 10).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "thing" / "ramp16.png")  # mode I;16, up to 61,430
+    eight_bit = ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    Image.fromarray(eight_bit).save(folder / "thing" / "ramp8.png")
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    np.testing.assert_array_equal(
+        rows.features["thing/ramp16.png"], rows.features["thing/ramp8.png"]
+    )
+
+
+def test_transparency_is_composited_onto_the_recorded_background(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    photo = np.asarray(opened(good / "animal" / "chelsea-copy.png"))
+    hidden = np.dstack([photo, np.zeros(photo.shape[:2], np.uint8)])  # a photo under alpha=0
+    Image.fromarray(hidden, "RGBA").save(folder / "animal" / "rgba.png")
+    Image.fromarray(hidden, "RGBA").convert("LA").save(folder / "animal" / "la.png")
+    palette = Image.fromarray(photo).quantize(16)
+    palette.save(folder / "animal" / "palette.png", transparency=bytes(16))  # all 16 clear
+    for background in [(255, 255, 255), (0, 0, 0)]:
+        Image.new("RGB", photo.shape[1::-1], background).save(
+            folder / "thing" / f"{background[0]}.png"
+        )
+    white = extract_rows(folder, tmp_path)
+    black = extract_rows(folder, tmp_path / "black", CONFIG.replace(background=(0, 0, 0)))
+    assert_good_unchanged(white, clean)
+    assert not white.failed
+    for name in ("rgba", "la", "palette"):  # the photo underneath never shows
+        vector = white.features[f"animal/{name}.png"]
+        np.testing.assert_array_equal(vector, white.features["thing/255.png"], err_msg=name)
+        vector = black.features[f"animal/{name}.png"]
+        np.testing.assert_array_equal(vector, black.features["thing/0.png"], err_msg=name)
+    assert "[255, 255, 255]" in white.attrs["decode"]["alpha"]
+    assert "[0, 0, 0]" in black.attrs["decode"]["alpha"]
+
+
+def test_grayscale_is_extracted_as_three_equal_channels(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    gray = opened(good / "thing" / "coffee.jpg").convert("L")
+    gray.save(folder / "thing" / "gray.png")
+    gray.convert("RGB").save(folder / "thing" / "gray-as-rgb.png")
+    gray.save(folder / "thing" / "gray.jpg", quality=95)
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    np.testing.assert_array_equal(
+        rows.features["thing/gray.png"], rows.features["thing/gray-as-rgb.png"]
+    )
+    assert relative_error(rows.features["thing/gray.jpg"], rows.features["thing/gray.png"]) < 0.05
+
+
+def test_exif_rotated_photo_is_described_upright(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    upright = opened(good / "animal" / "chelsea-copy.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # a camera held sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... says "rotate 90 degrees clockwise to view"
+    stored.save(folder / "animal" / "exif.png", exif=exif.tobytes())
+    stored.save(folder / "animal" / "exif.jpg", exif=exif.tobytes(), quality=95)
+    stored.save(folder / "animal" / "sideways.jpg", quality=95)  # the same pixels, no EXIF
+    upright.save(folder / "animal" / "upright.jpg", quality=95)
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    np.testing.assert_array_equal(
+        rows.features["animal/exif.png"], rows.features["animal/chelsea-copy.png"]
+    )
+    reference = rows.features["animal/upright.jpg"]
+    turned = relative_error(rows.features["animal/exif.jpg"], reference)
+    ignored = relative_error(rows.features["animal/sideways.jpg"], reference)
+    assert turned < 0.05 and turned < ignored / 5, (turned, ignored)
+
+
+def test_animated_gif_is_extracted_from_its_first_frame(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    first = opened(good / "thing" / "coffee.jpg")
+    second = opened(good / "animal" / "chelsea.jpg").resize(first.size)
+    first.save(folder / "thing" / "anim.gif", save_all=True, append_images=[second])
+    opened(folder / "thing" / "anim.gif").save(folder / "thing" / "frame0.png")
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    np.testing.assert_array_equal(
+        rows.features["thing/anim.gif"], rows.features["thing/frame0.png"]
+    )
+
+
+def test_file_name_that_is_not_utf8_is_stored_with_escapes(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    name = os.path.join(os.fsencode(folder / "animal"), b"caf\xe9-\xff.jpg")
+    with open(name, "wb") as handle:
+        handle.write((good / "animal" / "chelsea.jpg").read_bytes())
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert not rows.failed
+    stored = "animal/caf\\xe9-\\xff.jpg"
+    np.testing.assert_array_equal(rows.features[stored], rows.features["animal/chelsea.jpg"])
+
+
+def test_symlink_loops_are_entered_once_and_broken_links_are_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    (folder / "animal" / "loop").symlink_to("..")  # the whole tree again, and again ...
+    (folder / "thing" / "animals").symlink_to("../animal")  # a second way into a folder
+    (folder / "thing" / "alias.jpg").symlink_to("coffee.jpg")  # a second name for a file
+    (folder / "animal" / "dangling.jpg").symlink_to("moved-away.jpg")
+    (folder / "thing" / "ouroboros.jpg").symlink_to("ouroboros.jpg")
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert sorted(rows.features) == sorted(clean.features), "each real file once, by its name"
+    assert rows.failed == {
+        "animal/dangling.jpg": "FileNotFoundError: No such file or directory",
+        "thing/ouroboros.jpg": "OSError: Too many levels of symbolic links",
+    }
+
+
+def as_ordinary_user() -> list[str]:
+    """A command prefix under which file permissions hold even for root.
+
+    root reads a chmod 000 file anyway (CAP_DAC_OVERRIDE); setpriv drops that capability from
+    the child, which is then refused like any user.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv is missing: permissions cannot be enforced")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_file_is_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    secret = folder / "animal" / "secret.jpg"
+    shutil.copy(good / "animal" / "chelsea.jpg", secret)
+    secret.chmod(0)
+    out = tmp_path / "feats.h5"
+    command = [*as_ordinary_user(), sys.executable, "-m", "featx", "extract", str(folder)]
+    done = subprocess.run(
+        [*command, "-o", str(out), *ARGS], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rows = Rows.read(out)
+    assert_good_unchanged(rows, clean)
+    assert rows.failed == {"animal/secret.jpg": "PermissionError: Permission denied"}
+
+
+def test_directory_named_like_an_image_is_not_an_image(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    (folder / "animal" / "album.jpg").mkdir()
+    scanned = extract_rows(folder, tmp_path)
+    assert_good_unchanged(scanned, clean)
+    assert not scanned.failed, "a folder scan walks into it, and finds nothing"
+
+    listed = scan_folder(folder)
+    listed.paths.append("animal/album.jpg")  # a path list names it as a file
+    listed.labels.append(0)
+    rows = extract_rows(listed, tmp_path / "listed")
+    assert_good_unchanged(rows, clean)
+    assert rows.failed == {"animal/album.jpg": "IsADirectoryError: a directory, not an image file"}
+
+
+def test_fifo_named_like_an_image_is_recorded_not_waited_on(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    os.mkfifo(folder / "thing" / "pipe.jpg")
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert rows.failed["thing/pipe.jpg"].startswith("OSError: not a regular file (a pipe")
+    assert len(rows.failed) == 1
+
+
+def test_file_deleted_between_scan_and_read_is_recorded(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    shutil.copy(good / "thing" / "coffee.jpg", folder / "thing" / "fleeting.jpg")
+    work_list = scan_folder(folder)
+    (folder / "thing" / "fleeting.jpg").unlink()
+    rows = extract_rows(work_list, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert rows.failed == {"thing/fleeting.jpg": "FileNotFoundError: No such file or directory"}
+
+
+def decoder_shim(tmp_path: Path, before_decoding: str) -> dict[str, str]:
+    """An environment whose ``featx`` runs ``before_decoding`` (given ``data``, the file's bytes)
+    before each decode: a sitecustomize on PYTHONPATH stands in for a misbehaving decoder."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    body = "\n".join("    " + line for line in before_decoding.strip().splitlines())
+    (shim / "sitecustomize.py").write_text(
+        "import ctypes, os, signal, time\n"
+        "import featx.images\n"
+        "_decode_bytes = featx.images.decode_bytes\n"
+        "def decode_bytes(data, policy):\n"
+        f"{body}\n"
+        "    return _decode_bytes(data, policy)\n"
+        "featx.images.decode_bytes = decode_bytes\n"
+    )
+    return {**os.environ, "PYTHONPATH": str(shim)}
+
+
+# Decoding a file whose bytes carry a marker kills its own process, as a segfault in libjpeg or
+# the OOM killer would.
+CRASHING_DECODER = """
+if b"featx-test:SIGKILL" in data:
+    os.kill(os.getpid(), signal.SIGKILL)
+if b"featx-test:SIGSEGV" in data:
+    ctypes.string_at(0)  # a real segmentation fault
+"""
+
+
+def test_decoder_that_kills_its_worker_is_recorded_and_the_run_goes_on(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    photo = opened(good / "animal" / "chelsea.jpg")
+    photo.save(folder / "animal" / "killer.jpg", comment=b"featx-test:SIGKILL")
+    photo.save(folder / "thing" / "segfault.jpg", comment=b"featx-test:SIGSEGV")
+    out = tmp_path / "feats.h5"
+    command = [sys.executable, "-m", "featx", "extract", str(folder), "-o", str(out), *ARGS]
+    command += ["--workers", "2", "--batch-size", "3"]  # killers share batches with good photos
+    started = time.monotonic()
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=decoder_shim(tmp_path, CRASHING_DECODER),
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 240, "nothing hangs"
+    rows = Rows.read(out)
+    crashed = "DecoderCrashed: the process decoding this file was killed by"
+    assert rows.failed == {
+        "animal/killer.jpg": f"{crashed} SIGKILL",
+        "thing/segfault.jpg": f"{crashed} SIGSEGV",
+    }
+    assert sorted(rows.features) == sorted(clean.features)
+    for path, vector in clean.features.items():  # batches of 3, not 1: float noise only
+        np.testing.assert_allclose(rows.features[path], vector, rtol=1e-5, atol=1e-5)
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_twenty_times_then_a_final_run_gives_the_same_file(
+    many_photos, uninterrupted, tmp_path
+):
+    out = tmp_path / "feats.h5"
+    work = out.with_name(out.name + ".featx")
+    shards = 24  # 48 photos, 2 a shard: 20 kills, each after at most 2 more shards, leave work
+    rng = random.Random(20)
+    for _ in range(20):
+        done = len(list(work.glob("shard-*.h5")))
+        process = featx_process(many_photos, out, "--shard-size", "2")
+        if rng.random() < 0.6 and done + 1 < shards - 2:
+            wait_for_shards(out, done + 1, process)
+            time.sleep(rng.uniform(0, 0.05))  # somewhere in writing the next shard
+        else:  # in start-up, scan, model building, or early in the loop
+            deadline = time.monotonic() + rng.uniform(0, 3)
+            limit = min(done + 2, shards - 1)
+            while time.monotonic() < deadline and len(list(work.glob("shard-*.h5"))) < limit:
+                time.sleep(0.005)
+        assert process.poll() is None, "the run finished before its kill"
+        process.kill()
+        process.communicate()
+        for shard in work.glob("shard-*.h5"):  # what is published is whole
+            with h5py.File(shard, "r") as f:
+                assert f["index"].shape[0] + f["failed/index"].shape[0] == 2
+    assert not out.exists()
+    assert shards // 3 <= len(list(work.glob("shard-*.h5"))) < shards  # kills hit the loop too
+    final = featx_process(many_photos, out, "--shard-size", "2")
+    _, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr
+    assert_same_file(out, uninterrupted)
+
+
+def test_sigint_keeps_finished_shards_and_exits_130(many_photos, uninterrupted, tmp_path):
+    out = tmp_path / "feats.h5"
+    process = featx_process(many_photos, out)
+    wait_for_shards(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted by SIGINT" in stderr and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    work = out.with_name(out.name + ".featx")
+    assert list(work.glob("shard-*.h5")) and not list(work.glob(".*tmp*"))
+    resumed = featx_process(many_photos, out)
+    resumed.communicate(timeout=300)
+    assert resumed.returncode == 0
+    assert_same_file(out, uninterrupted)
+
+
+def featx_limited(source: Path, out: Path, shell_prefix: str) -> subprocess.CompletedProcess:
+    """``featx extract`` under a shell limit such as ``ulimit -f 30``."""
+    command = " ".join([sys.executable, "-m", "featx", "extract", str(source), "-o", str(out)])
+    command += " " + " ".join(SETTINGS)
+    return subprocess.run(
+        ["bash", "-c", f"{shell_prefix}; exec {command}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_disk_full_error(done: subprocess.CompletedProcess, out: Path, strerror: str) -> None:
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"featx: error: cannot write {out}: {strerror}")
+    assert "free some space and run the same command again to resume" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no HDF5 trace, no crash
+
+
+def test_file_size_limit_is_a_clear_error_and_resume_completes(
+    many_photos, uninterrupted, tmp_path
+):
+    # A shard (4 rows) is ~16 KB and the whole file ~100 KB: under `ulimit -f 40` every shard
+    # is written and the assembly fails, as on a disk that fills up at the very end.
+    out = tmp_path / "feats.h5"
+    done = featx_limited(many_photos, out, "ulimit -f 40")
+    assert_disk_full_error(done, out, "File too large")
+    work = out.with_name(out.name + ".featx")
+    assert len(list(work.glob("shard-*.h5"))) == 12
+    for shard in work.glob("shard-*.h5"):  # every finished shard is readable
+        with h5py.File(shard, "r") as f:
+            assert f["features/flatten"].shape == (4, 512)
+    assert not out.exists() and not list(tmp_path.glob(".feats.h5.tmp*"))
+    resumed = featx_process(many_photos, out)
+    resumed.communicate(timeout=300)
+    assert resumed.returncode == 0
+    assert_same_file(out, uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs: room for two shards of the run below, then ENOSPC."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_keeps_finished_shards_and_resume_after_freeing_space_completes(
+    many_photos, uninterrupted, small_disk
+):
+    out = small_disk / "feats.h5"
+    done = featx_limited(many_photos, out, "true")
+    assert_disk_full_error(done, out, "No space left on device")
+    work = out.with_name(out.name + ".featx")
+    finished = sorted(work.glob("shard-*.h5"))
+    assert 1 <= len(finished) < 12
+    for shard in finished:
+        with h5py.File(shard, "r") as f:
+            assert f["features/flatten"].shape == (4, 512)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    resumed = featx_process(many_photos, out, "--json")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f'"shards_done_before": {len(finished)}' in stdout
+    assert_same_file(out, uninterrupted)
+
+
+def test_unwritable_output_and_missing_source_fail_before_any_work(photos, tmp_path):
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    out = locked / "feats.h5"
+    command = [*as_ordinary_user(), sys.executable, "-m", "featx", "extract", str(photos)]
+    started = time.monotonic()
+    done = subprocess.run(
+        [*command, "-o", str(out), *ARGS], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"featx: error: output {out}: folder {locked} is not writable\n"
+    assert not list(locked.iterdir())
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "extract",
+            str(tmp_path / "nowhere"),
+            "-o",
+            str(tmp_path / "f.h5"),
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2
+    assert (
+        missing.stderr
+        == f"featx: error: source {tmp_path / 'nowhere'}: no such file or directory\n"
+    )
+    assert list(tmp_path.iterdir()) == [locked]
+    assert time.monotonic() - started < 120
+
+
+def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
+    many_photos, uninterrupted, tmp_path
+):
+    out = tmp_path / "feats.h5"
+    command = [sys.executable, "-m", "featx", "extract", str(many_photos), "-o", str(out)]
+    command += SETTINGS
+    # The first run reads as from a slow disk, so that it is still writing when the second one
+    # has started up; HDF5's own locking is off for both.
+    slow = decoder_shim(tmp_path, "time.sleep(0.3)")
+    first = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**slow, "HDF5_USE_FILE_LOCKING": "FALSE"},
+    )
+    wait_for_shards(out, 1, first)
+    second = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"},
+    )
+    assert first.poll() is None, "the first run was still writing"
+    assert second.returncode == 1
+    assert second.stderr.startswith(f"featx: error: output {out} is being written by featx pid")
+    assert len(second.stderr.strip().splitlines()) == 1
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert_same_file(out, uninterrupted)
+
+
+def test_stdout_closed_early_is_quiet_and_the_output_is_intact(
+    many_photos, uninterrupted, tmp_path
+):
+    """`featx ... | head -1`, where head has already gone when featx prints."""
+    out = tmp_path / "feats.h5"
+    process = featx_process(many_photos, out, "--json")
+    process.stdout.close()  # the reader is gone: the summary's write gets EPIPE
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 141
+    assert stderr == ""
+    assert_same_file(out, uninterrupted)
+
+    piped = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m featx info --json {out} | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.stdout == "{\n" and piped.stderr == ""
+    assert piped.returncode in (0, 141)
+
+
+def test_max_failures_exits_3_when_exceeded(good, tmp_path, cli):
+    folder = among_good(good, tmp_path)  # 6 good photos ...
+    for name in ("a", "b", "c"):  # ... and 3 bad files: 33%
+        (folder / "thing" / f"{name}.jpg").write_bytes(b"")
+    cases = {"2": 3, "3": 0, "30%": 3, "34%": 0, None: 0}
+    for limit, code in cases.items():
+        out = tmp_path / f"{limit}.h5"
+        flags = ["--max-failures", limit] if limit else []
+        result = cli("extract", folder, "-o", out, *ARGS, *flags)
+        assert result.exit_code == code, (limit, result.output)
+        assert out.exists(), "the file is written either way"
+        if code:
+            assert f"3 of 9 images failed (more than --max-failures {limit})" in result.stderr
+    everything_bad = tmp_path / "bad"
+    (everything_bad / "x").mkdir(parents=True)
+    for name in ("a", "b"):
+        (everything_bad / "x" / f"{name}.jpg").write_bytes(b"")
+    shutil.copy(good / "thing" / "coffee.jpg", everything_bad / "x")
+    assert cli("extract", everything_bad, "-o", tmp_path / "bad.h5", *ARGS).exit_code == 3
+    assert "[default: 50%]" in cli("extract", "--help").output
+
+
+# --- security ----------------------------------------------------------------------------------
+
+
+class WritesAMarker:
+    """Unpickling this calls open(marker, "w"): what a malicious weight file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_weight_file_that_runs_code_is_refused_and_runs_nothing(photos, tmp_path, cli, how):
+    import torch
+
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pth"
+    payload = {"conv1.weight": WritesAMarker(marker)}
+    if how == "torch.save":
+        torch.save(payload, weights)
+    else:
+        with open(weights, "wb") as handle:
+            pickle.dump(payload, handle)
+    assert not marker.exists()
+    result = cli("extract", photos, "-o", tmp_path / "f.h5", *ARGS, "--weights", weights)
+    assert result.exit_code == 2
+    assert f"--weights {weights}: refused: not a plain state dict" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_formats_featx_does_not_claim_are_refused_by_content(good, clean, tmp_path):
+    folder = among_good(good, tmp_path)
+    photo = opened(good / "thing" / "coffee.jpg")
+    for fmt in ("PCX", "PPM", "ICO", "TGA", "SGI"):
+        photo.save(folder / "thing" / f"{fmt.lower()}.jpg", fmt)  # valid files, wrong name
+    (folder / "thing" / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    photo.save(folder / "thing" / "png-inside.jpg", "PNG")  # a claimed format: fine
+    rows = extract_rows(folder, tmp_path)
+    assert_good_unchanged(rows, clean)
+    assert sorted(rows.failed) == [
+        f"thing/{n}.jpg" for n in ("eps", "ico", "pcx", "ppm", "sgi", "tga")
+    ]
+    for error in rows.failed.values():
+        assert error.startswith("UnidentifiedImageError: cannot identify image file: not JPEG")
+    assert "thing/png-inside.jpg" in rows.features
