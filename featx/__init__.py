@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "extract": "featx.pipeline",
     "ExtractResult": "featx.pipeline",
-    "FeatureFile": "featx.store",
+    "FeatureFile": "featx.reader",
     "load_backbone": "featx.backbone",
     "describe_layers": "featx.backbone",
     "train_head": "featx.head",

@@ -318,7 +318,7 @@ def info(
 
     Example: featx info feats.h5 --json
     """
-    from featx.store import FeatureFile
+    from featx.reader import FeatureFile
 
     with FeatureFile(path) as f:
         summary = f.summary()

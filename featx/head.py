@@ -34,9 +34,10 @@ from featx import __version__
 from featx.config import HeadConfig, parse_bytes
 from featx.errors import FeatxError, HeadMismatch, UsageError
 from featx.metrics import classification_metrics
+from featx.reader import FeatureFile
 from featx.rows import FeatureRows, standardisation, stratified_split
 from featx.runtime import pick_device
-from featx.store import FeatureFile, check_writable, publish, temporary_name
+from featx.store import check_writable, publish, temporary_name
 
 FORMAT = "featx-head"
 FORMAT_VERSION = 1

@@ -16,6 +16,7 @@ import numpy as np
 
 from featx import store
 from featx.errors import UsageError
+from featx.reader import FeatureFile
 
 # Attributes that must agree between parts (`source` may differ: nodes mount data differently).
 SAME = (
@@ -124,7 +125,7 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
     ordered = [numbered[k] for k in range(count)]
     metas = []
     for path in ordered:
-        with store.FeatureFile(path) as f:
+        with FeatureFile(path) as f:
             metas.append({"attrs": f.attrs, "rows": len(f), "failed": len(f.failed)})
     reference = metas[0]["attrs"]
     expected_from = 0

@@ -1,8 +1,9 @@
 """``extract()``: image files → uint8 batches → cut model → pooled vectors → shards → one file.
 
-Read this file top to bottom to know what a run does. Decoding lives in images.py, the model in
-backbone.py, pooling in pooling.py, shards and the output file in store.py, and the plumbing
-(device, signals, progress, writer thread) in runtime.py.
+Read this file top to bottom to know what a run does. Decoding lives in images.py, the loading
+stage (DataLoader, decoder crashes, GPU decode) in loader.py, the model in backbone.py, pooling in
+pooling.py, shards and the output file in store.py, and the plumbing (device, signals, progress,
+writer thread) in runtime.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,8 @@ from featx import __version__, distributed, runtime, store
 from featx.backbone import Backbone, describe_layers, load_backbone
 from featx.config import ExtractConfig, too_many_failures
 from featx.errors import Interrupted, TooManyFailures, UsageError
-from featx.images import (
-    DecodePolicy,
-    DecoderCrashed,
-    ImageDataset,
-    ImageList,
-    collate,
-    describe_error,
-    scan_folder,
-)
+from featx.images import DecodePolicy, ImageDataset, ImageList, scan_folder
+from featx.loader import decoded_batches, on_device
 from featx.pooling import pool
 
 
@@ -220,7 +213,7 @@ def _run_shards(
         for start, stop in [work.shard_range(shard)]
         for start in range(start, stop, config.batch_size)
     ]
-    shard_writer = _ShardSink(work, config.dtype, config.compression)
+    shard_writer = store.ShardSink(work, config.dtype, config.compression)
     writer = runtime.BackgroundWriter(shard_writer.handle, depth=4 if config.write_behind else 0)
     pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
     failed = 0
@@ -232,7 +225,7 @@ def _run_shards(
             runtime.StopSignals() as signals,
             torch.inference_mode(),
             contextlib.closing(
-                _decoded(ImageDataset(images, policy), batches, config, device)
+                decoded_batches(ImageDataset(images, policy), batches, config, device)
             ) as loaded,
         ):
             for batch in loaded:
@@ -259,49 +252,6 @@ def _run_shards(
     return shard_writer.busy_s
 
 
-PREFETCH = 4  # batches each DataLoader worker decodes ahead
-
-
-def _decoded(
-    dataset: ImageDataset, batches: list[list[int]], config: ExtractConfig, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    """The batches, decoded, in order. A decoder that kills its worker process (a segfault in a
-    C library, the OOM killer) must not end the run: the batches that worker may have held are
-    decoded again one image per child process, so the culprit is found and recorded in failed/,
-    and a fresh DataLoader takes the rest."""
-    done = 0
-    while done < len(batches):
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches[done:],
-            collate_fn=collate,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=runtime.worker_init,
-            prefetch_factor=PREFETCH if config.num_workers else None,
-        )
-        try:
-            with runtime.loader_iterator(loader) as iterator:
-                for batch in iterator:
-                    yield batch
-                    done += 1
-            return
-        except RuntimeError as error:
-            if not runtime.is_worker_death(error):
-                raise
-        for batch in batches[done : done + config.num_workers * PREFETCH]:
-            yield collate([_decode_alone(dataset, index) for index in batch])
-            done += 1
-
-
-def _decode_alone(dataset: ImageDataset, index: int) -> tuple[int, Any, str]:
-    """One image decoded in a process of its own: if that process dies, the image is the culprit."""
-    try:
-        return runtime.call_in_child(dataset.__getitem__, index)
-    except runtime.ProcessDied as died:
-        return index, None, describe_error(DecoderCrashed(f"the process decoding this file {died}"))
-
-
 def _compute(
     batch: dict[str, Any],
     model: nn.Module,
@@ -311,25 +261,7 @@ def _compute(
     pad_to: int | None,
 ) -> dict[str, Any]:
     """One batch through the cut model; rows come back in the batch's index order."""
-    images = batch["images"]
-    if batch["encoded"]:  # --decode gpu: nvJPEG on the device, merged with CPU-decoded files
-        from featx.images import decode_on_device
-
-        indices, decoded, failures = decode_on_device(batch["encoded"], policy, device)
-        batch["failures"].extend(failures)
-        parts = [
-            t
-            for t in (images.to(device) if images is not None else None, decoded)
-            if t is not None and len(t)
-        ]
-        images = torch.cat(parts) if parts else None
-        order = sorted(
-            range(len(batch["indices"]) + len(indices)),
-            key=(batch["indices"] + indices).__getitem__,
-        )
-        batch["indices"] = sorted(batch["indices"] + indices)
-        images = images[order] if images is not None else None
-        batch["encoded"] = []
+    images = on_device(batch, policy, device)  # --decode gpu merges nvJPEG output here
     if images is None:
         return {}
     x = images.to(device, non_blocking=True)
@@ -339,45 +271,6 @@ def _compute(
     with runtime.autocast(precision, device):
         outputs = model(x)
     return {k: v[:count].float().cpu().numpy() for k, v in outputs.items()}
-
-
-class _ShardSink:
-    """Routes batches to per-shard files; a shard is published when its last batch arrives."""
-
-    def __init__(self, work: store.WorkDir, dtype: str, compression: str = "none") -> None:
-        self.work = work
-        self.dtype = dtype
-        self.compression = compression
-        self.open: dict[int, store.ShardWriter] = {}
-        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
-
-    def handle(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
-        started = time.perf_counter()
-        try:
-            self._write(item)
-        finally:
-            self.busy_s += time.perf_counter() - started
-
-    def _write(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
-        batch, features = item
-        every = batch["indices"] + [index for index, _ in batch["failures"]]
-        shard = min(every) // self.work.shard_size
-        writer = self.open.get(shard) or self.open.setdefault(
-            shard, store.ShardWriter(self.work, shard, self.dtype, self.compression)
-        )
-        try:
-            writer.append(batch["indices"], features, batch["failures"])
-            if max(every) == self.work.shard_range(shard)[1] - 1:
-                writer.finish()
-                del self.open[shard]
-        except OSError as error:
-            self.discard()
-            raise store.disk_full_message(error, self.work) or error from None
-
-    def discard(self) -> None:
-        for writer in self.open.values():
-            writer.discard()
-        self.open.clear()
 
 
 def _close_quietly(writer: runtime.BackgroundWriter) -> BaseException | None:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from featx.errors import UsageError
-from featx.store import FeatureFile
+from featx.reader import FeatureFile
 
 
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,8 +32,9 @@ from featx.head import (
     write_reports,
 )
 from featx.metrics import classification_metrics
+from featx.reader import FeatureFile
 from featx.rows import FeatureRows
-from featx.store import FeatureFile, check_writable, publish, temporary_name
+from featx.store import check_writable, publish, temporary_name
 
 
 def weights_spec(recorded: str) -> str:

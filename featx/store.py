@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -486,130 +487,6 @@ def write_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
             f.attrs[key] = value
 
 
-def read_attrs(f: h5py.File) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in f.attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{" or value == "null":
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(value)
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
-JSON_ATTRS = ("class_names", "layers", "transform", "decode", "shapes")
-
-
-# --- the reader -----------------------------------------------------------------------------
-
-
-class FeatureFile:
-    """Read a featx HDF5 file without loading it whole.
-
-    Example::
-
-        with FeatureFile("feats.h5") as f:
-            x = f.features()[:100]        # an h5py dataset: slice what you need
-            y, names = f.labels, f.class_names
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        try:
-            self.file = h5py.File(self.path, "r")
-        except FileNotFoundError:
-            raise UsageError(f"{self.path}: no such file") from None
-        except OSError as error:
-            raise UsageError(f"{self.path}: not a readable HDF5 file ({error})") from None
-        if "features" not in self.file or "paths" not in self.file:
-            self.file.close()
-            raise UsageError(f"{self.path}: not a featx features file (no features/ or paths)")
-        self.attrs = read_attrs(self.file)
-
-    def __enter__(self) -> FeatureFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.attrs.get("layers") or self.file["features"].keys())
-
-    def layer(self, name: str | None = None) -> str:
-        """The one layer asked for, or the only one; an error lists them when ambiguous."""
-        layers = self.layers
-        if name is None:
-            if len(layers) == 1:
-                return layers[0]
-            raise UsageError(
-                f"{self.path} has several layers ({', '.join(layers)}); pick one with --layer"
-            )
-        if name not in layers:
-            raise UsageError(f"{self.path} has no layer {name!r} (it has {', '.join(layers)})")
-        return name
-
-    def features(self, layer: str | None = None) -> h5py.Dataset:
-        return self.file["features"][self.layer(layer)]
-
-    def __len__(self) -> int:
-        return int(self.file["paths"].shape[0])
-
-    @property
-    def paths(self) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self.file["paths"][:]]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.file["labels"][:]
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.attrs.get("class_names") or [])
-
-    @property
-    def failed(self) -> list[tuple[str, str]]:
-        if "failed" not in self.file:
-            return []
-        paths = [p.decode() if isinstance(p, bytes) else p for p in self.file["failed/paths"][:]]
-        errors = [e.decode() if isinstance(e, bytes) else e for e in self.file["failed/errors"][:]]
-        return list(zip(paths, errors, strict=True))
-
-    def extraction(self, layer: str) -> dict[str, Any]:
-        """What made ``layer``'s features: a head trained on them must see the same again."""
-        return {
-            "model": self.attrs.get("model"),
-            "weights": self.attrs.get("weights"),
-            "layer": layer,
-            "pool": self.attrs.get("pool"),
-            "transform": self.attrs.get("transform"),
-        }
-
-    def summary(self) -> dict[str, Any]:
-        layers = {name: list(self.file["features"][name].shape[1:]) for name in self.layers}
-        labels = self.labels
-        counts = {}
-        for i, name in enumerate(self.class_names):
-            counts[name] = int((labels == i).sum())
-        return {
-            **self.attrs,
-            "path": str(self.path),
-            "images": len(self),
-            "failed": len(self.failed),
-            "layers": self.layers,
-            "feature_shapes": layers,
-            "dtype": str(self.features(self.layers[0]).dtype) if self.layers else None,
-            "class_counts": counts,
-            "unlabelled": int((labels == -1).sum()),
-        }
-
-
 def check_writable(out: Path) -> None:
     """Fail before any work when the output's folder is missing or read-only."""
     parent = out.parent if str(out.parent) else Path(".")
@@ -629,3 +506,42 @@ def disk_full_message(error: OSError, work: WorkDir) -> FeatxError | None:
             "command again to resume"
         )
     return None
+
+
+class ShardSink:
+    """Routes batches to per-shard files; a shard is published when its last batch arrives."""
+
+    def __init__(self, work: WorkDir, dtype: str, compression: str = "none") -> None:
+        self.work = work
+        self.dtype = dtype
+        self.compression = compression
+        self.open: dict[int, ShardWriter] = {}
+        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
+
+    def handle(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            self._write(item)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _write(self, item: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        batch, features = item
+        every = batch["indices"] + [index for index, _ in batch["failures"]]
+        shard = min(every) // self.work.shard_size
+        writer = self.open.get(shard) or self.open.setdefault(
+            shard, ShardWriter(self.work, shard, self.dtype, self.compression)
+        )
+        try:
+            writer.append(batch["indices"], features, batch["failures"])
+            if max(every) == self.work.shard_range(shard)[1] - 1:
+                writer.finish()
+                del self.open[shard]
+        except OSError as error:
+            self.discard()
+            raise disk_full_message(error, self.work) or error from None
+
+    def discard(self) -> None:
+        for writer in self.open.values():
+            writer.discard()
+        self.open.clear()

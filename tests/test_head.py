@@ -20,8 +20,9 @@ from featx.errors import HeadMismatch, UsageError
 from featx.head import load_head, report_paths, train_head
 from featx.metrics import classification_metrics
 from featx.predict import csv_columns, evaluate, predict, weights_spec
+from featx.reader import FeatureFile
 from featx.rows import FeatureRows, stratified_split
-from featx.store import STRING, FeatureFile, write_attrs
+from featx.store import STRING, write_attrs
 from tests.conftest import save
 
 TRANSFORM = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -179,14 +179,33 @@ def test_sigint_exits_130_and_keeps_finished_shards(many_photos, tmp_path):
     assert list(work.glob("shard-*.h5"))
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def extract_configs() -> list[Path]:
+    """configs/*.toml with an [extract] table ([train-head] ones run in test_head.py)."""
+    import tomllib
+
+    return [
+        p
+        for p in sorted((ROOT / "configs").glob("*.toml"))
+        if "extract" in tomllib.loads(p.read_text())
+    ]
+
+
+def test_configs_folder_holds_the_promised_examples():
+    names = {p.stem for p in extract_configs()}
+    assert {
+        "vgg16-block5",
+        "resnet50-penultimate",
+        "resnet50-texture",
+        "efficientnet-lite0-offline",
+    } <= names
+
+
+@pytest.mark.parametrize("config", extract_configs(), ids=lambda p: p.stem)
 def test_every_config_in_configs_runs(config, photos, tmp_path):
     """Each example config runs as written; flags override it (random weights: no download)."""
     import tomllib
 
     section = tomllib.loads(config.read_text())
-    if "extract" not in section:
-        pytest.skip("not an extract config")  # train-head configs run in test_head
     out = tmp_path / "f.h5"
     result = shell(
         f"{FEATX} extract --config {config} {photos} -o {out} --weights none "
