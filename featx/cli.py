@@ -31,6 +31,15 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+RESUME_HINT = "finished shards are kept: run the same command again to resume"
+
+
+def _terminated(signum: int, _frame: Any) -> None:
+    """SIGTERM outside the extraction loop (start-up, assembly): the same one line and 143
+    as inside it, where pipeline.py's own handler lets the batch in flight finish first."""
+    from featx.errors import Interrupted
+
+    raise Interrupted(f"interrupted by SIGTERM; {RESUME_HINT}", signum)
 
 
 def reports_errors(command: F) -> F:
@@ -44,7 +53,7 @@ def reports_errors(command: F) -> F:
             typer.echo(f"featx: error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("featx: interrupted", err=True)
+            typer.echo(f"featx: interrupted by SIGINT; {RESUME_HINT}", err=True)
             raise typer.Exit(EXIT_SIGINT) from None
         except BrokenPipeError:
             # The reader of stdout went away (`| head -1`): nothing to report, nothing lost.
@@ -820,6 +829,7 @@ def main() -> None:
     # Past a file-size limit (`ulimit -f`) the kernel sends SIGXFSZ, which kills at once. Ignored,
     # the write fails with EFBIG instead and is reported like a full disk, shards kept.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     finally:

@@ -268,3 +268,28 @@ def test_info_json_is_parseable(photos, tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["images"] == 5 and info["class_names"] == ["animal", "thing"]
+
+
+def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
+    """SLURM may send TERM before the first batch: still 143, one line, no traceback."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "extract",
+            str(photos),
+            "-o",
+            str(tmp_path / "f.h5"),
+            *SMALL.split(),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)  # past interpreter start-up, while torch and the model load
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert "Traceback" not in stderr
+    assert "run the same command again to resume" in stderr
