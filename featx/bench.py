@@ -24,6 +24,7 @@ import torch
 from featx import runtime
 from featx.backbone import load_backbone
 from featx.config import ExtractConfig
+from featx.errors import UsageError
 from featx.images import DecodePolicy, ImageList, load_image, scan_folder
 from featx.pipeline import CutModel, extract
 
@@ -35,7 +36,11 @@ def bench(
 
     Example: ``bench("photos/", ExtractConfig(model="resnet18"))["bottleneck"]``
     """
+    if limit < 1:
+        raise UsageError("--limit must be at least 1")
     images = scan_folder(source)
+    if not len(images):
+        raise UsageError(f"source {source}: no image files found")
     images = ImageList(images.root, images.paths[:limit], images.labels[:limit], images.class_names)
     backbone = load_backbone(
         config.model, "none" if config.weights == "DEFAULT" else config.weights, config.image_size

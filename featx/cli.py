@@ -17,8 +17,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from featx.config import ExtractConfig, HeadConfig, PredictConfig, build, load_toml, parse_shard
-from featx.errors import EXIT_SIGINT, FeatxError, UsageError
+from featx.config import (
+    POOLS,
+    ExtractConfig,
+    HeadConfig,
+    PredictConfig,
+    build,
+    load_toml,
+    parse_shard,
+)
+from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError, UsageError
 
 app = typer.Typer(
     name="featx",
@@ -59,7 +67,7 @@ def reports_errors(command: F) -> F:
             # The reader of stdout went away (`| head -1`): nothing to report, nothing lost.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-            raise typer.Exit(141) from None
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -241,7 +249,7 @@ def extract(
     settings = build(ExtractConfig, values, source=str(config) if config else "options")
     if output is None:
         raise UsageError("missing option -o / --output: the HDF5 file to write")
-    result = run_extract(_image_source(source, files_from, null, root, labels), output, settings)
+    result = run_extract(_image_source(source, files_from, null, root), output, settings)
     if as_json:
         emit(result.as_dict())
     say(
@@ -252,12 +260,12 @@ def extract(
 
 
 def _image_source(
-    source: str | None, files_from: Path | None, null: bool, root: Path | None, labels: Path | None
+    source: str | None, files_from: Path | None, null: bool, root: Path | None
 ) -> Any:
     """A folder path, or an ImageList from stdin (``-``) or ``--files-from``."""
     from featx.images import read_path_list
 
-    if source not in (None, "-") and files_from is not None:
+    if source is not None and files_from is not None:
         raise UsageError("SOURCE and --files-from both name the images: use one of them")
     if source is None and files_from is None:
         raise UsageError("missing SOURCE: an image folder, - for paths on stdin, or --files-from")
@@ -275,7 +283,7 @@ def _image_source(
         except OSError as error:
             raise UsageError(f"--files-from {files_from}: {error.strerror}") from None
     entries = [os.fsdecode(item) for item in data.split(b"\0" if null else b"\n")]
-    return read_path_list(entries, str(root or Path.cwd()), str(labels) if labels else None)
+    return read_path_list(entries, str(root or Path.cwd()))  # --labels: applied by extract()
 
 
 # --- layers / info / models -------------------------------------------------------------------
@@ -295,6 +303,8 @@ def layers(
     """
     from featx.backbone import describe_layers, load_backbone
 
+    if pool not in POOLS:
+        raise UsageError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
     backbone = load_backbone(model, "none", image_size)
     infos = describe_layers(backbone, pool)
     default = backbone.default_layer()
@@ -839,4 +849,4 @@ def main() -> None:
             sys.stdout.flush()
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(141) from None
+            raise SystemExit(EXIT_BROKEN_PIPE) from None

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass
 from typing import Any
-
-import tomllib
 
 from featx.errors import UsageError
 
@@ -157,12 +156,17 @@ def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
 def build(cls: type, values: dict[str, Any], source: str = "options") -> Any:
     """Make a config dataclass from a dict, refusing unknown keys with their names."""
     known = config_fields(cls)
-    unknown = sorted(set(values) - set(known) - ({"layer"} if "layers" in known else set()))
+    aliases = ({"layer"} if "layers" in known else set()) | (
+        {"labels"} if "labels_csv" in known else set()
+    )
+    unknown = sorted(set(values) - set(known) - aliases)
     if unknown:
         raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)}")
     converted = dict(values)
     if "layer" in converted and "layer" not in known:  # the CLI flag's name works too
         converted["layers"] = converted.pop("layer")
+    if "labels" in converted and "labels_csv" in known:
+        converted["labels_csv"] = converted.pop("labels")
     for key in ("layers",):
         if key in converted and isinstance(converted[key], (list, str)):
             value = converted[key]
@@ -171,7 +175,29 @@ def build(cls: type, values: dict[str, Any], source: str = "options") -> Any:
         converted["background"] = tuple(converted["background"])
     if "shard" in converted and isinstance(converted["shard"], str):
         converted["shard"] = parse_shard(converted["shard"])
+    _check_types(cls, converted, source)
     return cls(**converted)
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple"}
+
+
+def _check_types(cls: type, values: dict[str, Any], source: str) -> None:
+    """A config file's ``batch-size = "32"`` is named, not left to fail somewhere later."""
+    for field in dataclasses.fields(cls):
+        if field.name not in values or values[field.name] is None:
+            continue
+        value = values[field.name]
+        kind = type(value)
+        wanted = str(field.type)  # annotations are strings here (from __future__ import)
+        fits = _TYPE_NAMES.get(kind, "") in wanted or (kind is int and "float" in wanted)
+        if kind is list:
+            fits = "tuple" in wanted
+        if not fits:
+            raise UsageError(
+                f"{source}: {field.name.replace('_', '-')} = {value!r}: expected "
+                f"{wanted.replace(' | None', '')}"
+            )
 
 
 # --- train-head / predict / evaluate ----------------------------------------------------------

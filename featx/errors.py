@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_TOO_MANY_FAILURES = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_BROKEN_PIPE = 141  # stdout closed early (`| head`) after the work completed, as Unix tools
 
 
 class FeatxError(Exception):

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ def train_head(
         **sizes,
         "accuracy": metrics["accuracy"],
         "device": str(device),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "featx_version": __version__,
         "torch_version": str(torch.__version__),
     }

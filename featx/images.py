@@ -145,13 +145,16 @@ def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -
 
 
 def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
-    """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional)."""
+    """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional; CSV paths are
+    relative to the source folder or ``--root``). Class names are the labels of listed files."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
             rows = [row for row in csv.reader(handle) if row]
     except OSError as error:
         raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
-    if rows and rows[0][:2] == ["path", "label"]:
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"--labels {csv_path}: not a UTF-8 CSV file ({error})") from None
+    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     by_path: dict[str, str] = {}
     for number, row in enumerate(rows, start=1):
@@ -159,7 +162,11 @@ def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[st
             raise UsageError(f"--labels {csv_path}: line {number} is not 'path,label'")
         key = os.path.normpath(os.path.relpath(row[0], root) if os.path.isabs(row[0]) else row[0])
         by_path[key] = row[1].strip()
-    class_names = sorted(set(by_path.values()))
+    class_names = sorted({by_path[p] for p in paths if p in by_path})
+    if not class_names:
+        raise UsageError(
+            f"--labels {csv_path}: no row names a listed file (paths are relative to {root})"
+        )
     index = {name: i for i, name in enumerate(class_names)}
     labels = [index[by_path[p]] if p in by_path else -1 for p in paths]
     return class_names, labels

@@ -22,9 +22,16 @@ from featx import __version__, distributed, runtime, store
 from featx.backbone import Backbone, describe_layers, load_backbone
 from featx.config import ExtractConfig, too_many_failures
 from featx.errors import Interrupted, TooManyFailures, UsageError
-from featx.images import DecodePolicy, ImageDataset, ImageList, scan_folder
+from featx.images import (
+    IMAGE_SUFFIXES,
+    DecodePolicy,
+    ImageDataset,
+    ImageList,
+    printable,
+    scan_folder,
+)
 from featx.loader import decoded_batches, on_device
-from featx.pooling import pool
+from featx.pooling import pool, pooled_shape
 
 
 @dataclass(frozen=True)
@@ -85,12 +92,12 @@ def extract(
     target = part_path(out, job.part, job.parts) if job.writes_part else out
     _refuse_existing(target, config)
     images = source if isinstance(source, ImageList) else scan_folder(source)
-    if config.labels_csv and isinstance(source, (str, os.PathLike)):
+    if config.labels_csv:
         images = images.relabelled(config.labels_csv)
     if not len(images):
         raise UsageError(
             f"source {images.root}: no image files found "
-            f"(looked for {', '.join(s[1:] for s in _suffixes())})"
+            f"(looked for {', '.join(s[1:] for s in IMAGE_SUFFIXES)})"
         )
 
     # Everything that can be wrong with the arguments fails here, before any image is read.
@@ -116,7 +123,7 @@ def extract(
         "decode": policy.describe(),
         "files": len(images),
         "files_sha256": store.list_digest(images.paths, images.labels),
-        "shapes": {layer: list(_pooled(shapes[layer].shape, config.pool)) for layer in layers},
+        "shapes": {layer: list(pooled_shape(shapes[layer].shape, config.pool)) for layer in layers},
     }
 
     lock = store.output_lock(target) if job.leader else contextlib.nullcontext()
@@ -150,13 +157,15 @@ def extract(
             total=size,
         )
         loop_s = time.perf_counter() - loop_started
+        if not job.leader:  # counted now: rank 0 removes the shard folder once it assembled
+            counts = store.count_rows(work, mine)
         job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
 
         # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
         shards = mine if job.writes_part else range(work.shard_count)
-        rows = (
-            (work.shard_range(shards[0])[0], work.shard_range(shards[-1])[1]) if shards else (0, 0)
-        )
+        # An empty part (more parts than shards) still sits at its place in the work list.
+        start = min(shards.start * work.shard_size, work.total)
+        rows = (start, work.shard_range(shards[-1])[1]) if shards else (start, start)
         if job.leader:
             attrs = _file_attributes(images, backbone, config, fingerprint)
             if job.writes_part:
@@ -166,11 +175,9 @@ def extract(
                     work, shards, images.paths, images.labels, attrs, target, rows
                 )
             except OSError as error:
-                raise store.disk_full_message(error, work) or error from None
+                raise store.write_error(error, work) from None
             work.remove()
             counts = (written.rows, written.failed)
-        else:
-            counts = store.count_rows(work, mine)
 
     elapsed = time.perf_counter() - started
     total = rows[1] - rows[0] if job.leader else size
@@ -292,23 +299,11 @@ def _signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _suffixes() -> tuple[str, ...]:
-    from featx.images import IMAGE_SUFFIXES
-
-    return IMAGE_SUFFIXES
-
-
-def _pooled(shape: tuple[int, ...], how: str) -> tuple[int, ...]:
-    from featx.pooling import pooled_shape
-
-    return pooled_shape(shape, how)
-
-
 def _check_pool(how: str, layers: list[str], shapes: dict[str, Any]) -> None:
     for layer in layers:
         if layer not in shapes:
             raise UsageError(f"layer {layer!r} does not output a batched tensor; pick another")
-        _pooled(shapes[layer].shape, how)
+        pooled_shape(shapes[layer].shape, how)
 
 
 def part_path(out: Path, part: int, parts: int) -> Path:
@@ -328,7 +323,7 @@ def _file_attributes(
         "class_names": images.class_names,
         **fingerprint,
         "compression": config.compression,
-        "source": os.path.abspath(images.root),
+        "source": printable(os.path.abspath(images.root)),
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,

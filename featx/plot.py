@@ -9,6 +9,7 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.reader import FeatureFile
+from featx.store import check_writable
 
 
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +48,9 @@ def plot_features(
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("featx plot needs matplotlib: pip install 'featx[plot]'") from None
+    check_writable(Path(out))
+    if max_points < 1:
+        raise UsageError("--max-points must be at least 1")
     with FeatureFile(path) as f:
         name = f.layer(layer)
         total = len(f)

@@ -22,7 +22,7 @@ def read_attrs(f: h5py.File) -> dict[str, Any]:
     for key, value in f.attrs.items():
         if isinstance(value, bytes):
             value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{" or value == "null":
+        if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
             with contextlib.suppress(json.JSONDecodeError):
                 value = json.loads(value)
         if isinstance(value, np.generic):

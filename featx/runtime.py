@@ -159,19 +159,6 @@ class BackgroundWriter:
             raise error
 
 
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # --- decode workers that die ------------------------------------------------------------------
 
 

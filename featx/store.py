@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,13 +242,14 @@ def open_work_dir(
     """Start or resume the shards for ``out``; a resume must match the fingerprint exactly."""
     path = work_dir_of(out)
     meta_path = path / "run.json"
-    if overwrite and path.exists():
-        shutil.rmtree(path)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         changes = fingerprint_diff(meta["fingerprint"], fingerprint)
         if meta.get("shard_size") != shard_size:
             changes.append(f"shard_size: {meta.get('shard_size')} → {shard_size}")
+        if changes and overwrite:  # --overwrite discards a run of other settings only
+            shutil.rmtree(path)
+            return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
         if changes:
             raise ResumeMismatch(
                 f"{out}: an unfinished run with other settings is in {path} "
@@ -257,7 +258,7 @@ def open_work_dir(
             )
         return WorkDir(out, fingerprint, shard_size, total, meta["created"])
     path.mkdir(parents=True, exist_ok=True)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     meta = {
         "fingerprint": fingerprint,
         "shard_size": shard_size,
@@ -269,8 +270,6 @@ def open_work_dir(
     try:
         temporary.write_text(json.dumps(meta, indent=1))
         publish(temporary, meta_path)
-    except FileExistsError:  # another rank published first: same fingerprint or a clear error
-        pass
     except OSError as error:
         raise FeatxError(f"cannot write {meta_path}: {error.strerror}") from None
     return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
@@ -498,14 +497,18 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"output {out} is a directory")
 
 
-def disk_full_message(error: OSError, work: WorkDir) -> FeatxError | None:
+def write_error(error: OSError, work: WorkDir) -> FeatxError:
+    """One line for a failed write, saying that finished shards are kept for a resume."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return FeatxError(
             f"cannot write {work.out}: {error.strerror} (disk full, quota or file-size limit); "
             f"finished shards are kept in {work.path}: free some space and run the same "
             "command again to resume"
         )
-    return None
+    return FeatxError(
+        f"cannot write {work.out}: {error.strerror or error}; finished shards are kept in "
+        f"{work.path}: fix the cause and run the same command again to resume"
+    )
 
 
 class ShardSink:
@@ -529,17 +532,17 @@ class ShardSink:
         batch, features = item
         every = batch["indices"] + [index for index, _ in batch["failures"]]
         shard = min(every) // self.work.shard_size
-        writer = self.open.get(shard) or self.open.setdefault(
-            shard, ShardWriter(self.work, shard, self.dtype, self.compression)
-        )
         try:
+            writer = self.open.get(shard) or self.open.setdefault(
+                shard, ShardWriter(self.work, shard, self.dtype, self.compression)
+            )
             writer.append(batch["indices"], features, batch["failures"])
             if max(every) == self.work.shard_range(shard)[1] - 1:
                 writer.finish()
                 del self.open[shard]
         except OSError as error:
             self.discard()
-            raise disk_full_message(error, self.work) or error from None
+            raise write_error(error, self.work) from None
 
     def discard(self) -> None:
         for writer in self.open.values():

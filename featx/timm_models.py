@@ -66,6 +66,16 @@ def timm_transform(model: torch.nn.Module) -> dict[str, Any]:
 
     config = resolve_data_config(model=model)
     crop = int(config["input_size"][-1])
+    if (
+        config.get("crop_mode", "center") != "center"
+        or config["input_size"][-1] != config["input_size"][-2]
+    ):
+        # featx resizes the shorter side and centre-crops a square; anything else would not be
+        # the preprocessing timm's weights expect.
+        raise UsageError(
+            f"timm model preprocessing {config.get('crop_mode')!r} crop to "
+            f"{config['input_size'][1:]} is not supported by featx (center only)"
+        )
     return {
         "resize": int(math.floor(crop / config["crop_pct"])),
         "crop": crop,

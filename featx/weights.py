@@ -158,7 +158,10 @@ def fetch(model: str, spec: str = "DEFAULT") -> Path:
         timm = require_timm()
         name = model[len("timm:") :]
         full = name if spec.upper() == "DEFAULT" else f"{name.split('.')[0]}.{spec}"
-        cfg = timm.models.get_pretrained_cfg(full)
+        try:
+            cfg = timm.models.get_pretrained_cfg(full)
+        except Exception:  # timm raises several types for an unknown tag
+            cfg = None
         if cfg is None:
             raise UsageError(f"timm model {full!r} has no pretrained weights")
         if cfg.hf_hub_id:

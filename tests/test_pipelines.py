@@ -293,3 +293,28 @@ def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
     assert process.returncode == 143
     assert "Traceback" not in stderr
     assert "run the same command again to resume" in stderr
+
+
+def test_labels_csv_from_excel_with_bom_and_rows_for_other_files(photos, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("animal/chelsea.jpg\nthing/coffee.jpg\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(
+        "\ufeffPath,Label\nanimal/chelsea.jpg,cat\nthing/coffee.jpg,drink\n"
+        "elsewhere/x.jpg,horse\n".encode()
+    )
+    result = shell(
+        f"{FEATX} extract --files-from {listing} --labels {labels} -o {tmp_path}/f.h5 {SMALL} -q",
+        cwd=photos,
+    )
+    assert result.returncode == 0, result.stderr
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert f.class_names == ["cat", "drink"]  # no class without a listed file
+        assert f.labels.tolist() == [0, 1]
+    nothing = tmp_path / "none.csv"
+    nothing.write_text("a.jpg,x\n")
+    refused = shell(
+        f"{FEATX} extract --files-from {listing} --labels {nothing} -o {tmp_path}/g.h5 {SMALL} -q",
+        cwd=photos,
+    )
+    assert refused.returncode == 2 and "no row names a listed file" in refused.stderr

@@ -124,3 +124,17 @@ def test_library_call_resumes_too(many_photos, uninterrupted, tmp_path):
     result = extract(many_photos, out, config)
     assert result.shards_done_before >= 3
     assert_same_file(out, uninterrupted)
+
+
+def test_overwrite_resumes_an_unfinished_run_of_the_same_settings(many_photos, tmp_path):
+    """--overwrite replaces a finished output and discards runs of other settings, but the
+    shards of an interrupted run of the very same command are kept."""
+    out = tmp_path / "feats.h5"
+    process = featx_process(many_photos, out)
+    wait_for_shards(out, 2, process)
+    process.kill()
+    process.communicate()
+    again = featx_process(many_photos, out, "--overwrite", "--json")
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert '"shards_done_before": 0' not in stdout

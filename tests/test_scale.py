@@ -145,3 +145,18 @@ def test_merge_refuses_a_part_with_another_fingerprint(parts, many_photos, tmp_p
 def test_shard_option_is_checked(many_photos, tmp_path, cli):
     result = cli("extract", many_photos, "-o", tmp_path / "f.h5", "--shard", "3/3")
     assert result.exit_code == 2 and "0 <= K < N" in result.stderr
+
+
+def test_more_parts_than_shards_still_merge(photos, tmp_path, cli):
+    """5 images in shards of 2 make 3 shards; 5 parts leave two of them empty."""
+    from featx import ExtractConfig, extract
+
+    config = ExtractConfig(
+        model="resnet18", weights="none", image_size=64, workers=0, shard_size=2, progress=False
+    )
+    extract(photos, tmp_path / "single.h5", config)
+    for k in range(5):
+        extract(photos, tmp_path / "feats.h5", config.replace(shard=(k, 5)))
+    result = cli("merge", tmp_path / "feats.h5")
+    assert result.exit_code == 0, result.output
+    assert_same_file(tmp_path / "feats.h5", tmp_path / "single.h5")
