@@ -566,6 +566,20 @@ def weights_list(
 _H = HeadConfig  # defaults are read from the dataclasses, never repeated here
 _P = PredictConfig
 
+# Options predict and evaluate share, declared once.
+HeadDevice = Annotated[
+    str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_P.device}]")
+]
+HeadBatchSize = Annotated[
+    int | None, typer.Option(help="Images per forward pass [default: extract's]")
+]
+HeadWorkers = Annotated[
+    int | None, typer.Option(help="DataLoader decode processes [default: extract's]")
+]
+HeadMemoryBudget = Annotated[
+    str | None, typer.Option(help=f"Features held in memory at once [default: {_P.memory_budget}]")
+]
+
 
 @app.command("train-head")
 @reports_errors
@@ -719,19 +733,10 @@ def predict(
     top_k: Annotated[
         int | None, typer.Option(help=f"Best classes listed per row [default: {_P.top_k}]")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_P.device}]")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward pass [default: extract's]")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="DataLoader decode processes [default: extract's]")
-    ] = None,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(help=f"Features held in memory at once [default: {_P.memory_budget}]"),
-    ] = None,
+    device: HeadDevice = None,
+    batch_size: HeadBatchSize = None,
+    workers: HeadWorkers = None,
+    memory_budget: HeadMemoryBudget = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing CSV.")
     ] = False,
@@ -787,19 +792,10 @@ def evaluate(
             help="Metrics JSON to write (the PNG goes beside it) [default: SOURCE.HEAD.metrics.json]",
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_P.device}]")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward pass [default: extract's]")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="DataLoader decode processes [default: extract's]")
-    ] = None,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(help=f"Features held in memory at once [default: {_P.memory_budget}]"),
-    ] = None,
+    device: HeadDevice = None,
+    batch_size: HeadBatchSize = None,
+    workers: HeadWorkers = None,
+    memory_budget: HeadMemoryBudget = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr.")] = False,
     progress: Annotated[
         bool | None,

