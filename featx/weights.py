@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +20,31 @@ from featx.errors import OfflineError, UsageError
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+RANDOM_SEED = 0  # --weights none is seeded, so a resumed random-init run computes the same features
+
+
+def local_weights(
+    spec: str, build: Callable[[dict[str, torch.Tensor] | None], torch.nn.Module]
+) -> tuple[torch.nn.Module, str] | None:
+    """The two specs every model source handles alike: ``none`` (seeded random init) and a
+    weight file (strict load). Returns (model, provenance) or None for other specs.
+
+    ``build(state)`` makes the architecture; ``state`` lets it size itself (class count).
+    """
+    if spec.lower() == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            return build(None), f"none (seed {RANDOM_SEED})"
+    if looks_like_file(spec):
+        from featx.images import printable
+
+        state = load_state_dict(spec)
+        model = build(state)
+        load_into(model, state, f"--weights {spec}")
+        return model, f"file:{printable(spec)} sha256:{file_digest(spec)}"
+    return None
 
 
 def looks_like_file(spec: str) -> bool:
