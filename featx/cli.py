@@ -26,7 +26,7 @@ from featx.config import (
     load_toml,
     parse_shard,
 )
-from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError, UsageError
+from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError, TooManyFailures, UsageError
 
 app = typer.Typer(
     name="featx",
@@ -249,7 +249,12 @@ def extract(
     settings = build(ExtractConfig, values, source=str(config) if config else "options")
     if output is None:
         raise UsageError("missing option -o / --output: the HDF5 file to write")
-    result = run_extract(_image_source(source, files_from, null, root), output, settings)
+    try:
+        result = run_extract(_image_source(source, files_from, null, root), output, settings)
+    except TooManyFailures as error:  # the file was written: its summary still goes to stdout
+        if as_json and error.result is not None:
+            emit(error.result.as_dict())
+        raise
     if as_json:
         emit(result.as_dict())
     say(

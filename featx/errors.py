@@ -45,6 +45,10 @@ class TooManyFailures(FeatxError):
 
     exit_code = EXIT_TOO_MANY_FAILURES
 
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result  # the run's summary: the file exists, CI may still want the numbers
+
 
 class Interrupted(FeatxError):
     """SIGINT or SIGTERM arrived; finished shards are kept and the run can be resumed."""

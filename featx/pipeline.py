@@ -196,7 +196,8 @@ def extract(
     if job.leader and too_many_failures(config.max_failures, counts[1], total):
         raise TooManyFailures(
             f"{counts[1]} of {total} images failed (more than --max-failures "
-            f"{config.max_failures}); the output {target} was written: see its failed/ group"
+            f"{config.max_failures}); the output {target} was written: see its failed/ group",
+            result=summary,
         )
     return summary
 

@@ -318,3 +318,16 @@ def test_labels_csv_from_excel_with_bom_and_rows_for_other_files(photos, tmp_pat
         cwd=photos,
     )
     assert refused.returncode == 2 and "no row names a listed file" in refused.stderr
+
+
+def test_json_summary_is_printed_even_when_too_many_images_failed(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    (folder / "b.png").write_bytes(b"")
+    result = shell(f"{FEATX} extract {folder} -o {tmp_path}/f.h5 {SMALL} --json")
+    assert result.returncode == 3
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 0 and summary["failed"] == 2
+    with FeatureFile(tmp_path / "f.h5") as f:
+        assert len(f.failed) == 2 and f.features().shape == (0, 512)
