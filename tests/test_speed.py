@@ -25,6 +25,17 @@ PLAIN = ExtractConfig(
 )
 
 
+# A 64 px crop of a 73 px resize: big photos are then more than 2x the resize.
+TRANSFORM = {
+    "resize": 73,
+    "crop": 64,
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "interpolation": "bilinear",
+    "antialias": True,
+}
+
+
 def features(path):
     with FeatureFile(path) as f:
         return f.paths, f.features()[:]
@@ -66,14 +77,7 @@ def _jpeg(array: np.ndarray, **options) -> bytes:
 
 
 def test_fast_decode_only_changes_big_jpegs_and_stays_close(photo_arrays, tmp_path):
-    transform = {
-        "resize": 73,
-        "crop": 64,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "interpolation": "bilinear",
-        "antialias": True,
-    }
+    transform = TRANSFORM
     big = photo_arrays["chelsea"]  # 451x300: more than 2x the resize of 73
     exact = decode_bytes(_jpeg(big), DecodePolicy(transform))
     fast = decode_bytes(_jpeg(big), DecodePolicy(transform, mode="fast"))
@@ -118,14 +122,7 @@ def test_gpu_decode_falls_back_to_cpu_for_what_nvjpeg_cannot_do(
         path.write_bytes(buffer.getvalue())
     else:
         Image.fromarray(array).save(path, "PNG")
-    transform = {
-        "resize": 73,
-        "crop": 64,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "interpolation": "bilinear",
-        "antialias": True,
-    }
+    transform = TRANSFORM
     encoded = gpu_decodable(str(path), DecodePolicy(transform, mode="gpu"))
     assert (encoded is not None) == on_gpu
     if on_gpu:
