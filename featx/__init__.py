@@ -18,13 +18,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "extract": "featx.pipeline",
     "ExtractResult": "featx.pipeline",
-    "FeatureFile": "featx.reader",
-    "load_backbone": "featx.backbone",
-    "describe_layers": "featx.backbone",
-    "train_head": "featx.head",
-    "load_head": "featx.head",
-    "predict": "featx.predict",
-    "evaluate": "featx.predict",
+    "FeatureFile": "featx.store.reader",
+    "load_backbone": "featx.models",
+    "describe_layers": "featx.models",
+    "list_models": "featx.models",
+    "fetch_weights": "featx.models",
+    "train_head": "featx.heads.train",
+    "load_head": "featx.heads.model",
+    "predict": "featx.heads.apply",
+    "evaluate": "featx.heads.apply",
 }
 from featx.config import ExtractConfig, HeadConfig, PredictConfig  # noqa: E402  (stdlib only)
 from featx.errors import FeatxError  # noqa: E402

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from featx import runtime
-from featx.backbone import load_backbone
 from featx.config import ExtractConfig
+from featx.data.decode import DecodePolicy, load_image
+from featx.data.worklist import ImageList, scan_folder
 from featx.errors import UsageError
-from featx.images import DecodePolicy, ImageList, load_image, scan_folder
-from featx.pipeline import CutModel, extract
+from featx.models import CutModel, load_backbone
+from featx.pipeline import extract
+from featx.runtime import device as devices
 
 
 def bench(
@@ -46,8 +47,8 @@ def bench(
         config.model, "none" if config.weights == "DEFAULT" else config.weights, config.image_size
     )
     layers = backbone.check_layers(config.layers)
-    device = runtime.pick_device(config.device)
-    precision = runtime.pick_precision(config.precision, device)
+    device = devices.pick_device(config.device)
+    precision = devices.pick_precision(config.precision, device)
     policy = DecodePolicy(
         backbone.transform,
         config.background,
@@ -66,7 +67,7 @@ def bench(
     crop = backbone.transform["crop"]
     batch = torch.randint(0, 255, (config.batch_size, 3, crop, crop), dtype=torch.uint8)
     batch = batch.to(device)
-    with torch.inference_mode(), runtime.autocast(precision, device):
+    with torch.inference_mode(), devices.autocast(precision, device):
         model(batch)  # warm-up: allocator, oneDNN/cuDNN algorithm choice
         _sync(device)
         repeats = max(2, min(20, limit // config.batch_size))
@@ -91,7 +92,7 @@ def bench(
     workers = max(1, config.num_workers)
     decode_ceiling = decode_per_worker * workers
     ceilings = {"decode": decode_ceiling, "model": model_rate}
-    bottleneck = min(ceilings, key=ceilings.get)
+    bottleneck = min(ceilings, key=lambda stage: ceilings[stage])
     end_to_end = run.total / max(run.loop_s, 1e-9)  # steady state: model loading excluded
     if end_to_end < 0.7 * min(ceilings.values()):
         bottleneck = "pipeline (reading files, writing, or overlap)"

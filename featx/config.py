@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from featx.errors import UsageError
+
+C = TypeVar("C")
 
 POOLS = ("avg", "max", "flatten", "none", "cls")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -30,30 +34,34 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that decides what `featx extract` computes and how.
+    """Everything that decides what `featx extract` computes (the first group: recorded in the
+    file's fingerprint and checked on resume) and how it runs (the second: free to change
+    between runs of the same output).
 
     Example: ``ExtractConfig(model="resnet18", layers=("layer3",), pool="max")``
     """
 
+    # What is computed.
     model: str = "resnet50"
     weights: str = "DEFAULT"
     layers: tuple[str, ...] = ()  # empty: the node that feeds the classifier
     pool: str = "avg"
     image_size: int | None = None  # crop size override; resize scales with it
+    precision: str = "auto"
+    dtype: str = "float32"
+    decode: str = "cpu"  # cpu | fast (JPEG DCT scaling) | gpu (nvJPEG)
+    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
+    max_image_pixels: int | None = None  # None: Pillow's decompression-bomb limit
+    labels_csv: str | None = None
+    # How it runs.
+    shard_size: int = 1024  # the unit of resume (a resume keeps the size it started with)
     batch_size: int = 32
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
-    precision: str = "auto"
-    dtype: str = "float32"
-    shard_size: int = 1024
-    decode: str = "cpu"  # cpu | fast (JPEG DCT scaling) | gpu (nvJPEG)
     compile: bool = False  # torch.compile with one fixed batch shape
     compression: str = "none"  # none | lzf (never gzip: ~21 MB/s caps a whole run)
     write_behind: bool = True  # write shards on a thread, overlapping compute
-    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
-    max_image_pixels: int | None = None  # None: Pillow's default decompression-bomb limit
-    max_failures: str = "50%"
-    labels_csv: str | None = None
+    max_failures: int | str = "50%"  # a count, a percentage ("5%") or "none"
     shard: tuple[int, int] | None = None  # (K, N): this process does part K of N
     overwrite: bool = False
     progress: bool | None = None  # None: only when stderr is a terminal
@@ -71,6 +79,12 @@ class ExtractConfig:
             raise UsageError("--workers must be 0 or more")
         if self.image_size is not None and self.image_size < 8:
             raise UsageError("--image-size must be at least 8")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise UsageError("--max-image-pixels must be at least 1")
+        if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
+            raise UsageError(
+                f"background {list(self.background)}: expected three values from 0 to 255"
+            )
         parse_max_failures(self.max_failures)
         if self.shard is not None:
             k, n = self.shard
@@ -90,7 +104,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UsageError(f"--{name} {value!r}: expected one of {', '.join(choices)}")
 
 
-def parse_max_failures(spec: str) -> tuple[int | None, float | None]:
+def parse_max_failures(spec: int | str) -> tuple[int | None, float | None]:
     """'10' → (10, None); '5%' → (None, 0.05); 'none' → no limit."""
     text = str(spec).strip()
     if text.lower() in ("none", "inf", ""):
@@ -111,7 +125,7 @@ def parse_max_failures(spec: str) -> tuple[int | None, float | None]:
         ) from None
 
 
-def too_many_failures(spec: str, failed: int, total: int) -> bool:
+def too_many_failures(spec: int | str, failed: int, total: int) -> bool:
     count, fraction = parse_max_failures(spec)
     if count is not None:
         return failed > count
@@ -144,60 +158,116 @@ def load_toml(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UsageError(f"--config {path}: [{section}] must be a table")
     # Sub-tables are other commands' sections; a plain ``head = "mlp"`` is train-head's option.
-    return {
-        key.replace("-", "_"): value for key, value in table.items() if not isinstance(value, dict)
-    }
+    return {key: value for key, value in table.items() if not isinstance(value, dict)}
 
 
-def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+# Flag names that differ from their field's name (the CLI's --layer fills ``layers``).
+ALIASES = {"layer": "layers", "labels": "labels_csv", "compile_model": "compile"}
 
 
-def build(cls: type, values: dict[str, Any], source: str = "options") -> Any:
-    """Make a config dataclass from a dict, refusing unknown keys with their names."""
-    known = config_fields(cls)
-    aliases = ({"layer"} if "layers" in known else set()) | (
-        {"labels"} if "labels_csv" in known else set()
-    )
-    unknown = sorted(set(values) - set(known) - aliases)
-    if unknown:
-        raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)}")
-    converted = dict(values)
-    if "layer" in converted and "layer" not in known:  # the CLI flag's name works too
-        converted["layers"] = converted.pop("layer")
-    if "labels" in converted and "labels_csv" in known:
-        converted["labels_csv"] = converted.pop("labels")
-    for key in ("layers",):
-        if key in converted and isinstance(converted[key], (list, str)):
-            value = converted[key]
-            converted[key] = (value,) if isinstance(value, str) else tuple(value)
-    if "background" in converted and isinstance(converted["background"], list):
-        converted["background"] = tuple(converted["background"])
-    if "shard" in converted and isinstance(converted["shard"], str):
-        converted["shard"] = parse_shard(converted["shard"])
-    _check_types(cls, converted, source)
-    return cls(**converted)
+def settings(
+    cls: type[C],
+    flags: dict[str, Any],
+    config_file: str | os.PathLike[str] | None = None,
+    section: str = "",
+) -> C:
+    """The config dataclass ``cls`` from a TOML file's ``[section]`` and command-line flags.
+
+    Both are matched to fields by name (``batch-size`` and ``batch_size`` alike); flags given
+    (not None) override the file; keys that are not fields of ``cls`` are ignored in ``flags``
+    (the command's other parameters) and refused in the file. Every value is checked against
+    the field's real type hint, then by the dataclass's own validators, so a bad value is one
+    line whether it came from a flag or a file.
+
+    Example: ``settings(ExtractConfig, {"batch_size": 8}, "run.toml", "extract")``
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        source = f"--config {config_file}"
+        for key, value in load_toml(config_file, section).items():
+            name = key.replace("-", "_")
+            name = name if name in names else ALIASES.get(name, name)
+            if name not in names:
+                raise UsageError(f"{source}: unknown option {key!r}")
+            values[name] = _checked(cls, name, value, f"{source}: {key} = {value!r}")
+    for key, value in flags.items():
+        name = key if key in names else ALIASES.get(key, key)
+        if name in names and value is not None:
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            flag = "--" + key.replace("_", "-")
+            values[name] = _checked(cls, name, value, f"{flag} {value!r}")
+    return cls(**values)
 
 
-_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple"}
+def _checked(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` made to fit field ``name``'s type hint, or a UsageError that says what fits."""
+    hint = typing.get_type_hints(cls)[name]
+    converted = _convert(hint, value)
+    if converted is _NO_FIT:
+        raise UsageError(f"{where}: expected {_describe(hint)}")
+    return converted
 
 
-def _check_types(cls: type, values: dict[str, Any], source: str) -> None:
-    """A config file's ``batch-size = "32"`` is named, not left to fail somewhere later."""
-    for field in dataclasses.fields(cls):
-        if field.name not in values or values[field.name] is None:
-            continue
-        value = values[field.name]
-        kind = type(value)
-        wanted = str(field.type)  # annotations are strings here (from __future__ import)
-        fits = _TYPE_NAMES.get(kind, "") in wanted or (kind is int and "float" in wanted)
-        if kind is list:
-            fits = "tuple" in wanted
-        if not fits:
-            raise UsageError(
-                f"{source}: {field.name.replace('_', '-')} = {value!r}: expected "
-                f"{wanted.replace(' | None', '')}"
-            )
+_NO_FIT = object()
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """``value`` as an instance of ``hint`` (int, float, bool, str, unions, tuples), or _NO_FIT.
+
+    The only conversions are the lossless ones a user means: an int where a float is wanted, a
+    list (TOML has no tuples) where a tuple is, a lone string for a tuple of strings, and
+    ``"K/N"`` for a pair of ints (``--shard 3/16``).
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for option in args:
+            converted = _convert(option, value)
+            if converted is not _NO_FIT:
+                return converted
+        return _NO_FIT
+    if hint is type(None):
+        return None if value is None else _NO_FIT
+    if hint is bool:
+        return value if isinstance(value, bool) else _NO_FIT
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_FIT
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _NO_FIT
+    if hint is str:
+        return value if isinstance(value, str) else _NO_FIT
+    if origin is tuple:
+        if isinstance(value, str) and args == (int, int) and "/" in value:
+            return parse_shard(value)
+        if isinstance(value, str) and args == (str, ...):
+            return (value,)
+        if not isinstance(value, (list, tuple)):
+            return _NO_FIT
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            return _NO_FIT
+        items = tuple(_convert(kind, item) for kind, item in zip(kinds, value, strict=True))
+        return _NO_FIT if any(item is _NO_FIT for item in items) else items
+    return _NO_FIT
+
+
+_SINGULAR = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "ints", float: "numbers", bool: "booleans", str: "strings"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_PLURAL[args[0]]}"
+        if args == (int, int):
+            return "K/N or a list of two ints"
+        return f"a list of {len(args)} {_PLURAL[args[0]]}"
+    return _SINGULAR.get(hint, str(hint))
 
 
 # --- train-head / predict / evaluate ----------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 # Documented exit codes (README "Exit codes"); every command uses these and no others.
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -10,6 +12,12 @@ EXIT_TOO_MANY_FAILURES = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 EXIT_BROKEN_PIPE = 141  # stdout closed early (`| head`) after the work completed, as Unix tools
+
+
+class Summary(Protocol):
+    """What a finished command reports (``ExtractResult``): kept on errors raised after it."""
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 class FeatxError(Exception):
@@ -45,7 +53,7 @@ class TooManyFailures(FeatxError):
 
     exit_code = EXIT_TOO_MANY_FAILURES
 
-    def __init__(self, message: str, result: object = None) -> None:
+    def __init__(self, message: str, result: Summary | None = None) -> None:
         super().__init__(message)
         self.result = result  # the run's summary: the file exists, CI may still want the numbers
 

@@ -1,9 +1,10 @@
 """``extract()``: image files → uint8 batches → cut model → pooled vectors → shards → one file.
 
-Read this file top to bottom to know what a run does. Decoding lives in images.py, the loading
-stage (DataLoader, decoder crashes, GPU decode) in loader.py, the model in backbone.py, pooling in
-pooling.py, shards and the output file in store.py, and the plumbing (device, signals, progress,
-writer thread) in runtime.py.
+Read this file top to bottom to know what a run does, in three steps: ``plan`` (everything that
+can fail before an image is read), ``run`` (the loop over this process's shards), ``finish``
+(assemble the file, the summary). The stages live in their own modules: the work list and
+decoding in ``data/``, the model in ``models/``, shards and the file in ``store/``, device,
+torchrun, signals and progress in ``runtime/``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
-from featx import __version__, distributed, runtime, store
-from featx.backbone import Backbone, describe_layers, load_backbone
+from featx import __version__
 from featx.config import ExtractConfig, too_many_failures
+from featx.data.batch import Batch
+from featx.data.decode import DecodePolicy
+from featx.data.gpu_decode import on_device
+from featx.data.loader import ImageDataset, decoded_batches
+from featx.data.worklist import IMAGE_SUFFIXES, ImageList, printable, scan_folder
 from featx.errors import Interrupted, TooManyFailures, UsageError
-from featx.images import (
-    IMAGE_SUFFIXES,
-    DecodePolicy,
-    ImageDataset,
-    ImageList,
-    printable,
-    scan_folder,
-)
-from featx.loader import decoded_batches, on_device
-from featx.pooling import pool, pooled_shape
+from featx.models import Backbone, CutModel, describe_layers, load_backbone
+from featx.models.pooling import pooled_shape
+from featx.runtime import device as devices
+from featx.runtime.background import BackgroundWriter
+from featx.runtime.distributed import Job, job_for
+from featx.runtime.progress import progress_bar, show_progress
+from featx.runtime.signals import StopSignals, signal_name
+from featx.store import schema
+from featx.store.assemble import assemble, count_rows
+from featx.store.durable import check_output, refuse_existing
+from featx.store.shards import ShardRows, ShardSink, WorkDir, open_work_dir
 
 
 @dataclass(frozen=True)
@@ -53,25 +59,31 @@ class ExtractResult:
         return asdict(self)
 
 
-class CutModel(nn.Module):
-    """uint8 images on the device → normalised → cut backbone → ``{layer: pooled vectors}``."""
+@dataclass(frozen=True)
+class Plan:
+    """A run, decided and checked before any image is read."""
 
-    def __init__(self, backbone: Backbone, layers: list[str], how: str) -> None:
-        super().__init__()
-        # channels_last weights and inputs: oneDNN / cuDNN's fast convolution layout.
-        self.extractor = backbone.cut(layers).to(memory_format=torch.channels_last)
-        self.layers = layers
-        self.how = how
-        self.prefix_tokens = backbone.prefix_tokens
-        self.register_buffer("mean", torch.tensor(backbone.transform["mean"]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(backbone.transform["std"]).view(1, 3, 1, 1))
+    config: ExtractConfig
+    images: ImageList
+    target: Path  # the output, or this part's file with --shard K/N
+    job: Job
+    backbone: Backbone
+    layers: list[str]
+    device: torch.device
+    precision: str
+    policy: DecodePolicy
+    fingerprint: dict[str, Any]
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Same arithmetic as the weights' transforms(): to float in [0, 1], then normalise.
-        x = images.to(torch.float32).div(255).sub(self.mean).div(self.std)
-        x = x.contiguous(memory_format=torch.channels_last)
-        out = self.extractor(x)
-        return {layer: pool(out[layer], self.how, self.prefix_tokens) for layer in self.layers}
+
+@dataclass(frozen=True)
+class Ran:
+    """What the loop did in this process."""
+
+    mine: range  # this process's shards
+    done_before: int  # of them, finished by an earlier run
+    computed: int  # files decoded and computed now
+    writer_s: float
+    loop_s: float
 
 
 def extract(
@@ -86,11 +98,26 @@ def extract(
     Example: ``extract("photos/", "feats.h5", ExtractConfig(model="resnet18", layers=("layer3",)))``
     """
     started = time.perf_counter()
-    out = Path(out)
-    store.check_writable(out)
-    job = distributed.job_for(config.shard)
-    target = part_path(out, job.part, job.parts) if job.writes_part else out
-    _refuse_existing(target, config)
+    plan = make_plan(source, Path(out), config)
+    with plan.job.session(plan.device), plan.job.output_lock(plan.target):
+        if plan.job.leader:
+            refuse_existing(plan.target, config.overwrite)  # another run may have finished it
+        work = plan.job.leader_first(
+            lambda overwrite: open_work_dir(
+                plan.target, plan.fingerprint, config.shard_size, len(plan.images), overwrite
+            ),
+            config.overwrite,
+        )
+        ran = run(plan, work)
+        return finish(plan, work, ran, started)
+
+
+def make_plan(source: str | os.PathLike[str] | ImageList, out: Path, config: ExtractConfig) -> Plan:
+    """Everything that can be wrong with the arguments fails here, before any image is read."""
+    check_output(out, overwrite=True)  # folder exists and is writable; an existing file: below
+    job = job_for(config.shard)
+    target = schema.part_path(out, job.part, job.parts) if job.writes_part else out
+    refuse_existing(target, config.overwrite)
     images = source if isinstance(source, ImageList) else scan_folder(source)
     if config.labels_csv:
         images = images.relabelled(config.labels_csv)
@@ -99,19 +126,19 @@ def extract(
             f"source {images.root}: no image files found "
             f"(looked for {', '.join(s[1:] for s in IMAGE_SUFFIXES)})"
         )
-
-    # Everything that can be wrong with the arguments fails here, before any image is read.
     backbone = load_backbone(config.model, config.weights, config.image_size)
     layers = backbone.check_layers(config.layers)
-    shapes = {info.name: info for info in describe_layers(backbone, config.pool, layers)}
-    _check_pool(config.pool, layers, shapes)
-    device = job.device(runtime.pick_device(config.device))
-    precision = runtime.pick_precision(config.precision, device)
+    shapes = {info.name: info.shape for info in describe_layers(backbone, config.pool, layers)}
+    for layer in layers:
+        if layer not in shapes:
+            raise UsageError(f"layer {layer!r} does not output a batched tensor; pick another")
+    device = job.device(devices.pick_device(config.device))
+    if config.decode == "gpu" and device.type != "cuda":
+        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
+    precision = devices.pick_precision(config.precision, device)
     policy = DecodePolicy(
         backbone.transform, config.background, config.max_image_pixels, config.decode
     )
-    if config.decode == "gpu" and device.type != "cuda":
-        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
     fingerprint = {
         "model": config.model,
         "weights": backbone.weights,
@@ -122,214 +149,146 @@ def extract(
         "precision": precision,
         "decode": policy.describe(),
         "files": len(images),
-        "files_sha256": store.list_digest(images.paths, images.labels),
-        "shapes": {layer: list(pooled_shape(shapes[layer].shape, config.pool)) for layer in layers},
+        "files_sha256": images.digest(),
+        "shapes": {layer: list(pooled_shape(shapes[layer], config.pool)) for layer in layers},
     }
-
-    lock = store.output_lock(target) if job.leader else contextlib.nullcontext()
-    with job.session(device), lock:
-        if job.leader:
-            _refuse_existing(target, config)  # again: another run may have finished meanwhile
-        work = job.leader_first(
-            lambda overwrite: store.open_work_dir(
-                target, fingerprint, config.shard_size, len(images), overwrite
-            ),
-            config.overwrite,
-        )
-        mine = store.part_shards(work.shard_count, job.part, job.parts)
-        todo = [shard for shard in mine if not work.is_done(shard)]
-        model = CutModel(backbone, layers, config.pool).to(device).eval()
-        if config.compile:
-            model = torch.compile(model, dynamic=False)
-        size = sum(len(range(*work.shard_range(s))) for s in mine)
-        todo_size = sum(len(range(*work.shard_range(s))) for s in todo)
-        loop_started = time.perf_counter()
-        writer_s = _run_shards(
-            images,
-            work,
-            todo,
-            model,
-            config,
-            device,
-            precision,
-            policy,
-            initial=size - todo_size,
-            total=size,
-        )
-        loop_s = time.perf_counter() - loop_started
-        if not job.leader:  # counted now: rank 0 removes the shard folder once it assembled
-            counts = store.count_rows(work, mine)
-        job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
-
-        # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
-        shards = mine if job.writes_part else range(work.shard_count)
-        # An empty part (more parts than shards) still sits at its place in the work list.
-        start = min(shards.start * work.shard_size, work.total)
-        rows = (start, work.shard_range(shards[-1])[1]) if shards else (start, start)
-        if job.leader:
-            attrs = _file_attributes(images, backbone, config, fingerprint)
-            if job.writes_part:
-                attrs["part"] = f"{job.part}/{job.parts}"
-            try:
-                written = store.assemble(
-                    work, shards, images.paths, images.labels, attrs, target, rows
-                )
-            except OSError as error:
-                raise store.write_error(error, work) from None
-            work.remove()
-            counts = (written.rows, written.failed)
-
-    elapsed = time.perf_counter() - started
-    total = rows[1] - rows[0] if job.leader else size
-    summary = ExtractResult(
-        str(target),
-        counts[0],
-        counts[1],
-        total,
-        len(mine) - len(todo),
-        round(elapsed, 3),
-        round(todo_size / elapsed, 2),
-        round(writer_s, 3),
-        round(loop_s, 3),
-        job.leader,
+    return Plan(
+        config, images, target, job, backbone, layers, device, precision, policy, fingerprint
     )
-    if job.leader and too_many_failures(config.max_failures, counts[1], total):
-        raise TooManyFailures(
-            f"{counts[1]} of {total} images failed (more than --max-failures "
-            f"{config.max_failures}); the output {target} was written: see its failed/ group",
-            result=summary,
-        )
-    return summary
 
 
-def _run_shards(
-    images: ImageList,
-    work: store.WorkDir,
-    todo: list[int],
-    model: nn.Module,
-    config: ExtractConfig,
-    device: torch.device,
-    precision: str,
-    policy: DecodePolicy,
-    initial: int,
-    total: int,
-) -> float:
-    """The loop: loader → device → model → writer thread, one finished shard at a time."""
+def run(plan: Plan, work: WorkDir) -> Ran:
+    """The loop over this process's unfinished shards: loader → device → model → writer thread,
+    one published shard at a time."""
+    config = plan.config
+    mine = plan.job.my_shards(work.shard_count)
+    todo = [shard for shard in mine if not work.is_done(shard)]
+    model: torch.nn.Module = CutModel(plan.backbone, plan.layers, config.pool)
+    model = model.to(plan.device).eval()
+    if config.compile:
+        model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
+    pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
     batches = [
         list(range(start, min(start + config.batch_size, stop)))
         for shard in todo
-        for start, stop in [work.shard_range(shard)]
-        for start in range(start, stop, config.batch_size)
+        for first, stop in [work.shard_range(shard)]
+        for start in range(first, stop, config.batch_size)
     ]
-    shard_writer = store.ShardSink(work, config.dtype, config.compression)
-    writer = runtime.BackgroundWriter(shard_writer.handle, depth=4 if config.write_behind else 0)
-    pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
-    failed = 0
-    progress = runtime.progress_bar(
-        total, initial, runtime.show_progress(config.progress), desc=Path(work.out).name
+    sink = ShardSink(work, config.dtype, config.compression)
+    writer = BackgroundWriter(sink.write, depth=4 if config.write_behind else 0)
+    total, todo_files = work.files_in(mine), work.files_in(todo)
+    progress = progress_bar(
+        total, total - todo_files, show_progress(config.progress), desc=plan.target.name
     )
+    loaded = decoded_batches(
+        ImageDataset(plan.images, plan.policy),
+        batches,
+        config.num_workers,
+        pin_memory=plan.device.type == "cuda",
+    )
+    started = time.perf_counter()
     try:
-        with (
-            runtime.StopSignals() as signals,
-            torch.inference_mode(),
-            contextlib.closing(
-                decoded_batches(ImageDataset(images, policy), batches, config, device)
-            ) as loaded,
-        ):
+        with StopSignals() as signals, torch.inference_mode(), contextlib.closing(loaded):
             for batch in loaded:
-                features = _compute(batch, model, device, precision, policy, pad_to)
-                writer.put((batch, features))
-                failed += len(batch["failures"])
-                progress.update(len(batch["indices"]) + len(batch["failures"]))
-                progress.set_postfix(failed=failed, refresh=False)
+                writer.put(compute(batch, model, plan, pad_to))
+                progress.update(batch.files)
                 if signals.received is not None:
                     raise Interrupted(
-                        f"interrupted by {_signal_name(signals.received)}: finished shards are "
+                        f"interrupted by {signal_name(signals.received)}: finished shards are "
                         f"kept in {work.path}; run the same command again to resume",
                         signals.received,
                     )
             writer.close()
     except BaseException:
-        writer_error = _close_quietly(writer)
-        shard_writer.discard()
+        writer_error = writer.close_quietly()
+        sink.discard()
         if writer_error is not None:
             raise writer_error from None
         raise
     finally:
         progress.close()
-    return shard_writer.busy_s
+    return Ran(mine, len(mine) - len(todo), todo_files, sink.busy_s, time.perf_counter() - started)
 
 
-def _compute(
-    batch: dict[str, Any],
-    model: nn.Module,
-    device: torch.device,
-    precision: str,
-    policy: DecodePolicy,
-    pad_to: int | None,
-) -> dict[str, Any]:
+def compute(batch: Batch, model: torch.nn.Module, plan: Plan, pad_to: int | None) -> ShardRows:
     """One batch through the cut model; rows come back in the batch's index order."""
-    images = on_device(batch, policy, device)  # --decode gpu merges nvJPEG output here
-    if images is None:
-        return {}
-    x = images.to(device, non_blocking=True)
+    batch = on_device(batch, plan.policy, plan.device)  # --decode gpu: nvJPEG decodes here
+    if batch.images is None:
+        return ShardRows(batch.indices, {}, batch.failures)
+    x = batch.images.to(plan.device, non_blocking=True)
     count = len(x)
     if pad_to and count < pad_to:
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
-    with runtime.autocast(precision, device):
+    with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
-    return {k: v[:count].float().cpu().numpy() for k, v in outputs.items()}
+    features: dict[str, np.ndarray] = {
+        layer: value[:count].float().cpu().numpy() for layer, value in outputs.items()
+    }
+    return ShardRows(batch.indices, features, batch.failures)
 
 
-def _close_quietly(writer: runtime.BackgroundWriter) -> BaseException | None:
-    try:
-        writer.close()
-    except BaseException as error:  # reported instead of the error it caused downstream
-        return error
-    return None
+def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult:
+    """Assemble the file (the leader, once every rank's shards exist) and sum the run up."""
+    job, config = plan.job, plan.config
+    # Counted before the barrier: rank 0 removes the shard folder once it has assembled.
+    counts = (0, 0) if job.leader else count_rows(work, ran.mine)
+    job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
+    # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
+    shards = ran.mine if job.writes_part else range(work.shard_count)
+    # An empty part (more parts than shards) still sits at its place in the work list.
+    first = min(shards.start * work.shard_size, work.total)
+    rows = (first, work.shard_range(shards[-1])[1]) if shards else (first, first)
+    if job.leader:
+        attrs = file_attributes(plan)
+        if job.writes_part:
+            attrs["part"] = f"{job.part}/{job.parts}"
+        printable_paths = [printable(path) for path in plan.images.paths]
+        try:
+            written = assemble(
+                work, shards, printable_paths, plan.images.labels, attrs, plan.target, rows
+            )
+        except OSError as error:
+            raise work.write_error(error) from None
+        work.remove()
+        counts = (written.rows, written.failed)
+    elapsed = time.perf_counter() - started
+    total = rows[1] - rows[0] if job.leader else work.files_in(ran.mine)
+    summary = ExtractResult(
+        output=str(plan.target),
+        images=counts[0],
+        failed=counts[1],
+        total=total,
+        shards_done_before=ran.done_before,
+        elapsed_s=round(elapsed, 3),
+        images_per_second=round(ran.computed / elapsed, 2),
+        writer_s=round(ran.writer_s, 3),
+        loop_s=round(ran.loop_s, 3),
+        complete=job.leader,
+    )
+    if job.leader and too_many_failures(config.max_failures, counts[1], total):
+        raise TooManyFailures(
+            f"{counts[1]} of {total} images failed (more than --max-failures "
+            f"{config.max_failures}); the output {plan.target} was written: see its failed/ group",
+            result=summary,
+        )
+    return summary
 
 
-def _refuse_existing(target: Path, config: ExtractConfig) -> None:
-    if target.exists() and not config.overwrite:
-        raise UsageError(f"output {target} exists; pass --overwrite to replace it")
-
-
-def _signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
-
-
-def _check_pool(how: str, layers: list[str], shapes: dict[str, Any]) -> None:
-    for layer in layers:
-        if layer not in shapes:
-            raise UsageError(f"layer {layer!r} does not output a batched tensor; pick another")
-        pooled_shape(shapes[layer].shape, how)
-
-
-def part_path(out: Path, part: int, parts: int) -> Path:
-    """Where ``--shard K/N`` writes its part: ``feats.h5`` → ``feats.part-03-of-16.h5``."""
-    width = len(str(parts - 1))
-    return out.with_name(f"{out.stem}.part-{part:0{width}d}-of-{parts}{out.suffix}")
-
-
-def _file_attributes(
-    images: ImageList, backbone: Backbone, config: ExtractConfig, fingerprint: dict[str, Any]
-) -> dict[str, Any]:
+def file_attributes(plan: Plan) -> dict[str, Any]:
     """The root attributes: the run's fingerprint plus labels, source and versions."""
     import torchvision
 
     attrs: dict[str, Any] = {
-        "featx_schema": store.SCHEMA_VERSION,
-        "class_names": images.class_names,
-        **fingerprint,
-        "compression": config.compression,
-        "source": printable(os.path.abspath(images.root)),
+        "featx_schema": schema.SCHEMA_VERSION,
+        "class_names": plan.images.class_names,
+        **plan.fingerprint,
+        "compression": plan.config.compression,
+        "source": printable(os.path.abspath(plan.images.root)),
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
     }
-    if backbone.source == "timm":
+    if plan.backbone.weights["source"] != "torchvision":
         import timm
 
         attrs["timm_version"] = timm.__version__

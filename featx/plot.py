@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from featx.errors import UsageError
-from featx.reader import FeatureFile
-from featx.store import check_writable
+from featx.store.durable import check_writable
+from featx.store.reader import FeatureFile
 
 
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -62,8 +62,8 @@ def run_method(method: str, source: Path, args: argparse.Namespace) -> dict:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     from featx import ExtractConfig, extract
-    from featx.backbone import load_backbone
     from featx.config import default_workers
+    from featx.models import load_backbone
 
     files = sorted(source.glob("*.jpg"))[: args.images]
     backbone = load_backbone(args.model, "none", args.image_size)

@@ -52,8 +52,8 @@ def main() -> None:
 
     from featx import ExtractConfig, FeatureFile, extract
     from featx.config import HeadConfig
-    from featx.head import train_head
-    from featx.rows import stratified_split
+    from featx.heads.rows import stratified_split
+    from featx.heads.train import train_head
 
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)

@@ -70,7 +70,7 @@ def main() -> None:
 
     from featx import ExtractConfig, extract
     from featx.config import HeadConfig
-    from featx.head import train_head
+    from featx.heads.train import train_head
 
     rows = []
     with tempfile.TemporaryDirectory() as temporary:

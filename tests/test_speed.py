@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from featx import ExtractConfig, FeatureFile, extract
-from featx.images import DecodePolicy, decode_bytes, gpu_decodable, load_image
+from featx.data.decode import DecodePolicy, decode_bytes, load_image
+from featx.data.gpu_decode import gpu_decodable
 
 PLAIN = ExtractConfig(
     model="resnet18",

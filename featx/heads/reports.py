@@ -1,4 +1,5 @@
-"""Classification metrics in plain numpy (the same definitions as scikit-learn's), and their table.
+"""What a head scores: classification metrics in plain numpy (scikit-learn's definitions), their
+table, and the report files (metrics JSON + confusion PNG) beside a head or an evaluation.
 
 Example::
 
@@ -8,9 +9,14 @@ Example::
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from featx.store.durable import atomic_output
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
@@ -80,3 +86,27 @@ def metrics_table(metrics: dict[str, Any], max_classes: int = 20) -> str:
         f"  macro F1 {metrics['macro_f1']:.3f}  on {metrics['rows']} rows"
     )
     return "\n".join(lines)
+
+
+def report_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Where the metrics JSON and the confusion PNG of ``out`` go: ``cats.head`` →
+    ``cats.metrics.json`` and ``cats.confusion.png``; ``x.metrics.json`` → itself and
+    ``x.confusion.png``."""
+    out = Path(out)
+    if out.name.endswith(".metrics.json"):
+        base = out.with_name(out.name[: -len(".metrics.json")])
+    else:
+        base = out.with_suffix("") if out.suffix else out
+    return Path(f"{base}.metrics.json"), Path(f"{base}.confusion.png")
+
+
+def write_reports(
+    metrics: dict[str, Any], metrics_path: Path, picture_path: Path, title: str, overwrite: bool
+) -> None:
+    """The metrics JSON (temporary name, then rename) and the confusion-matrix PNG."""
+    from featx.heads.confusion_png import confusion_png
+
+    with atomic_output(metrics_path, overwrite) as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2) + "\n")
+    with atomic_output(picture_path, overwrite=True) as temporary:
+        confusion_png(metrics["confusion_matrix"], metrics["class_names"], temporary, title)

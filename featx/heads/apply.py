@@ -1,10 +1,10 @@
 """Apply a head to a features file, or to an image folder through the extraction it records.
 
 On an image folder, the backbone, weights, layer, pool and transform come from the head
-(``weights_spec`` turns the recorded weights back into a ``--weights`` value), the features go
-to a temporary file beside the output, and the rest is the same as on a features file. Either
-way :meth:`featx.head.Head.check` refuses features of another extraction, and rows are read in
-blocks within the memory budget.
+(``models.weights_spec`` turns the recorded provenance back into a ``--weights`` value), the
+features go to a temporary file beside the output, and the rest is the same as on a features
+file. Either way :meth:`featx.heads.model.Head.check` refuses features of another extraction,
+and rows are read in blocks within the memory budget.
 """
 
 from __future__ import annotations
@@ -22,56 +22,12 @@ import numpy as np
 
 from featx.config import ExtractConfig, PredictConfig, parse_bytes
 from featx.errors import HeadMismatch, UsageError
-from featx.head import (
-    Head,
-    extraction_differences,
-    label_map,
-    load_head,
-    report_paths,
-    require_labels,
-    write_reports,
-)
-from featx.metrics import classification_metrics
-from featx.reader import FeatureFile
-from featx.rows import FeatureRows
-from featx.store import check_writable, publish, temporary_name
-
-
-def weights_spec(recorded: str) -> str:
-    """The ``--weights`` value that loads the weights a features file records.
-
-    ``ResNet18_Weights.IMAGENET1K_V1`` → ``IMAGENET1K_V1``; ``none (seed 0)`` → ``none``;
-    ``file:PATH sha256:HEX`` → ``PATH`` (HeadMismatch when the file is gone or changed);
-    ``timm:ARCH.TAG`` → ``TAG``; the offline EfficientNet-Lite0 package's weights → ``DEFAULT``.
-    Example: ``weights_spec("ResNet50_Weights.IMAGENET1K_V2")``
-    """
-    from featx.lite0 import PACKAGE
-    from featx.weights import file_digest
-
-    text = str(recorded)
-    if text.startswith("none"):
-        return "none"
-    if text.startswith("file:"):
-        path, _, digest = text[len("file:") :].rpartition(" sha256:")
-        if not Path(path).is_file():
-            raise HeadMismatch(
-                f"the head's features came from weights file {path}, which is not there "
-                f"(from {os.getcwd()}); run where it is, or extract the images yourself and "
-                f"predict on the features file"
-            )
-        actual = file_digest(path)
-        if actual != digest:
-            raise HeadMismatch(
-                f"weights file {path} changed since the head's features were extracted "
-                f"(sha256 {digest[:12]}… then, {actual[:12]}… now)"
-            )
-        return path
-    if text.startswith("timm:"):
-        tag = text[len("timm:") :].partition(".")[2]
-        return tag if tag not in ("", "None") else "DEFAULT"
-    if text.startswith(f"{PACKAGE}:"):
-        return "DEFAULT"
-    return text.rsplit(".", 1)[-1]  # an enum member: torchvision accepts its name
+from featx.heads.model import Head, label_map, load_head, require_labels
+from featx.heads.reports import classification_metrics, report_paths, write_reports
+from featx.heads.rows import FeatureRows
+from featx.store import schema
+from featx.store.durable import atomic_output, check_writable
+from featx.store.reader import FeatureFile
 
 
 def extraction_config(head: Head, config: PredictConfig = PredictConfig()) -> ExtractConfig:
@@ -81,6 +37,8 @@ def extraction_config(head: Head, config: PredictConfig = PredictConfig()) -> Ex
     it reproduces the default transform, and ``Head.check`` compares the result anyway.
     Example: ``extract("new/", "f.h5", extraction_config(load_head("cats.head")))``
     """
+    from featx.models import weights_spec
+
     recorded = head.extraction
     transform = recorded.get("transform") or {}
     return ExtractConfig(
@@ -116,7 +74,7 @@ def features_of(
         out = Path(temporary) / "features.h5"
         extract(path, out, settings)
         with FeatureFile(out) as data:
-            changes = extraction_differences(head.extraction, data.extraction(head.layer))
+            changes = schema.differences(head.extraction, data.extraction(head.layer))
         if changes:  # e.g. another torchvision version preprocesses differently
             raise HeadMismatch(
                 f"{source}: extracting with the settings head {head.path} records did not "
@@ -139,7 +97,7 @@ def probabilities(
 
 
 def _device(spec: str) -> Any:
-    from featx.runtime import pick_device
+    from featx.runtime.device import pick_device
 
     return pick_device(spec)
 
@@ -153,8 +111,7 @@ def _failures(data: FeatureFile, source: str | os.PathLike[str]) -> list[dict[st
 
 def _paths(data: FeatureFile, positions: np.ndarray) -> list[str]:
     # Unshuffled blocks are contiguous runs of rows, so one slice reads their paths.
-    raw = data.file["paths"][int(positions[0]) : int(positions[-1]) + 1]
-    return [p.decode() if isinstance(p, bytes) else p for p in raw]
+    return data.paths_between(int(positions[0]), int(positions[-1]) + 1)
 
 
 # --- predict --------------------------------------------------------------------------------
@@ -194,14 +151,10 @@ def predict(
     """
     head = head if isinstance(head, Head) else load_head(head)
     out = Path(out)
-    check_writable(out)
-    if out.exists() and not config.overwrite:
-        raise UsageError(f"output {out} exists; pass --overwrite to replace it")
     names = head.class_names
     top_k = min(config.top_k, len(names))
     counts = np.zeros(len(names), dtype=np.int64)
-    temporary = temporary_name(out)
-    try:
+    with atomic_output(out, config.overwrite) as temporary:
         with (
             features_of(source, head, config, out.parent) as path,
             FeatureFile(path) as data,
@@ -219,9 +172,6 @@ def predict(
                         row += [names[index], f"{p[index]:.6g}"]
                     writer.writerow(row)
             rows = len(data)
-        publish(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     return PredictResult(
         str(out), rows, {n: int(c) for n, c in zip(names, counts, strict=True)}, failed
     )
@@ -277,5 +227,6 @@ def evaluate(
         "failed": failed,
         **classification_metrics(truth, predicted, head.class_names),
     }
-    write_reports(metrics, metrics_path, picture_path, f"{Path(str(head.path)).name} on {source}")
+    title = f"{Path(str(head.path)).name} on {source}"
+    write_reports(metrics, metrics_path, picture_path, title, overwrite=True)
     return EvaluateResult(str(metrics_path), str(picture_path), metrics)

@@ -1,12 +1,13 @@
-"""Find image files, label them from folders, and decode one image robustly.
+"""Decode one image file robustly to an upright RGB uint8 tensor, or raise.
 
-Decoding returns a uint8 ``[3, crop, crop]`` tensor or raises; :class:`ImageDataset` turns every
-exception into a recorded failure so that a bad file never stops a run.
+libjpeg-turbo (torchvision) decodes JPEGs, Pillow the other formats; alpha, EXIF orientation,
+animation, high bit depths and huge images are handled by one recorded policy
+(:class:`DecodePolicy`), so features can be reproduced. The loading stage (loader.py) turns every
+exception raised here into a recorded failure.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import io
 import math
@@ -20,9 +21,6 @@ from typing import Any
 
 import torch
 
-from featx.errors import UsageError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Pillow may only use the decoders for the formats featx claims.
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 ALPHA_POLICY = "composite onto background {background}; hidden colours under alpha=0 are dropped"
@@ -32,144 +30,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # decode and its float resize within about 0.5 GB. Smaller images, every camera up to 32 MP,
 # decode exactly as torchvision does, so their features match the weights' own transforms.
 REDUCE_ABOVE_PIXELS = 1 << 25
-
-
-@dataclass(frozen=True)
-class ImageList:
-    """The work list: files (relative to ``root``) in sorted order, with labels."""
-
-    root: str
-    paths: list[str]  # relative, as os.fsdecode gives them (surrogate escapes kept for reading)
-    labels: list[int]  # -1 when unlabelled
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def absolute(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index])
-
-    def relabelled(self, labels_csv: str) -> ImageList:
-        """The same files with labels from a ``path,label`` CSV (paths relative to root)."""
-        class_names, labels = labels_from_csv(labels_csv, self.paths, self.root)
-        return ImageList(self.root, self.paths, labels, class_names)
-
-
-def printable(path: str) -> str:
-    """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def scan_folder(source: str | os.PathLike[str]) -> ImageList:
-    """Every image under ``source``, recursively, sorted by relative path.
-
-    Class folders (a top level holding only subfolders) become labels in sorted folder order,
-    as torchvision's ImageFolder does. Symlinks are followed once: a loop is not re-entered and a
-    file reached twice is listed once.
-
-    Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
-    """
-    root = os.fspath(source)
-    if not os.path.exists(root):
-        raise UsageError(f"source {root}: no such file or directory")
-    if not os.path.isdir(root):
-        raise UsageError(f"source {root}: not a directory (use --files-from for a list)")
-    try:
-        top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
-    except PermissionError:
-        raise UsageError(f"source {root}: permission denied") from None
-    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
-    labelled = bool(top_dirs) and len(top_dirs) == len(top)
-    class_names = top_dirs if labelled else []
-    class_index = {name: i for i, name in enumerate(class_names)}
-
-    paths: list[str] = []  # broken links: listed, so that failed/ reports them
-    found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
-    seen_dirs: set[tuple[int, int]] = set()
-    for directory, dirnames, filenames in os.walk(root, followlinks=True):
-        info = os.stat(directory)
-        if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
-            dirnames[:] = []
-            continue
-        seen_dirs.add((info.st_dev, info.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or not is_image_name(name):
-                continue
-            full = os.path.join(directory, name)
-            relative = os.path.relpath(full, root)
-            if not os.path.exists(full):  # a dangling link, or a loop of links
-                paths.append(relative)
-                continue
-            # A file reached twice is listed once: by its own name rather than a link's, else
-            # by the first path the sorted walk reaches.
-            real, link = os.path.realpath(full), os.path.islink(full)
-            if real not in found or (found[real][0] and not link):
-                found[real] = (link, relative)
-    paths.extend(relative for _, relative in found.values())
-    paths.sort(key=os.fsencode)
-    labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
-    return ImageList(root, paths, labels, class_names)
-
-
-def _top_folder(relative: str) -> str:
-    return relative.split(os.sep, 1)[0]
-
-
-def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -> ImageList:
-    """An explicit file list (stdin, --files-from), kept in the given order, deduplicated.
-
-    Relative paths resolve against ``root``; labels come from an optional ``path,label`` CSV.
-    """
-    paths: list[str] = []
-    seen: set[str] = set()
-    for line in lines:
-        entry = line.strip("\r\n")
-        if not entry:
-            continue
-        relative = os.path.relpath(entry, root) if os.path.isabs(entry) else os.path.normpath(entry)
-        if relative not in seen:
-            seen.add(relative)
-            paths.append(relative)
-    if not paths:
-        raise UsageError("the file list is empty")
-    class_names: list[str] = []
-    labels = [-1] * len(paths)
-    if labels_csv:
-        class_names, labels = labels_from_csv(labels_csv, paths, root)
-    return ImageList(root, paths, labels, class_names)
-
-
-def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
-    """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional; CSV paths are
-    relative to the source folder or ``--root``). Class names are the labels of listed files."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-            rows = [row for row in csv.reader(handle) if row]
-    except OSError as error:
-        raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise UsageError(f"--labels {csv_path}: not a UTF-8 CSV file ({error})") from None
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    by_path: dict[str, str] = {}
-    for number, row in enumerate(rows, start=1):
-        if len(row) < 2:
-            raise UsageError(f"--labels {csv_path}: line {number} is not 'path,label'")
-        key = os.path.normpath(os.path.relpath(row[0], root) if os.path.isabs(row[0]) else row[0])
-        by_path[key] = row[1].strip()
-    class_names = sorted({by_path[p] for p in paths if p in by_path})
-    if not class_names:
-        raise UsageError(
-            f"--labels {csv_path}: no row names a listed file (paths are relative to {root})"
-        )
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = [index[by_path[p]] if p in by_path else -1 for p in paths]
-    return class_names, labels
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -236,7 +96,7 @@ def read_file(path: str) -> bytes:
 
 def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
     """Bytes → full-size RGB uint8 ``[3, H, W]``: libjpeg-turbo for JPEGs, Pillow for the rest."""
-    header = _open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
+    header = open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
     if policy.mode == "fast" and header.format == "JPEG" and header.mode in ("RGB", "L"):
         # DCT scaling decodes 1/2, 1/4 or 1/8 of each side directly: 1.5-2.5x faster on big
         # photos. Pillow keeps the scaled size >= the request, so the resize still downsamples.
@@ -257,7 +117,7 @@ def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
     return _pillow_rgb(header, policy)
 
 
-def _open_checked(data: bytes, policy: DecodePolicy) -> Any:
+def open_checked(data: bytes, policy: DecodePolicy) -> Any:
     """Pillow's lazy open (the header only), limited to the formats featx claims and to the
     decompression-bomb limit; a PNG's chunk checksums are verified first."""
     from PIL import Image, UnidentifiedImageError
@@ -398,86 +258,3 @@ class DecoderCrashed(Exception):
 
     Recorded in ``failed/`` like any other decode error; the run goes on.
     """
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Index → ``(index, uint8 image or None, error text)``; never raises for a bad file."""
-
-    def __init__(self, images: ImageList, policy: DecodePolicy) -> None:
-        self.images = images
-        self.policy = policy
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
-        bytes as uint8 ``[n]`` for the device to decode."""
-        path = self.images.absolute(index)
-        try:
-            if self.policy.mode == "gpu":
-                encoded = gpu_decodable(path, self.policy)
-                if encoded is not None:
-                    return index, encoded, ""
-            return index, load_image(path, self.policy), ""
-        except Exception as error:  # every decoder failure is data about that file, not a crash
-            return index, None, describe_error(error)
-
-
-def gpu_decodable(path: str, policy: DecodePolicy) -> torch.Tensor | None:
-    """The file's bytes when nvJPEG can decode it (baseline RGB/gray JPEG), else None.
-
-    Progressive and CMYK JPEGs and every other format fall back to the CPU decoder per image.
-    """
-    data = read_file(path)
-    header = _open_checked(data, policy)
-    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
-        return None
-    if header.info.get("progressive") or header.info.get("progression"):
-        return None
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    """Stack the decoded images; keep encoded JPEGs (``--decode gpu``) and failures aside."""
-    good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
-    encoded = [(index, data) for index, data, _ in items if data is not None and data.ndim == 1]
-    failures = [(index, error) for index, image, error in items if image is None]
-    images = torch.stack([image for _, image in good]) if good else None
-    return {
-        "indices": [index for index, _ in good],
-        "images": images,
-        "failures": failures,
-        "encoded": encoded,
-    }
-
-
-def decode_on_device(
-    encoded: list[tuple[int, torch.Tensor]], policy: DecodePolicy, device: Any
-) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
-    """Batched nvJPEG decode + resize/crop on the device; a file nvJPEG rejects is retried on
-    the CPU, and one that fails there too is reported, not fatal."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    indices, images, failures = [], [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            decoded = decode_jpeg(
-                [data for _, data in encoded],
-                mode=ImageReadMode.RGB,
-                device=device,
-                apply_exif_orientation=True,
-            )
-        except RuntimeError:  # one bad file fails the batched call: go one by one
-            decoded = [None] * len(encoded)
-    for (index, data), image in zip(encoded, decoded, strict=True):
-        try:
-            if image is None:
-                image = decode_bytes(bytes(data.numpy()), policy).to(device)
-            images.append(resize_crop(image, policy.transform))
-            indices.append(index)
-        except Exception as error:  # reported per file, as the CPU path does
-            failures.append((index, describe_error(error)))
-    stacked = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
-    return indices, stacked, failures

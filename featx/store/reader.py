@@ -5,8 +5,6 @@ Plain h5py reads the file too (README: "The output file"); this is the convenien
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,20 +13,12 @@ import h5py
 import numpy as np
 
 from featx.errors import UsageError
+from featx.store import schema
+from featx.store.assemble import text
 
 
 def read_attrs(f: h5py.File) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in f.attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(value)
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
+    return {key: schema.decode_attr(value) for key, value in f.attrs.items()}
 
 
 # --- the reader -----------------------------------------------------------------------------
@@ -52,7 +42,7 @@ class FeatureFile:
             raise UsageError(f"{self.path}: no such file") from None
         except OSError as error:
             raise UsageError(f"{self.path}: not a readable HDF5 file ({error})") from None
-        if "features" not in self.file or "paths" not in self.file:
+        if schema.FEATURES not in self.file or schema.PATHS not in self.file:
             self.file.close()
             raise UsageError(f"{self.path}: not a featx features file (no features/ or paths)")
         self.attrs = read_attrs(self.file)
@@ -68,7 +58,7 @@ class FeatureFile:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.attrs.get("layers") or self.file["features"].keys())
+        return list(self.attrs.get("layers") or self.file[schema.FEATURES].keys())
 
     def layer(self, name: str | None = None) -> str:
         """The one layer asked for, or the only one; an error lists them when ambiguous."""
@@ -84,18 +74,22 @@ class FeatureFile:
         return name
 
     def features(self, layer: str | None = None) -> h5py.Dataset:
-        return self.file["features"][self.layer(layer)]
+        return self.file[schema.FEATURES][self.layer(layer)]
 
     def __len__(self) -> int:
-        return int(self.file["paths"].shape[0])
+        return int(self.file[schema.PATHS].shape[0])
 
     @property
     def paths(self) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self.file["paths"][:]]
+        return [text(p) for p in self.file[schema.PATHS][:]]
+
+    def paths_between(self, start: int, stop: int) -> list[str]:
+        """The paths of rows ``start`` to ``stop`` (one read, not the whole list)."""
+        return [text(p) for p in self.file[schema.PATHS][start:stop]]
 
     @property
     def labels(self) -> np.ndarray:
-        return self.file["labels"][:]
+        return self.file[schema.LABELS][:]
 
     @property
     def class_names(self) -> list[str]:
@@ -105,22 +99,19 @@ class FeatureFile:
     def failed(self) -> list[tuple[str, str]]:
         if "failed" not in self.file:
             return []
-        paths = [p.decode() if isinstance(p, bytes) else p for p in self.file["failed/paths"][:]]
-        errors = [e.decode() if isinstance(e, bytes) else e for e in self.file["failed/errors"][:]]
+        paths = [text(p) for p in self.file[schema.FAILED_PATHS][:]]
+        errors = [text(e) for e in self.file[schema.FAILED_ERRORS][:]]
         return list(zip(paths, errors, strict=True))
 
     def extraction(self, layer: str) -> dict[str, Any]:
-        """What made ``layer``'s features: a head trained on them must see the same again."""
+        """What made ``layer``'s features (``schema.EXTRACTION_KEYS``): a head trained on them
+        must see the same again."""
         return {
-            "model": self.attrs.get("model"),
-            "weights": self.attrs.get("weights"),
-            "layer": layer,
-            "pool": self.attrs.get("pool"),
-            "transform": self.attrs.get("transform"),
+            key: layer if key == "layer" else self.attrs.get(key) for key in schema.EXTRACTION_KEYS
         }
 
     def summary(self) -> dict[str, Any]:
-        layers = {name: list(self.file["features"][name].shape[1:]) for name in self.layers}
+        layers = {name: list(self.file[schema.FEATURES][name].shape[1:]) for name in self.layers}
         labels = self.labels
         counts = {}
         for i, name in enumerate(self.class_names):

@@ -16,15 +16,20 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from featx.errors import UsageError
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Job:
+    """This process's share of the work and its role in it."""
+
     part: int
     parts: int
     torchrun: bool = False
@@ -39,6 +44,18 @@ class Job:
     def leader(self) -> bool:
         """Takes the output lock, creates the shard folder, assembles."""
         return self.writes_part or self.part == 0
+
+    def my_shards(self, shard_count: int) -> range:
+        """Part ``part`` of ``parts`` takes a contiguous block of shards, so parts concatenate."""
+        return range(
+            shard_count * self.part // self.parts, shard_count * (self.part + 1) // self.parts
+        )
+
+    def output_lock(self, target: Path) -> contextlib.AbstractContextManager[None]:
+        """The leader holds the output's lock for the whole run; other ranks share it."""
+        from featx.store.durable import output_lock
+
+        return output_lock(target) if self.leader else contextlib.nullcontext()
 
     def device(self, device: torch.device) -> torch.device:
         if self.torchrun and device.type == "cuda":
@@ -70,14 +87,17 @@ class Job:
 
             dist.barrier()
 
-    def leader_first(self, make: Callable[[bool], Any], overwrite: bool) -> Any:
+    def leader_first(self, make: Callable[[bool], T], overwrite: bool) -> T:
         """Run ``make(overwrite)`` on the leader, then (after a barrier) on the other ranks, so
         only the leader ever creates or discards the shared shard folder."""
         if not self.torchrun:
             return make(overwrite)
-        result = make(overwrite) if self.leader else None
+        if self.leader:
+            result = make(overwrite)
+            self.barrier()
+            return result
         self.barrier()
-        return result if self.leader else make(False)
+        return make(False)
 
 
 def job_for(shard: tuple[int, int] | None) -> Job:

@@ -6,41 +6,19 @@ the same file list, and their row ranges must tile the work list exactly once.
 
 from __future__ import annotations
 
-import contextlib
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from featx import store
 from featx.errors import UsageError
-from featx.reader import FeatureFile
-
-# Attributes that must agree between parts (`source` may differ: nodes mount data differently).
-SAME = (
-    "model",
-    "weights",
-    "layers",
-    "pool",
-    "transform",
-    "dtype",
-    "precision",
-    "decode",
-    "shapes",
-    "class_names",
-    "files",
-    "files_sha256",
-    "featx_schema",
-)
-_PART = re.compile(r"\.part-(\d+)-of-(\d+)$")
-
-
-def find_parts(out: Path) -> list[Path]:
-    """The part files next to ``out`` (``feats.part-3-of-16.h5`` for ``feats.h5``)."""
-    pattern = f"{out.stem}.part-*-of-*{out.suffix}"
-    return sorted(out.parent.glob(pattern))
+from featx.store import schema
+from featx.store.assemble import copy_rows, write_attrs
+from featx.store.durable import atomic_output, check_output, writing_hdf5
+from featx.store.reader import FeatureFile
+from featx.store.shards import STRING, row_chunks
 
 
 def merge(
@@ -51,68 +29,63 @@ def merge(
     Example: ``merge("feats.h5")`` after ``featx extract ... --shard K/3`` for K = 0, 1, 2
     """
     out = Path(out)
-    store.check_writable(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} exists; pass --overwrite to replace it")
-    parts = [Path(p) for p in parts] if parts else find_parts(out)
+    check_output(out, overwrite)
+    parts = [Path(p) for p in parts] if parts else schema.find_parts(out)
     if not parts:
         raise UsageError(f"no part files like {out.stem}.part-K-of-N{out.suffix} next to {out}")
-    ordered, metas = _check_parts(parts)
-    total_rows = sum(meta["rows"] for meta in metas)
-    first = metas[0]["attrs"]
-    temporary = store.temporary_name(out)
-    try:
-        # Copies go through store.writing_hdf5 (a full disk is one clean error); a virtual view
-        # is written directly, so HDF5 knows its real path to resolve the parts against.
-        opened = (
-            h5py.File(temporary, "w", track_order=True)
-            if virtual
-            else store.writing_hdf5(temporary)
-        )
+    ordered, parts_read = _check_parts(parts)
+    total_rows = sum(meta.rows for meta in parts_read)
+    first = parts_read[0].attrs
+    with atomic_output(out, overwrite) as temporary:
+        # Copies go through writing_hdf5 (a full disk is one clean error); a virtual view is
+        # written directly, so HDF5 knows its real path to resolve the parts against.
+        opened = h5py.File(temporary, "w", track_order=True) if virtual else writing_hdf5(temporary)
         with opened as dst:
             for layer in first["layers"]:
-                _features(dst, layer, ordered, metas, total_rows, virtual, out.parent)
-            for name in ("paths", "labels", "failed/paths", "failed/errors"):
+                _features(dst, layer, ordered, parts_read, total_rows, virtual, out.parent)
+            for name in (schema.PATHS, schema.LABELS, schema.FAILED_PATHS, schema.FAILED_ERRORS):
                 pieces = []
                 for path in ordered:
                     with h5py.File(path, "r") as src:
                         pieces.append(src[name][()])
                 data = np.concatenate(pieces) if pieces else np.zeros(0)
-                dtype = store.STRING if name != "labels" else np.int64
+                dtype = STRING if name != schema.LABELS else np.int64
                 dst.create_dataset(name, data=data, dtype=dtype)
             attrs = {k: v for k, v in first.items() if k not in ("part", "created")}
             attrs.update(
                 complete=True,
                 rows_from=0,
-                rows_to=metas[-1]["attrs"]["rows_to"],
-                created=min(m["attrs"]["created"] for m in metas),
+                rows_to=parts_read[-1].attrs["rows_to"],
+                created=min(m.attrs["created"] for m in parts_read),
             )
             if virtual:
                 attrs["virtual_parts"] = [p.name for p in ordered]
-            store.write_attrs(dst, attrs)
-        store.publish(temporary, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
+            write_attrs(dst, attrs)
     return {
         "output": str(out),
         "parts": len(ordered),
         "images": total_rows,
-        "failed": sum(m["failed"] for m in metas),
+        "failed": sum(m.failed for m in parts_read),
         "virtual": virtual,
     }
 
 
-def _check_parts(parts: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class _Part:
+    attrs: dict[str, Any]
+    rows: int
+    failed: int
+
+
+def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
     numbered: dict[int, Path] = {}
     counts = set()
     for path in parts:
-        match = _PART.search(path.stem)
-        if not match:
+        number = schema.part_number(path)
+        if number is None:
             raise UsageError(f"{path}: not a part file (expected NAME.part-K-of-N.h5)")
-        numbered[int(match.group(1))] = path
-        counts.add(int(match.group(2)))
+        numbered[number[0]] = path
+        counts.add(number[1])
     if len(counts) != 1:
         raise UsageError(f"parts of different splits: N = {', '.join(map(str, sorted(counts)))}")
     (count,) = counts
@@ -123,15 +96,15 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
             f"(run featx extract --shard K/{count} for them)"
         )
     ordered = [numbered[k] for k in range(count)]
-    metas = []
+    parts_read: list[_Part] = []
     for path in ordered:
         with FeatureFile(path) as f:
-            metas.append({"attrs": f.attrs, "rows": len(f), "failed": len(f.failed)})
-    reference = metas[0]["attrs"]
+            parts_read.append(_Part(f.attrs, len(f), len(f.failed)))
+    reference = parts_read[0].attrs
     expected_from = 0
-    for path, meta in zip(ordered, metas, strict=True):
-        attrs = meta["attrs"]
-        different = [k for k in SAME if attrs.get(k) != reference.get(k)]
+    for path, meta in zip(ordered, parts_read, strict=True):
+        attrs = meta.attrs
+        different = [k for k in schema.SAME_IN_EVERY_PART if attrs.get(k) != reference.get(k)]
         if different:
             raise UsageError(
                 f"{path.name} was made with other settings than {ordered[0].name} "
@@ -140,7 +113,7 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
         if not attrs.get("complete"):
             raise UsageError(f"{path.name} is not complete")
         start, stop = attrs.get("rows_from"), attrs.get("rows_to")
-        if start != expected_from or stop is None or meta["rows"] + meta["failed"] != stop - start:
+        if start != expected_from or stop is None or meta.rows + meta.failed != stop - start:
             raise UsageError(
                 f"{path.name} covers files {start}..{stop}, expected to start at "
                 f"{expected_from} and to account for each of its files once"
@@ -148,26 +121,26 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
         expected_from = stop
     if expected_from != reference.get("files"):
         raise UsageError(f"the parts cover {expected_from} of {reference.get('files')} files")
-    return ordered, metas
+    return ordered, parts_read
 
 
 def _features(
     dst: h5py.File,
     layer: str,
     parts: list[Path],
-    metas: list[dict[str, Any]],
+    parts_read: list[_Part],
     total: int,
     virtual: bool,
     folder: Path,
 ) -> None:
     with h5py.File(parts[0], "r") as f:
-        row_shape, dtype = f["features"][layer].shape[1:], f["features"][layer].dtype
-    name = f"features/{layer}"
+        row_shape, dtype = f[schema.FEATURES][layer].shape[1:], f[schema.FEATURES][layer].dtype
+    name = f"{schema.FEATURES}/{layer}"
     if virtual:
         layout = h5py.VirtualLayout(shape=(total, *row_shape), dtype=dtype)
         offset = 0
-        for path, meta in zip(parts, metas, strict=True):
-            rows = meta["rows"]
+        for path, meta in zip(parts, parts_read, strict=True):
+            rows = meta.rows
             if rows:
                 # Relative names: the view keeps working when the folder moves as a whole.
                 source = h5py.VirtualSource(_relative(path, folder), name, shape=(rows, *row_shape))
@@ -179,12 +152,12 @@ def _features(
         name,
         shape=(total, *row_shape),
         dtype=dtype,
-        chunks=store.row_chunks(row_shape, dtype, total) if total else None,
+        chunks=row_chunks(row_shape, dtype, total) if total else None,
     )
     offset = 0
     for path in parts:
         with h5py.File(path, "r") as src:
-            store.copy_rows(src[name], target, offset)
+            copy_rows(src[name], target, offset)
             offset += src[name].shape[0]
 
 

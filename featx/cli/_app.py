@@ -1,0 +1,85 @@
+"""The Typer app every command module registers on, and the one place errors become exit codes.
+
+torch and h5py are imported inside the commands, so ``featx --help`` answers at once.
+Exit codes: 0 done, 1 failed, 2 usage error, 3 too many failed images, 130/143 interrupted,
+141 stdout closed early (``| head``) after the work completed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from featx import __version__
+from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError
+
+app = typer.Typer(
+    name="featx",
+    help="Extract features of image folders with a cut pretrained backbone, into HDF5.\n\n"
+    "Example: featx extract ./photos -o feats.h5 --model resnet50 --layer layer3",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+RESUME_HINT = "finished shards are kept: run the same command again to resume"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"featx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """Extract features of image folders with a cut pretrained backbone, into HDF5."""
+
+
+def reports_errors(command: F) -> F:
+    """One place where library exceptions become one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FeatxError as error:
+            typer.echo(f"featx: error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo(f"featx: interrupted by SIGINT; {RESUME_HINT}", err=True)
+            raise typer.Exit(EXIT_SIGINT) from None
+        except BrokenPipeError:
+            # The reader of stdout went away (`| head -1`): nothing to report, nothing lost.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(data: Any) -> None:
+    """Machine output: JSON on stdout, one document."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """Human output: stderr."""
+    if not quiet:
+        typer.echo(message, err=True)

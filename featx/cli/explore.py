@@ -1,0 +1,149 @@
+"""``featx layers``, ``info``, ``models`` and ``plot``: looking at models and features files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._options import (
+    Config,
+    FeatureLayer,
+    FeaturesFile,
+    ImageSize,
+    Json,
+    ModelName,
+    Pool,
+)
+from featx.config import ExtractConfig, settings
+
+
+@app.command()
+@reports_errors
+def layers(
+    model: ModelName,
+    pool: Pool = None,
+    image_size: ImageSize = None,
+    config: Config = None,
+    as_json: Json = False,
+) -> None:
+    """List every cut point: node name, output shape, pooled dim, MB per 1,000 images.
+
+    Example: featx layers resnet50 | grep layer4
+    """
+    options = settings(ExtractConfig, locals(), config, "extract")
+
+    from featx.models import describe_layers, load_backbone
+
+    backbone = load_backbone(options.model, "none", options.image_size, shapes_only=True)
+    infos = describe_layers(backbone, options.pool)
+    default = backbone.default_layer()
+    if as_json:
+        emit(
+            {
+                "model": model,
+                "default": default,
+                "pool": options.pool,
+                "input": backbone.transform["crop"],
+                "layers": [i.as_dict() for i in infos],
+            }
+        )
+        return
+    width = max(len(info.name) for info in infos)
+    print(f"{'layer':<{width}}  {'shape':<18} {'dim':>9} {'MB/1k img':>10}")
+    for info in infos:
+        mark = "  (default)" if info.name == default else ""
+        shape = "x".join(str(v) for v in info.shape)
+        print(f"{info.name:<{width}}  {shape:<18} {info.dim:>9} {info.mb_per_1000:>10.2f}{mark}")
+
+
+@app.command()
+@reports_errors
+def info(
+    path: FeaturesFile,
+    as_json: Json = False,
+) -> None:
+    """Show what a features file holds: counts, layers, dims, model, weights, transform, failures.
+
+    Example: featx info feats.h5 --json
+    """
+    from featx.store.reader import FeatureFile
+
+    with FeatureFile(path) as f:
+        summary = f.summary()
+        failed = f.failed
+    if as_json:
+        emit({**summary, "failed_files": [{"path": p, "error": e} for p, e in failed]})
+        return
+    print(
+        f"{path}: {summary['images']} images, {summary['failed']} failed, "
+        f"complete={summary.get('complete')}"
+    )
+    weights = summary.get("weights")
+    if isinstance(weights, dict):
+        weights = weights.get("file") or weights.get("weights")
+    print(f"model {summary.get('model')}  weights {weights}  pool {summary.get('pool')}")
+    for name, shape in summary["feature_shapes"].items():
+        print(
+            f"  features/{name}: {summary['images']} x {' x '.join(map(str, shape))} "
+            f"{summary['dtype']}"
+        )
+    if summary["class_counts"]:
+        counts = ", ".join(f"{k} {v}" for k, v in summary["class_counts"].items())
+        print(
+            f"classes: {counts}"
+            + (f", unlabelled {summary['unlabelled']}" if summary["unlabelled"] else "")
+        )
+    print(f"transform: {json.dumps(summary.get('transform'))}")
+    print(
+        f"created {summary.get('created')} by featx {summary.get('featx_version')}, "
+        f"torch {summary.get('torch_version')}, torchvision {summary.get('torchvision_version')}"
+    )
+    for p, e in failed[:20]:
+        print(f"  failed: {p}: {e}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (featx info --json lists all)")
+
+
+@app.command()
+@reports_errors
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="Only names containing this.")] = None,
+    timm_models: Annotated[
+        bool, typer.Option("--timm", help="List timm's models instead.")
+    ] = False,
+) -> None:
+    """List model names featx accepts.
+
+    Example: featx models resnet
+    """
+    from featx.models import list_models
+
+    for name in list_models(timm=timm_models):
+        if pattern is None or pattern in name:
+            print(name)
+
+
+@app.command()
+@reports_errors
+def plot(
+    path: FeaturesFile,
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
+    layer: FeatureLayer = None,
+    max_points: Annotated[
+        int, typer.Option(help="Draw at most this many rows (a seeded sample).")
+    ] = 5000,
+    width: Annotated[int, typer.Option(help="Picture width in pixels.")] = 800,
+    height: Annotated[int, typer.Option(help="Picture height in pixels.")] = 600,
+) -> None:
+    """Draw a 2-D PCA scatter of the features, coloured by class, to see if a layer separates them.
+
+    Example: featx plot feats.h5 -o features.png
+    """
+    from featx.plot import plot_features
+
+    result = plot_features(path, output, layer, max_points, (width, height))
+    say(f"wrote {result['output']}: {result['points']} points of {result['layer']}")

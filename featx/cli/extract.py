@@ -1,0 +1,223 @@
+"""``featx extract``, ``featx bench`` and ``featx merge``: making features files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._options import (
+    BatchSize,
+    Compile,
+    Compression,
+    Config,
+    Decode,
+    Device,
+    Dtype,
+    ImageSize,
+    Json,
+    Labels,
+    Layers,
+    MaxFailures,
+    MaxImagePixels,
+    Model,
+    Overwrite,
+    Pool,
+    Precision,
+    Progress,
+    Quiet,
+    Shard,
+    ShardSize,
+    Weights,
+    Workers,
+)
+from featx.config import ExtractConfig, settings
+from featx.errors import TooManyFailures, UsageError
+
+
+@app.command()
+@reports_errors
+def extract(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Image folder (class subfolders become labels), or - to read paths from stdin."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HDF5 file to write.")
+    ] = None,
+    files_from: Annotated[
+        Path | None, typer.Option(help="Read image paths from this file (one per line).")
+    ] = None,
+    null: Annotated[
+        bool, typer.Option("-0", "--null", help="Paths are NUL-separated (find -print0).")
+    ] = False,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Relative listed paths resolve against this folder [default: the current folder]."
+        ),
+    ] = None,
+    labels: Labels = None,
+    model: Model = None,
+    weights: Weights = None,
+    layer: Layers = None,
+    pool: Pool = None,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    precision: Precision = None,
+    dtype: Dtype = None,
+    shard_size: ShardSize = None,
+    shard: Shard = None,
+    max_failures: MaxFailures = None,
+    max_image_pixels: MaxImagePixels = None,
+    decode: Decode = None,
+    compile_model: Compile = None,
+    compression: Compression = None,
+    config: Config = None,
+    overwrite: Overwrite = None,
+    quiet: Quiet = False,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Extract features of every image under SOURCE into an HDF5 file.
+
+    Example: featx extract ./photos -o feats.h5 --model resnet18 --layer layer3 --pool max
+    """
+    flags = {**locals(), "progress": False if quiet else progress}
+    options = settings(ExtractConfig, flags, config, "extract")
+    if output is None:
+        raise UsageError("missing option -o / --output: the HDF5 file to write")
+    images = _image_source(source, files_from, null, root)
+
+    from featx.pipeline import extract as run_extract
+
+    try:
+        result = run_extract(images, output, options)
+    except TooManyFailures as error:  # the file was written: its summary still goes to stdout
+        if as_json and error.result is not None:
+            emit(error.result.as_dict())
+        raise
+    if as_json:
+        emit(result.as_dict())
+    say(
+        f"wrote {result.output}: {result.images} images, {result.failed} failed, "
+        f"{result.images_per_second:.1f} img/s",
+        quiet,
+    )
+
+
+def _image_source(
+    source: str | None, files_from: Path | None, null: bool, root: Path | None
+) -> Any:
+    """A folder path, or an ImageList from stdin (``-``) or ``--files-from``."""
+    if source is not None and files_from is not None:
+        raise UsageError("SOURCE and --files-from both name the images: use one of them")
+    if source is None and files_from is None:
+        raise UsageError("missing SOURCE: an image folder, - for paths on stdin, or --files-from")
+    if source not in (None, "-"):
+        if root is not None:
+            raise UsageError("--root applies to path lists (- or --files-from), not to a folder")
+        return source
+    if source == "-":
+        if sys.stdin.isatty():
+            raise UsageError("SOURCE is - but stdin is a terminal: pipe a list of paths in")
+        data = sys.stdin.buffer.read()
+    else:
+        assert files_from is not None  # noqa: S101  (both None is refused above)
+        try:
+            data = files_from.read_bytes()
+        except OSError as error:
+            raise UsageError(f"--files-from {files_from}: {error.strerror}") from None
+    from featx.data.worklist import read_path_list
+
+    entries = [os.fsdecode(item) for item in data.split(b"\0" if null else b"\n")]
+    return read_path_list(entries, str(root or Path.cwd()))  # --labels: applied by extract()
+
+
+@app.command()
+@reports_errors
+def bench(
+    source: Annotated[str, typer.Argument(help="An image folder (your own images).")],
+    model: Model = None,
+    layer: Layers = None,
+    pool: Pool = None,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
+    device: Device = None,
+    precision: Precision = None,
+    decode: Decode = None,
+    config: Config = None,
+    limit: Annotated[int, typer.Option(help="Use at most this many images.")] = 256,
+    as_json: Json = False,
+) -> None:
+    """Measure decode, model and end-to-end images/s on your images, and name the bottleneck.
+
+    Random weights are used (throughput does not depend on them), so nothing is downloaded.
+    Example: featx bench ./photos --model resnet50 --batch-size 32 --json
+    """
+    options = settings(ExtractConfig, locals(), config, "extract")
+
+    from featx.bench import bench as run_bench
+
+    report = run_bench(source, options, limit=limit)
+    if as_json:
+        emit(report)
+        return
+    rows = [
+        ("decode per worker", report["decode_images_per_second_per_worker"]),
+        (
+            f"decode ceiling ({report['workers']} workers)",
+            report["decode_ceiling_images_per_second"],
+        ),
+        ("model on pre-made tensors", report["model_images_per_second"]),
+        ("end to end", report["end_to_end_images_per_second"]),
+    ]
+    print(
+        f"{report['model']} {','.join(report['layers'])} on {report['device']} "
+        f"({report['precision']}, batch {report['batch_size']}, {report['images']} images)"
+    )
+    for name, value in rows:
+        print(f"  {name:<32} {value:>9.1f} img/s")
+    print(f"  {'writer share of wall time':<32} {report['writer_share_of_wall_time']:>9.1%}")
+    print(f"  {'peak RSS':<32} {report['peak_rss_mb']:>9.0f} MB")
+    print(f"  bottleneck: {report['bottleneck']}")
+
+
+@app.command()
+@reports_errors
+def merge(
+    output: Annotated[Path, typer.Argument(help="The file to assemble (its parts lie beside it).")],
+    parts: Annotated[
+        list[Path] | None, typer.Argument(help="Part files, if not found by name.")
+    ] = None,
+    virtual: Annotated[
+        bool,
+        typer.Option(
+            "--virtual", help="An HDF5 virtual dataset over the parts: one view, no copy."
+        ),
+    ] = False,
+    overwrite: Overwrite = None,
+    as_json: Json = False,
+) -> None:
+    """Assemble the part files of `featx extract --shard K/N` runs into one file.
+
+    Example: featx merge feats.h5 --virtual
+    """
+    from featx.store.merge import merge as run_merge
+
+    result = run_merge(output, parts, virtual=virtual, overwrite=bool(overwrite))
+    if as_json:
+        emit(result)
+    say(
+        f"wrote {result['output']}: {result['images']} images from {result['parts']} parts"
+        + (" (virtual)" if virtual else "")
+    )

@@ -1,0 +1,206 @@
+"""``featx train-head``, ``predict`` and ``evaluate``: classifier heads on features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._options import (
+    Config,
+    FeatureLayer,
+    HeadBatchSize,
+    HeadDevice,
+    HeadFile,
+    HeadWorkers,
+    Json,
+    MemoryBudget,
+    Overwrite,
+    Progress,
+    Quiet,
+    Seed,
+)
+from featx.config import HeadConfig, PredictConfig, settings
+from featx.errors import UsageError
+
+_H, _P = HeadConfig, PredictConfig
+
+
+@app.command("train-head")
+@reports_errors
+def train_head(
+    features: Annotated[Path, typer.Argument(help="A featx HDF5 file whose rows have labels.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Head file to write (safetensors + JSON).")
+    ],
+    layer: FeatureLayer = None,
+    head: Annotated[
+        str | None,
+        typer.Option(help=f"linear (multinomial logistic) | mlp [default: {_H.head}]"),
+    ] = None,
+    hidden: Annotated[
+        int | None, typer.Option(help=f"MLP hidden units [default: {_H.hidden}]")
+    ] = None,
+    dropout: Annotated[
+        float | None, typer.Option(help=f"MLP dropout [default: {_H.dropout}]")
+    ] = None,
+    val_split: Annotated[
+        float | None,
+        typer.Option(help=f"Stratified fraction held out to validate [default: {_H.val_split}]"),
+    ] = None,
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Validate on this features file (same extraction) instead of a split."),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="auto | lbfgs | adamw [default: auto: lbfgs for linear, adamw for mlp]"),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help=f"At most this many epochs (lbfgs: 20 iterations each) [default: {_H.epochs}]"
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate [default: 1.0 for lbfgs (line search), 1e-3 for adamw]"),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            help="L2 on the weights (lbfgs), decoupled decay (adamw) "
+            "[default: 1/training rows, sklearn's C=1]"
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"adamw minibatch rows [default: {_H.batch_size}]")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Stop after this many epochs without a better val loss [default: {_H.patience}]"
+        ),
+    ] = None,
+    class_weight: Annotated[
+        str | None,
+        typer.Option(help=f"none | balanced (for skewed classes) [default: {_H.class_weight}]"),
+    ] = None,
+    seed: Seed = None,
+    device: HeadDevice = None,
+    memory_budget: MemoryBudget = None,
+    config: Config = None,
+    overwrite: Overwrite = None,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """Train a classifier head on a features file: the head, OUT.metrics.json, OUT.confusion.png.
+
+    Example: featx train-head feats.h5 -o cats.head --head mlp --class-weight balanced
+    """
+    if val is not None and val_split is not None:
+        raise UsageError("--val and --val-split both choose the validation rows: use one of them")
+    options = settings(HeadConfig, locals(), config, "train-head")
+
+    from featx.heads.reports import metrics_table
+    from featx.heads.train import train_head as run_train
+
+    result = run_train(features, output, options)
+    if as_json:
+        emit(result.metrics)
+    metrics = result.metrics
+    say(metrics_table(metrics), quiet)
+    say(
+        f"wrote {result.output}, {result.metrics_file}, {result.picture}: trained on "
+        f"{metrics['train_size']} rows, validated on {metrics['val_size']}, "
+        f"{metrics['epochs_run']} epochs ({metrics['stopped']})",
+        quiet,
+    )
+
+
+def _report_failures(failed: list[dict[str, str]], quiet: bool) -> None:
+    for item in failed[:20]:
+        say(f"featx: skipped {item['path']}: {item['error']}", quiet)
+    if len(failed) > 20:
+        say(f"featx: ... and {len(failed) - 20} more images skipped (--json lists all)", quiet)
+
+
+@app.command()
+@reports_errors
+def predict(
+    source: Annotated[str, typer.Argument(help="Image folder, or a featx HDF5 features file.")],
+    head: HeadFile,
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
+    top_k: Annotated[
+        int | None, typer.Option(help=f"Best classes listed per row [default: {_P.top_k}]")
+    ] = None,
+    device: HeadDevice = None,
+    batch_size: HeadBatchSize = None,
+    workers: HeadWorkers = None,
+    memory_budget: MemoryBudget = None,
+    overwrite: Overwrite = None,
+    quiet: Quiet = False,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Predict classes with a head: on an image folder (extracted as the head records) or features.
+
+    CSV columns: path, predicted_class, probability, then top1_class, top1_probability, ...
+    Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
+    """
+    options = settings(PredictConfig, {**locals(), "progress": False if quiet else progress})
+
+    from featx.heads.apply import predict as run_predict
+
+    result = run_predict(source, head, output, options)
+    if as_json:
+        emit(result.as_dict())
+    _report_failures(result.failed, quiet)
+    say(
+        f"wrote {result.output}: {result.rows} rows"
+        + (f", {len(result.failed)} images skipped" if result.failed else ""),
+        quiet,
+    )
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    source: Annotated[
+        str, typer.Argument(help="Labelled featx HDF5 features file, or class-folder images.")
+    ],
+    head: HeadFile,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Metrics JSON to write (the PNG goes beside it) "
+            "[default: SOURCE.HEAD.metrics.json]",
+        ),
+    ] = None,
+    device: HeadDevice = None,
+    batch_size: HeadBatchSize = None,
+    workers: HeadWorkers = None,
+    memory_budget: MemoryBudget = None,
+    quiet: Quiet = False,
+    progress: Progress = None,
+    as_json: Json = False,
+) -> None:
+    """Measure a head on a labelled set: the same metrics JSON and confusion PNG as train-head.
+
+    Example: featx evaluate test_feats.h5 --head cats.head --json
+    """
+    options = settings(PredictConfig, {**locals(), "progress": False if quiet else progress})
+
+    from featx.heads.apply import evaluate as run_evaluate
+    from featx.heads.reports import metrics_table
+
+    result = run_evaluate(source, head, output, options)
+    if as_json:
+        emit(result.metrics)
+    _report_failures(result.metrics["failed"], quiet)
+    say(metrics_table(result.metrics), quiet)
+    say(f"wrote {result.metrics_file}, {result.picture}", quiet)

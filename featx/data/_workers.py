@@ -1,0 +1,101 @@
+"""Decode worker processes: their start-up, their deaths, and decoding one file in a child.
+
+A decoder that crashes (a segfault in a C library, the OOM killer) must cost only the file it
+was decoding; these are the pieces loader.py builds that on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+TORCHVISION_IO_NOTICE = "The image decoding and encoding capabilities of TorchVision"
+
+
+def worker_init(_: int) -> None:
+    """DataLoader workers decode; the main process owns Ctrl-C and SIGTERM and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=TORCHVISION_IO_NOTICE)
+
+
+@contextlib.contextmanager
+def loader_iterator(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, with a dead worker reported by the iterator's ``next()``.
+
+    torch's SIGCHLD handler raises a worker's death asynchronously, wherever the main thread is
+    (inside the model, inside the writer), where the batch in hand cannot be accounted for. With
+    the default handler the DataLoader notices the death itself, within its 5 s status check
+    (MP_STATUS_CHECK_INTERVAL), and raises from ``next()``, where pipeline.py recovers. torch's
+    handler is put back once the workers are shut down.
+    """
+    iterator = iter(loader)  # a first multi-worker iter() installs torch's SIGCHLD handler
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        yield iterator
+        return
+    torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield iterator
+    finally:
+        # now, not at garbage collection: before the handler is back (a private torch method)
+        iterator._shutdown_workers()  # type: ignore[attr-defined]
+        signal.signal(signal.SIGCHLD, torch_handler)
+
+
+def is_worker_death(error: BaseException) -> bool:
+    """The DataLoader's error for a worker process that died (killed, segfault, exit)."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
+
+
+class ProcessDied(Exception):
+    """The child process of :func:`call_in_child` died before it answered."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        if exitcode is not None and exitcode < 0:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        else:
+            how = f"exited with code {exitcode} before answering"
+        super().__init__(how)
+        self.exitcode = exitcode
+
+
+def call_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a child process of its own, so that a crash there (a segfault in
+    a C decoder, the OOM killer) costs only the child: it raises :class:`ProcessDied` here.
+
+    Example: ``call_in_child(dataset.__getitem__, 7)``
+    """
+    import multiprocessing
+    import pickle
+
+    context = multiprocessing.get_context()  # the DataLoader's default too
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_answer, args=(sender, function, args), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        answer = receiver.recv_bytes()
+    except EOFError:  # the child is gone without a word
+        answer = None
+    finally:
+        receiver.close()
+    child.join()
+    if answer is None:
+        raise ProcessDied(child.exitcode)
+    return pickle.loads(answer)
+
+
+def _answer(sender: Any, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import pickle
+
+    worker_init(0)
+    # Plain pickle: tensors go by value (torch's sharing pickler would need this child alive).
+    sender.send_bytes(pickle.dumps(function(*args)))
+    sender.close()

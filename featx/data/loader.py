@@ -1,0 +1,95 @@
+"""The loading stage: batches of decoded uint8 images, in order, surviving decoder crashes.
+
+DataLoader workers decode (decode.py) files of the work list (worklist.py); this module hands
+their batches to the loop in pipeline.py as :class:`Batch` objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import torch
+
+from featx.data import _workers
+from featx.data.batch import Batch
+from featx.data.decode import DecodePolicy, DecoderCrashed, describe_error, load_image
+from featx.data.gpu_decode import gpu_decodable
+from featx.data.worklist import ImageList
+
+PREFETCH = 4  # batches each DataLoader worker decodes ahead
+Item = tuple[int, torch.Tensor | None, str]  # (row, image or encoded JPEG or None, error)
+
+
+class ImageDataset(torch.utils.data.Dataset[Item]):
+    """Index → ``(index, uint8 image or None, error text)``; never raises for a bad file."""
+
+    def __init__(self, images: ImageList, policy: DecodePolicy) -> None:
+        self.images = images
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Item:
+        """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
+        bytes as uint8 ``[n]`` for the device to decode."""
+        path = self.images.absolute(index)
+        try:
+            if self.policy.mode == "gpu":
+                encoded = gpu_decodable(path, self.policy)
+                if encoded is not None:
+                    return index, encoded, ""
+            return index, load_image(path, self.policy), ""
+        except Exception as error:  # every decoder failure is data about that file, not a crash
+            return index, None, describe_error(error)
+
+
+def collate(items: list[Item]) -> Batch:
+    """Stack the decoded images; keep encoded JPEGs (``--decode gpu``) and failures aside."""
+    good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
+    return Batch(
+        indices=[index for index, _ in good],
+        images=torch.stack([image for _, image in good]) if good else None,
+        failures=[(index, error) for index, image, error in items if image is None],
+        encoded=[(i, data) for i, data, _ in items if data is not None and data.ndim == 1],
+    )
+
+
+def decoded_batches(
+    dataset: ImageDataset, batches: list[list[int]], workers: int, pin_memory: bool
+) -> Generator[Batch, None, None]:
+    """The batches, decoded, in order. A decoder that kills its worker process (a segfault in a
+    C library, the OOM killer) must not end the run: the batches that worker may have held are
+    decoded again one image per child process, so the culprit is found and recorded in failed/,
+    and a fresh DataLoader takes the rest."""
+    done = 0
+    while done < len(batches):
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches[done:],
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            worker_init_fn=_workers.worker_init,
+            prefetch_factor=PREFETCH if workers else None,
+        )
+        try:
+            with _workers.loader_iterator(loader) as iterator:
+                for batch in iterator:
+                    yield batch
+                    done += 1
+            return
+        except RuntimeError as error:
+            if not _workers.is_worker_death(error):
+                raise
+        for batch_indices in batches[done : done + workers * PREFETCH]:
+            yield collate([_decode_alone(dataset, index) for index in batch_indices])
+            done += 1
+
+
+def _decode_alone(dataset: ImageDataset, index: int) -> Item:
+    """One image decoded in a process of its own: if that process dies, the image is the culprit."""
+    try:
+        return _workers.call_in_child(dataset.__getitem__, index)
+    except _workers.ProcessDied as died:
+        return index, None, describe_error(DecoderCrashed(f"the process decoding this file {died}"))

@@ -1,0 +1,164 @@
+"""The work list: which files a run reads, in which order, with which labels.
+
+A folder is scanned recursively and sorted (class folders become labels, as torchvision's
+ImageFolder does); a path list (stdin, ``--files-from``) keeps its order; ``--labels CSV`` gives
+labels to either.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+
+from featx.errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The work list: files (relative to ``root``) in sorted order, with labels."""
+
+    root: str
+    paths: list[str]  # relative, as os.fsdecode gives them (surrogate escapes kept for reading)
+    labels: list[int]  # -1 when unlabelled
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index])
+
+    def digest(self) -> str:
+        """sha256 over the exact work list (bytes of each path and its label): part of a run's
+        fingerprint, so a resume over another list of files is refused."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels, strict=True):
+            digest.update(os.fsencode(path))
+            digest.update(b"\0%d\n" % label)
+        return digest.hexdigest()
+
+    def relabelled(self, labels_csv: str) -> ImageList:
+        """The same files with labels from a ``path,label`` CSV (paths relative to root)."""
+        class_names, labels = labels_from_csv(labels_csv, self.paths, self.root)
+        return ImageList(self.root, self.paths, labels, class_names)
+
+
+def printable(path: str) -> str:
+    """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def scan_folder(source: str | os.PathLike[str]) -> ImageList:
+    """Every image under ``source``, recursively, sorted by relative path.
+
+    Class folders (a top level holding only subfolders) become labels in sorted folder order,
+    as torchvision's ImageFolder does. Symlinks are followed once: a loop is not re-entered and a
+    file reached twice is listed once.
+
+    Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
+    """
+    root = os.fspath(source)
+    if not os.path.exists(root):
+        raise UsageError(f"source {root}: no such file or directory")
+    if not os.path.isdir(root):
+        raise UsageError(f"source {root}: not a directory (use --files-from for a list)")
+    try:
+        top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
+    except PermissionError:
+        raise UsageError(f"source {root}: permission denied") from None
+    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
+    labelled = bool(top_dirs) and len(top_dirs) == len(top)
+    class_names = top_dirs if labelled else []
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    paths: list[str] = []  # broken links: listed, so that failed/ reports them
+    found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
+    seen_dirs: set[tuple[int, int]] = set()
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
+            dirnames[:] = []
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or not is_image_name(name):
+                continue
+            full = os.path.join(directory, name)
+            relative = os.path.relpath(full, root)
+            if not os.path.exists(full):  # a dangling link, or a loop of links
+                paths.append(relative)
+                continue
+            # A file reached twice is listed once: by its own name rather than a link's, else
+            # by the first path the sorted walk reaches.
+            real, link = os.path.realpath(full), os.path.islink(full)
+            if real not in found or (found[real][0] and not link):
+                found[real] = (link, relative)
+    paths.extend(relative for _, relative in found.values())
+    paths.sort(key=os.fsencode)
+    labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
+    return ImageList(root, paths, labels, class_names)
+
+
+def _top_folder(relative: str) -> str:
+    return relative.split(os.sep, 1)[0]
+
+
+def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -> ImageList:
+    """An explicit file list (stdin, --files-from), kept in the given order, deduplicated.
+
+    Relative paths resolve against ``root``; labels come from an optional ``path,label`` CSV.
+    """
+    paths: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        entry = line.strip("\r\n")
+        if not entry:
+            continue
+        relative = os.path.relpath(entry, root) if os.path.isabs(entry) else os.path.normpath(entry)
+        if relative not in seen:
+            seen.add(relative)
+            paths.append(relative)
+    if not paths:
+        raise UsageError("the file list is empty")
+    class_names: list[str] = []
+    labels = [-1] * len(paths)
+    if labels_csv:
+        class_names, labels = labels_from_csv(labels_csv, paths, root)
+    return ImageList(root, paths, labels, class_names)
+
+
+def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
+    """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional; CSV paths are
+    relative to the source folder or ``--root``). Class names are the labels of listed files."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
+            rows = [row for row in csv.reader(handle) if row]
+    except OSError as error:
+        raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"--labels {csv_path}: not a UTF-8 CSV file ({error})") from None
+    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    by_path: dict[str, str] = {}
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise UsageError(f"--labels {csv_path}: line {number} is not 'path,label'")
+        key = os.path.normpath(os.path.relpath(row[0], root) if os.path.isabs(row[0]) else row[0])
+        by_path[key] = row[1].strip()
+    class_names = sorted({by_path[p] for p in paths if p in by_path})
+    if not class_names:
+        raise UsageError(
+            f"--labels {csv_path}: no row names a listed file (paths are relative to {root})"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[by_path[p]] if p in by_path else -1 for p in paths]
+    return class_names, labels

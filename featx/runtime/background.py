@@ -1,0 +1,63 @@
+"""Work on a thread behind a bounded queue, so writing shards overlaps compute."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class BackgroundWriter:
+    """Runs ``handle(item)`` on a thread behind a bounded queue, so writing overlaps compute.
+
+    An error on the writer thread is re-raised in the caller at the next ``put`` or ``close``.
+    """
+
+    def __init__(self, handle: Callable[[Any], None], depth: int = 4) -> None:
+        """``depth`` 0 writes synchronously in the caller (no thread): the plain path."""
+        self._handle = handle
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+        self._error: BaseException | None = None
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="featx-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._handle(item)
+                except BaseException as error:  # handed to the main thread, not swallowed
+                    self._error = error
+
+    def put(self, item: Any) -> None:
+        self._raise()
+        if self._thread is None:
+            self._handle(item)
+            return
+        self._queue.put(item)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def close_quietly(self) -> BaseException | None:
+        """Close after another error: the writer's own error is returned, not raised, so the
+        caller can report whichever came first."""
+        try:
+            self.close()
+        except BaseException as error:
+            return error
+        return None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

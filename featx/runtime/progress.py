@@ -1,0 +1,29 @@
+"""The progress bar on stderr (tqdm): shown when stderr is a terminal, unless asked otherwise."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def show_progress(requested: bool | None) -> bool:
+    if requested is not None:
+        return requested
+    return sys.stderr.isatty()
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="img",
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        colour=None if os.environ.get("NO_COLOR") else "green",
+    )

@@ -1,0 +1,34 @@
+"""Ctrl-C and SIGTERM during a run: the loop finishes the batch in flight, then stops cleanly."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:  # a second Ctrl-C: stop waiting for the batch in flight
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

@@ -1,0 +1,257 @@
+"""Shards: the unit of work, of resume and of distribution.
+
+Why shards: a single growing HDF5 file whose writer is killed is unreadable, and a disk-full
+error can corrupt every committed row. So the work list is cut into fixed-size shards
+(``shard_size`` images each, independent of batch size and process count); each shard is
+written to a temporary name, fsynced and atomically renamed into ``OUT.featx/``. A shard file
+that exists is complete. A resume does only the missing shards. The shard numbering depends only
+on the sorted work list, so one process, a torchrun job or N ``--shard K/N`` parts produce the
+same rows.
+
+Layout of the work directory ``OUT.featx/``::
+
+    run.json              fingerprint (what is computed) + created time + shard count
+    shard-000007.h5       index [n] int64 (rows of the work list), features/<layer>, failed/*
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featx.errors import FeatxError, ResumeMismatch
+from featx.store import schema
+from featx.store.durable import DiskFile, atomic_output, publish, temporary_name, write_error
+
+STRING = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 20  # ~1 MB row chunks: fast appends, cheap partial reads
+
+
+@dataclass
+class ShardRows:
+    """One batch's results on their way to a shard: rows of the work list and their features,
+    plus the files of the batch that failed and why."""
+
+    indices: list[int]
+    features: dict[str, np.ndarray]
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[int]:
+        return self.indices + [index for index, _ in self.failures]
+
+
+def shard_ranges(total: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
+
+
+@dataclass
+class WorkDir:
+    """The shards of one extraction into ``out``; see the module docstring."""
+
+    out: Path
+    fingerprint: dict[str, Any]
+    shard_size: int
+    total: int
+    created: str
+
+    @property
+    def path(self) -> Path:
+        return work_dir_of(self.out)
+
+    @property
+    def shard_count(self) -> int:
+        return len(shard_ranges(self.total, self.shard_size))
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / f"shard-{shard:06d}.h5"
+
+    def is_done(self, shard: int) -> bool:
+        return self.shard_path(shard).is_file()
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.total)
+
+    def files_in(self, shards: list[int] | range) -> int:
+        return sum(len(range(*self.shard_range(shard))) for shard in shards)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_error(self, error: OSError) -> FeatxError:
+        return write_error(error, self.out, self.path)
+
+
+def work_dir_of(out: Path) -> Path:
+    return out.with_name(out.name + ".featx")
+
+
+def open_work_dir(
+    out: Path, fingerprint: dict[str, Any], shard_size: int, total: int, overwrite: bool
+) -> WorkDir:
+    """Start or resume the shards for ``out``; a resume must match the fingerprint exactly."""
+    path = work_dir_of(out)
+    meta_path = path / "run.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        changes = schema.differences(meta["fingerprint"], fingerprint)
+        if meta.get("shard_size") != shard_size:
+            changes.append(f"shard_size: {meta.get('shard_size')} → {shard_size}")
+        if changes and overwrite:  # --overwrite discards a run of other settings only
+            shutil.rmtree(path)
+            return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
+        if changes:
+            raise ResumeMismatch(
+                f"{out}: an unfinished run with other settings is in {path} "
+                f"({'; '.join(changes)[:400]}); run it with its own settings to finish it, "
+                f"or pass --overwrite to discard it"
+            )
+        return WorkDir(out, fingerprint, shard_size, total, meta["created"])
+    path.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    meta = {
+        "fingerprint": fingerprint,
+        "shard_size": shard_size,
+        "total": total,
+        "created": created,
+        "schema": schema.SCHEMA_VERSION,
+    }
+    try:
+        with atomic_output(meta_path, overwrite=True) as temporary:
+            temporary.write_text(json.dumps(meta, indent=1))
+    except OSError as error:
+        raise FeatxError(f"cannot write {meta_path}: {error.strerror}") from None
+    return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
+
+
+class ShardWriter:
+    """Append batches to one shard's temporary file; ``finish`` publishes it atomically."""
+
+    def __init__(self, work: WorkDir, shard: int, dtype: str, compression: str = "none") -> None:
+        self.compression = None if compression == "none" else compression
+        self.final = work.shard_path(shard)
+        self.temporary = temporary_name(self.final)
+        self.capacity = len(range(*work.shard_range(shard)))  # no chunk bigger than the shard
+        self.dtype = np.dtype(dtype)
+        self.disk = DiskFile(self.temporary)
+        self.file = h5py.File(self.disk, "w", track_order=True)
+        self.file.attrs["shard"] = shard
+        self.rows = 0
+        self.failed_index: list[int] = []
+        self.failed_errors: list[str] = []
+
+    def append(self, batch: ShardRows) -> None:
+        for index, error in batch.failures:
+            self.failed_index.append(index)
+            self.failed_errors.append(error)
+        if not batch.indices:
+            return
+        if self.rows == 0:
+            self._create_datasets(batch.features)
+        stop = self.rows + len(batch.indices)
+        index = self.file[schema.SHARD_INDEX]
+        index.resize((stop,))
+        index[self.rows : stop] = np.asarray(batch.indices, dtype=np.int64)
+        for layer, values in batch.features.items():
+            dataset = self.file[f"{schema.FEATURES}/{layer}"]
+            dataset.resize((stop, *dataset.shape[1:]))
+            dataset[self.rows : stop] = values.astype(self.dtype, copy=False)
+        self.rows = stop
+        self.disk.check()
+
+    def _create_datasets(self, features: dict[str, np.ndarray]) -> None:
+        self.file.create_dataset(
+            schema.SHARD_INDEX,
+            shape=(0,),
+            maxshape=(None,),
+            dtype=np.int64,
+            chunks=(min(4096, self.capacity),),
+        )
+        for layer, values in features.items():
+            self.file.create_dataset(
+                f"{schema.FEATURES}/{layer}",
+                shape=(0, *values.shape[1:]),
+                maxshape=(None, *values.shape[1:]),
+                dtype=self.dtype,
+                chunks=row_chunks(values.shape[1:], self.dtype, self.capacity),
+                compression=self.compression,
+            )
+
+    def finish(self) -> None:
+        order = np.argsort(np.asarray(self.failed_index, dtype=np.int64), kind="stable")
+        self.file.create_dataset(
+            schema.SHARD_FAILED_INDEX, data=np.asarray(self.failed_index, np.int64)[order]
+        )
+        errors = np.asarray(self.failed_errors, dtype=object)[order]
+        self.file.create_dataset(
+            schema.FAILED_ERRORS,
+            data=errors if self.failed_errors else np.zeros(0, dtype=object),
+            dtype=STRING,
+        )
+        if self.rows == 0:
+            self.file.create_dataset(schema.SHARD_INDEX, data=np.zeros(0, np.int64))
+        self.file.close()
+        self.disk.close()
+        self.disk.check()
+        publish(self.temporary, self.final)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        self.disk.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.temporary.unlink()
+
+
+def row_chunks(row_shape: tuple[int, ...], dtype: np.dtype, rows: int = 4096) -> tuple[int, ...]:
+    """Chunks of whole rows, about CHUNK_BYTES each (never more rows than the dataset has)."""
+    row_bytes = max(1, int(np.prod(row_shape)) * np.dtype(dtype).itemsize)
+    return (max(1, min(rows, 4096, CHUNK_BYTES // row_bytes)), *row_shape)
+
+
+class ShardSink:
+    """Routes batches to per-shard files; a shard is published when its last batch arrives."""
+
+    def __init__(self, work: WorkDir, dtype: str, compression: str = "none") -> None:
+        self.work = work
+        self.dtype = dtype
+        self.compression = compression
+        self.open: dict[int, ShardWriter] = {}
+        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
+
+    def write(self, batch: ShardRows) -> None:
+        started = time.perf_counter()
+        try:
+            self._write(batch)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _write(self, batch: ShardRows) -> None:
+        files = batch.files
+        shard = min(files) // self.work.shard_size
+        try:
+            writer = self.open.get(shard) or self.open.setdefault(
+                shard, ShardWriter(self.work, shard, self.dtype, self.compression)
+            )
+            writer.append(batch)
+            if max(files) == self.work.shard_range(shard)[1] - 1:
+                writer.finish()
+                del self.open[shard]
+        except OSError as error:
+            self.discard()
+            raise self.work.write_error(error) from None
+
+    def discard(self) -> None:
+        for writer in self.open.values():
+            writer.discard()
+        self.open.clear()

@@ -1,0 +1,126 @@
+"""The package's shape: no import cycles, a light CLI, every torchvision classifier cut right."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from featx.models import load_backbone
+from featx.store import schema
+
+PACKAGE = Path(__file__).resolve().parents[1] / "featx"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """featx module → the featx modules it imports anywhere (in functions too: an import hidden
+    in a function is still a cycle)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    base = f"{base}.{node.module}" if node.module else base
+                # `from featx.store import schema` imports the module featx.store.schema
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_featx_has_no_import_cycle():
+    graph = import_graph()
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+    assert len(graph) > 30  # the walk saw the whole package
+
+
+def test_the_cli_imports_neither_torch_nor_h5py():
+    """`featx --help` and every usage error answer at once: heavy imports live in commands."""
+    code = "import sys, featx.cli; print(sorted(m for m in ('torch', 'h5py', 'numpy') if m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_a_run_fingerprint_holds_exactly_the_schema_keys(photos, tmp_path):
+    from featx import ExtractConfig, extract
+
+    out = tmp_path / "f.h5"
+    extract(photos, out, ExtractConfig(model="resnet18", weights="none", image_size=32, workers=0))
+    from featx import FeatureFile
+
+    with FeatureFile(out) as f:
+        assert set(schema.FINGERPRINT_KEYS) <= set(f.attrs)
+        assert f.attrs["weights"] == {
+            "source": "torchvision",
+            "name": "resnet18",
+            "weights": "none",
+            "file": None,
+            "sha256": None,
+        }
+
+
+def _classifier_input(model: nn.Module) -> int:
+    """What the model's final classifier takes: the last Linear, or SqueezeNet's last conv."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].in_features
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].in_channels
+
+
+CLASSIFIERS = sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_torchvision_classifier_lists_layers_and_defaults_to_its_classifier_input(name, cli):
+    """The model zoo sweep: built on the meta device (shapes, no arithmetic), so all of it is
+    cheap. The default layer's pooled dim is what the classifier consumes."""
+    result = cli("layers", name, "--json")
+    assert result.exit_code == 0, result.stderr
+    listing = json.loads(result.stdout)
+    dims = {layer["name"]: layer["dim"] for layer in listing["layers"]}
+    backbone = load_backbone(name, "none", shapes_only=True)
+    assert listing["default"] == backbone.default_layer()
+    assert dims[listing["default"]] == _classifier_input(backbone.model)
+
+
+def test_shapes_only_backbones_have_no_weights():
+    backbone = load_backbone("resnet18", "none", shapes_only=True)
+    assert next(backbone.model.parameters()).device == torch.device("meta")
