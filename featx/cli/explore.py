@@ -1,4 +1,5 @@
-"""``featx layers``, ``info``, ``models`` and ``plot``: looking at models and features files."""
+"""``featx layers``, ``info``, ``models``, ``plot`` and ``export``: looking at models and
+features files, and handing features to other tools."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from featx.cli._options import (
     ImageSize,
     Json,
     ModelName,
+    Overwrite,
     Pool,
+    Quiet,
 )
 from featx.config import ExtractConfig, settings
 from featx.errors import UsageError
@@ -173,3 +176,37 @@ def plot(
 
     result = plot_features(path, output, layer, max_points, (width, height))
     say(f"wrote {result['output']}: {result['points']} points of {result['layer']}")
+
+
+@app.command()
+@reports_errors
+def export(
+    path: FeaturesFile,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Parquet file, or folder of .npy files [default: FEATURES.parquet / FEATURES_npy]",
+        ),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="npy (a folder of .npy files) | parquet (pyarrow)")
+    ] = "npy",
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", help="Only this layer; repeat for several.")
+    ] = None,
+    overwrite: Overwrite = None,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """Write a features file as .npy files or a Parquet table: features, paths, labels, classes.
+
+    Example: featx export feats.h5 --format parquet -o feats.parquet
+    """
+    from featx.store.export import export as run_export
+
+    result = run_export(path, output, fmt, layer, bool(overwrite))
+    if as_json:
+        emit(result.as_dict())
+    say(f"wrote {result.output}: {result.rows} rows of {', '.join(result.layers)} ({fmt})", quiet)
