@@ -151,7 +151,9 @@ def test_every_first_hour_command_and_reading_snippet_runs_offline(tmp_path, mon
             subprocess.run([sys.executable, ROOT / words[1], *words[2:]], check=True)
         ran.append(words[1] if "featx" in words[0] else "sample_photos")
     assert {"sample_photos", "extract", "info", "plot", "export", "models"} <= set(ran)
-    assert (tmp_path / "feats.parquet").is_file() and (tmp_path / "features.png").is_file()
+    assert (tmp_path / "feats_npy" / "labels.npy").is_file() and (
+        tmp_path / "features.png"
+    ).is_file()
 
     snippets = reading_snippets()
     assert len(snippets) == 3
