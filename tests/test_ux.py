@@ -79,10 +79,18 @@ def test_a_stray_image_next_to_class_folders_is_a_warning_with_a_way_out(
     assert "featx: 6 unlabelled images" in result.stderr
 
 
-def test_every_extract_says_what_it_read_unless_quiet(photos, tmp_path, cli):
-    said = cli("extract", photos, "-o", tmp_path / "a.h5", *TINY)
+def test_every_extract_says_what_it_read_and_its_steady_speed_apart_from_start_up(
+    photos, tmp_path, cli
+):
+    said = cli("extract", photos, "-o", tmp_path / "a.h5", *TINY, "--batch-size", "2", "--json")
     assert said.exit_code == 0, said.stderr
     assert "featx: 5 images in 2 classes (animal, thing)" in said.stderr
+    summary = json.loads(said.stdout)
+    for kept in ("images_per_second", "elapsed_s", "loop_s"):  # the old keys stay
+        assert kept in summary
+    assert 0 < summary["startup_s"] <= summary["elapsed_s"]
+    assert summary["steady_images_per_second"] > 0
+    assert "img/s after" in said.stderr and "s of start-up" in said.stderr
     quiet = cli("extract", photos, "-o", tmp_path / "b.h5", *TINY, "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
@@ -116,6 +124,7 @@ def test_ctrl_c_before_any_shard_finished_does_not_promise_a_resume(
     assert "nothing is kept" in message and "again to resume" not in message
 
 
+@pytest.mark.slow
 def test_sigint_to_a_real_process_prints_stopping_then_the_images_kept(many_photos, tmp_path):
     out = tmp_path / "f.h5"
     command = [sys.executable, "-m", "featx", "extract", str(many_photos), "-o", str(out)]
@@ -141,13 +150,21 @@ def test_the_default_shard_is_about_a_minute_of_resnet50_on_a_slow_cpu():
 # --- 3. predict on images: a resume that is real ------------------------------------------------
 
 
-@pytest.fixture
-def head_file(photos, tmp_path, cli) -> Path:
-    features = tmp_path / "train.h5"
-    assert cli("extract", photos, "-o", features, *TINY, "-q").exit_code == 0
-    trained = cli("train-head", features, "-o", tmp_path / "p.head", "-q")
-    assert trained.exit_code == 0, trained.stderr
-    return tmp_path / "p.head"
+@pytest.fixture(scope="module")
+def features(photos, tmp_path_factory) -> Path:
+    """One small features file with two layers, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("ux") / "f.h5"
+    extract(photos, out, TINY_CONFIG.replace(layers=("layer1", "flatten"), quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def head_file(features) -> Path:
+    from featx.config import HeadConfig
+    from featx.heads.train import train_head
+
+    train_head(features, features.with_name("p.head"), HeadConfig(layer="flatten"))
+    return features.with_name("p.head")
 
 
 def test_interrupted_predict_on_images_resumes_from_its_kept_shards(
@@ -304,42 +321,25 @@ def test_steady_rate_leaves_the_first_batch_out():
     assert steady_rate(one_batch) == pytest.approx(2 / 5)
 
 
-def test_summary_reports_steady_speed_and_start_up_apart(photos, tmp_path, cli):
-    result = cli("extract", photos, "-o", tmp_path / "f.h5", *TINY, "--batch-size", "2", "--json")
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    for kept in ("images_per_second", "elapsed_s", "loop_s"):  # the old keys stay
-        assert kept in summary
-    assert 0 < summary["startup_s"] <= summary["elapsed_s"]
-    assert summary["steady_images_per_second"] > 0
-    assert "img/s after" in result.stderr and "s of start-up" in result.stderr
-
-
 def test_head_files_are_world_readable_like_every_other_output(head_file):
     umask = os.umask(0o022)
     os.umask(umask)
     assert head_file.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_evaluate_refuses_to_overwrite_its_metrics_unless_asked(head_file, tmp_path, cli):
-    features = tmp_path / "train.h5"
-    first = cli("evaluate", features, "--head", head_file, "-q")
+def test_evaluate_refuses_to_overwrite_its_metrics_unless_asked(features, head_file, tmp_path, cli):
+    metrics = ["--head", head_file, "-o", tmp_path / "m.json", "-q"]
+    first = cli("evaluate", features, *metrics)
     assert first.exit_code == 0, first.stderr
-    second = cli("evaluate", features, "--head", head_file, "-q")
+    written = (tmp_path / "m.json").read_text()
+    second = cli("evaluate", features, *metrics)
     assert second.exit_code == 2 and "--overwrite" in second.stderr
-    forced = cli("evaluate", features, "--head", head_file, "-q", "--overwrite")
+    assert (tmp_path / "m.json").read_text() == written
+    forced = cli("evaluate", features, *metrics, "--overwrite")
     assert forced.exit_code == 0, forced.stderr
 
 
 # --- 8. export ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def features(photos, tmp_path, cli) -> Path:
-    out = tmp_path / "f.h5"
-    made = cli("extract", photos, "-o", out, *TINY, "--layer", "layer1", "--layer", "flatten", "-q")
-    assert made.exit_code == 0, made.stderr
-    return out
 
 
 def reference(path: Path) -> dict:
@@ -354,10 +354,10 @@ def reference(path: Path) -> dict:
         }
 
 
-def test_export_npy_writes_features_paths_labels_and_class_names(features, tmp_path, cli):
+def test_export_npy_writes_features_paths_labels_and_class_names(features, cli):
     result = cli("export", features, "--format", "npy", "-q")
     assert result.exit_code == 0, result.stderr
-    folder = tmp_path / "f_npy"
+    folder = features.with_name("f_npy")  # the default: beside the features file
     expected = reference(features)
     for name in ("layer1", "flatten", "labels"):
         np.testing.assert_array_equal(np.load(folder / f"{name}.npy"), expected[name])
@@ -377,10 +377,13 @@ def test_export_npy_writes_features_paths_labels_and_class_names(features, tmp_p
 def test_export_parquet_has_one_row_per_image_with_its_class(features, tmp_path, cli):
     import pyarrow.parquet as pq
 
-    result = cli("export", features, "--format", "parquet", "--layer", "flatten", "--json")
+    out = tmp_path / "x.parquet"
+    result = cli(
+        "export", features, "--format", "parquet", "--layer", "flatten", "-o", out, "--json"
+    )
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["output"] == str(tmp_path / "f.parquet")
-    table = pq.read_table(tmp_path / "f.parquet")
+    assert json.loads(result.stdout)["output"] == str(out)
+    table = pq.read_table(out)
     expected = reference(features)
     assert table.column_names == ["path", "label", "class_name", "flatten"]
     assert table.column("path").to_pylist() == expected["paths"]
