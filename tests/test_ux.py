@@ -214,13 +214,21 @@ def test_usage_errors_come_before_torch_is_imported(photos, tmp_path):
     }
     if not _may_have_cuda():  # on a machine with a GPU driver, torch has to decide
         cases["cuda"] = [str(photos), "-o", out, "--device", "cuda"]
+    cases = {name: ["extract", *args] for name, args in cases.items()}
+    (tmp_path / "h.head").write_bytes(b"")
+    cases["predict_no_folder"] = ["predict", str(photos), "--head", str(tmp_path / "h.head"),
+                                  "-o", str(tmp_path / "missing" / "p.csv")]  # fmt: skip
+    cases["predict_no_head"] = ["predict", str(photos), "--head", str(tmp_path / "x.head"),
+                                "-o", str(tmp_path / "p.csv")]  # fmt: skip
+    cases["train_exists"] = ["train-head", str(tmp_path / "exists.h5"), "-o",
+                             str(tmp_path / "exists.h5")]  # fmt: skip
     script = textwrap.dedent(
         """
         import json, sys
         from featx.cli import main
         codes = {}
         for name, args in json.loads(sys.argv[1]).items():
-            sys.argv = ["featx", "extract", *args]
+            sys.argv = ["featx", *args]
             try:
                 main()
             except SystemExit as exit:
