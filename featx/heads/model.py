@@ -209,7 +209,7 @@ def check_same_extraction(
     if changes:
         raise HeadMismatch(
             f"{features.path} holds other features than {made_for} expects "
-            f"({'; '.join(changes)[:400]}); {remedy}"
+            f"({'; '.join(changes)}); {remedy}"
         )
 
 
