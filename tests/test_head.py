@@ -500,7 +500,7 @@ def test_predict_on_images_equals_extract_then_predict_on_features(
         assert float(row["top1_probability"]) + float(row["top2_probability"]) == pytest.approx(
             1, abs=1e-5
         )
-    assert not list(tmp_path.glob(".featx-predict-*"))  # the scratch extraction is gone
+    assert not list(tmp_path.glob(".a.csv.features.h5*"))  # the scratch extraction is gone
 
 
 def crops(array: np.ndarray, count: int, offset: int) -> list[np.ndarray]:

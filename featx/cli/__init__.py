@@ -1,7 +1,8 @@
 """The ``featx`` command: each command parses its flags, builds one config dataclass
 (``config.settings``), calls one library function, and prints; errors become one line and an
 exit code in ``_app.reports_errors``. Commands by family: extract.py (extract, bench, merge),
-explore.py (layers, info, models, plot), weights.py, heads.py (train-head, predict, evaluate).
+explore.py (layers, info, models, plot, export), weights.py, heads.py (train-head, predict,
+evaluate).
 """
 
 from __future__ import annotations

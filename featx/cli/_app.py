@@ -30,7 +30,11 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-RESUME_HINT = "finished shards are kept: run the same command again to resume"
+# A second Ctrl-C (or one outside extract's loop): files already published stay as they are.
+RESUME_HINT = (
+    "files already written are kept (an extract keeps its finished shards: run the same "
+    "command again to resume)"
+)
 
 
 def _print_version(value: bool) -> None:

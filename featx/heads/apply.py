@@ -2,7 +2,8 @@
 
 On an image folder, the backbone, weights, layer, pool and transform come from the head
 (``models.weights_spec`` turns the recorded provenance back into a ``--weights`` value), the
-features go to a temporary file beside the output, and the rest is the same as on a features
+features go to a hidden file beside the output (``scratch_features``: an interrupted run resumes
+there), and the rest is the same as on a features
 file. Either way :meth:`featx.heads.model.Head.check` refuses features of another extraction,
 and rows are read in blocks within the memory budget.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from featx.heads.model import Head, label_map, load_head, require_labels
 from featx.heads.reports import classification_metrics, report_paths, write_reports
 from featx.heads.rows import FeatureRows
 from featx.store import schema
-from featx.store.durable import atomic_output, check_writable
+from featx.store.durable import atomic_output, check_output
 from featx.store.reader import FeatureFile
 
 
@@ -57,10 +57,11 @@ def extraction_config(head: Head, config: PredictConfig = PredictConfig()) -> Ex
 
 @contextlib.contextmanager
 def features_of(
-    source: str | os.PathLike[str], head: Head, config: PredictConfig, scratch: Path
+    source: str | os.PathLike[str], head: Head, config: PredictConfig, out: Path
 ) -> Iterator[Path]:
     """A features file for ``source``: itself, or extracted from an image folder into
-    ``scratch`` (a temporary folder removed afterwards)."""
+    :func:`scratch_features` of ``out``, removed once used. An interrupted extraction keeps its
+    finished shards there, so running the same command again resumes it."""
     from featx.pipeline import extract
 
     path = Path(source)
@@ -69,18 +70,28 @@ def features_of(
         return
     if not path.is_dir():
         raise UsageError(f"source {source}: no such file or folder")
-    settings = extraction_config(head, config)
-    with tempfile.TemporaryDirectory(prefix=".featx-predict-", dir=scratch) as temporary:
-        out = Path(temporary) / "features.h5"
-        extract(path, out, settings)
-        with FeatureFile(out) as data:
+    # overwrite: a leftover file, or an unfinished run of other settings, is replaced; an
+    # unfinished run of these settings is resumed.
+    settings = extraction_config(head, config).replace(overwrite=True, quiet=config.quiet)
+    scratch = scratch_features(out)
+    try:
+        extract(path, scratch, settings, label=f"features of {path.name or source}")
+        with FeatureFile(scratch) as data:
             changes = schema.differences(head.extraction, data.extraction(head.layer))
         if changes:  # e.g. another torchvision version preprocesses differently
             raise HeadMismatch(
                 f"{source}: extracting with the settings head {head.path} records did not "
-                f"reproduce its features ({'; '.join(changes)[:400]})"
+                f"reproduce its features ({'; '.join(changes)})"
             )
-        yield out
+        yield scratch
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def scratch_features(out: Path) -> Path:
+    """Where predict/evaluate on images keep the features on the way to ``out``: a hidden file
+    beside it, the same for the same command, so an interrupted run resumes."""
+    return out.with_name(f".{out.name}.features.h5")
 
 
 def probabilities(
@@ -156,7 +167,7 @@ def predict(
     counts = np.zeros(len(names), dtype=np.int64)
     with atomic_output(out, config.overwrite) as temporary:
         with (
-            features_of(source, head, config, out.parent) as path,
+            features_of(source, head, config, out) as path,
             FeatureFile(path) as data,
             open(temporary, "w", newline="", encoding="utf-8") as handle,
         ):
@@ -204,15 +215,16 @@ def evaluate(
     config: PredictConfig = PredictConfig(),
 ) -> EvaluateResult:
     """Predict on a labelled set and measure: the same metrics JSON and confusion PNG as
-    ``train_head`` writes (reports are replaced if they exist; see ``evaluation_path``).
+    ``train_head`` writes (an existing metrics file is refused unless ``config.overwrite``;
+    see ``evaluation_path``).
 
     Example: ``evaluate("test_feats.h5", "cats.head").metrics["accuracy"]``
     """
     head = head if isinstance(head, Head) else load_head(head)
     metrics_path = Path(out) if out else evaluation_path(source, head.path or "head")
-    check_writable(metrics_path)
+    check_output(metrics_path, config.overwrite)
     picture_path = report_paths(metrics_path)[1]
-    with features_of(source, head, config, metrics_path.parent) as path, FeatureFile(path) as data:
+    with features_of(source, head, config, metrics_path) as path, FeatureFile(path) as data:
         head.check(data)
         require_labels(data, data.labels, "evaluate")
         truth = label_map(data, head.class_names)[data.labels]
@@ -228,5 +240,5 @@ def evaluate(
         **classification_metrics(truth, predicted, head.class_names),
     }
     title = f"{Path(str(head.path)).name} on {source}"
-    write_reports(metrics, metrics_path, picture_path, title, overwrite=True)
+    write_reports(metrics, metrics_path, picture_path, title, config.overwrite)
     return EvaluateResult(str(metrics_path), str(picture_path), metrics)

@@ -27,3 +27,9 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
         smoothing=0.05,
         colour=None if os.environ.get("NO_COLOR") else "green",
     )
+
+
+def note(message: str | None, quiet: bool = False, kind: str = "") -> None:
+    """One line for a person on stderr (``kind``: "warning: "), unless quiet or nothing to say."""
+    if message and not quiet:
+        print(f"featx: {kind}{message}", file=sys.stderr, flush=True)

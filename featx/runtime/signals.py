@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 class StopSignals:
     """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, notice: str = "") -> None:
+        """``notice`` is written to stderr at once on the first signal (the batch in flight
+        may take seconds to finish, and a bare ``^C`` looks like a hang)."""
+        self.notice = notice
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -24,6 +28,9 @@ class StopSignals:
         if self.received is not None:  # a second Ctrl-C: stop waiting for the batch in flight
             raise KeyboardInterrupt
         self.received = signum
+        if self.notice:
+            # os.write, not print: a handler may interrupt a print to stderr in progress.
+            os.write(2, self.notice.encode())
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():

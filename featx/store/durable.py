@@ -46,7 +46,7 @@ def check_writable(out: Path) -> None:
     """Fail before any work when the output's folder is missing or read-only."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise UsageError(f"output {out}: folder {parent} does not exist")
+        raise UsageError(f"output {out}: folder {parent} does not exist (mkdir -p {parent})")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"output {out}: folder {parent} is not writable")
     if out.is_dir():

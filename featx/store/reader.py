@@ -36,12 +36,19 @@ class FeatureFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UsageError(
+                f"{self.path} is a folder, not a features file "
+                f"(`featx extract {self.path} -o feats.h5` makes one)"
+            )
         try:
             self.file = h5py.File(self.path, "r")
         except FileNotFoundError:
             raise UsageError(f"{self.path}: no such file") from None
-        except OSError as error:
-            raise UsageError(f"{self.path}: not a readable HDF5 file ({error})") from None
+        except PermissionError:
+            raise UsageError(f"{self.path}: permission denied") from None
+        except OSError:  # HDF5's own message is several lines of internals
+            raise UsageError(f"{self.path}: not an HDF5 file (or a damaged one)") from None
         if schema.FEATURES not in self.file or schema.PATHS not in self.file:
             self.file.close()
             raise UsageError(f"{self.path}: not a featx features file (no features/ or paths)")

@@ -113,7 +113,7 @@ def open_work_dir(
         if changes:
             raise ResumeMismatch(
                 f"{out}: an unfinished run with other settings is in {path} "
-                f"({'; '.join(changes)[:400]}); run it with its own settings to finish it, "
+                f"({'; '.join(changes)}); run it with its own settings to finish it, "
                 f"or pass --overwrite to discard it"
             )
         return WorkDir(out, fingerprint, shard_size, total, meta["created"])

@@ -1,0 +1,71 @@
+"""What an extraction can refuse before torch is imported: the work list, the output path, a
+device this machine cannot have. The CLI calls :func:`preflight` before it imports
+``featx.pipeline`` (usage errors in well under a second); ``pipeline.make_plan`` calls it too, so
+the library refuses the same things in the same words.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from featx.config import ExtractConfig
+from featx.data.worklist import IMAGE_SUFFIXES, ImageList, scan_folder
+from featx.errors import UsageError
+from featx.store import schema
+from featx.store.durable import check_output, refuse_existing
+
+
+def preflight(
+    source: str | os.PathLike[str] | ImageList, out: Path, config: ExtractConfig
+) -> ImageList:
+    """The work list of ``source`` (labelled by ``config.labels_csv``), once the output path and
+    the named device have passed every check that needs no model.
+
+    Example: ``preflight("photos/", Path("feats.h5"), ExtractConfig()).describe()``
+    """
+    check_output(out, overwrite=True)  # folder exists and is writable; an existing file: below
+    if config.shard is not None:
+        out = schema.part_path(out, *config.shard)
+    refuse_existing(out, config.overwrite)
+    check_device_exists(config.device)
+    images = source if isinstance(source, ImageList) else scan_folder(source)
+    if config.labels_csv and images.labels_from != config.labels_csv:
+        images = images.relabelled(config.labels_csv)
+    if not len(images):
+        raise UsageError(
+            f"source {images.root}: no image files found "
+            f"(looked for {', '.join(s[1:] for s in IMAGE_SUFFIXES)})"
+        )
+    return images
+
+
+def check_device_exists(spec: str) -> None:
+    """Refuse ``cuda`` / ``mps`` where the machine certainly has none, without importing torch.
+
+    Only certain absences are refused: CUDA on Linux with no NVIDIA driver
+    (``/proc/driver/nvidia``, ``nvidia-smi``), no ROCm (``/dev/kfd``) and no WSL GPU
+    (``/dev/dxg``); CUDA on macOS; MPS anywhere but macOS. Everything else is left to
+    ``runtime.device.pick_device``.
+    """
+    kind = spec.split(":")[0]
+    if kind == "cuda" and not _may_have_cuda():
+        raise UsageError(
+            f"--device {spec}: CUDA is not available on this machine (no GPU driver found); "
+            "use --device cpu or auto"
+        )
+    if kind == "mps" and sys.platform != "darwin":
+        raise UsageError(
+            f"--device {spec}: MPS is only on Apple silicon Macs; use --device cpu or auto"
+        )
+
+
+def _may_have_cuda() -> bool:
+    if sys.platform == "darwin":
+        return False
+    if not sys.platform.startswith("linux"):
+        return True  # Windows and others: torch decides
+    markers = ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg", "/dev/nvidiactl")
+    return any(os.path.exists(marker) for marker in markers) or bool(shutil.which("nvidia-smi"))
