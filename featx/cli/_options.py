@@ -16,7 +16,7 @@ import typer
 from featx.config import POOLS, ExtractConfig, HeadConfig, PredictConfig
 
 _E, _H, _P = ExtractConfig, HeadConfig, PredictConfig
-MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0"
+MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0|1|2 (offline-ready)"
 
 # --- what extract computes --------------------------------------------------------------------
 Model = Annotated[str | None, typer.Option(help=f"{MODEL_HELP} [default: {_E.model}]")]
