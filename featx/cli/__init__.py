@@ -1,7 +1,8 @@
 """The ``featx`` command: each command parses its flags, builds one config dataclass
 (``config.settings``), calls one library function, and prints; errors become one line and an
 exit code in ``_app.reports_errors``. Commands by family: extract.py (extract, bench, merge),
-explore.py (layers, info, models, plot), weights.py, heads.py (train-head, predict, evaluate).
+explore.py (layers, info, models, plot), weights.py, heads.py (train-head, predict, evaluate),
+probe.py (probe).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from featx.cli import explore, extract, heads, weights  # noqa: F401  (they register commands)
+from featx.cli import explore, extract, heads, probe, weights  # noqa: F401  (they register)
 from featx.cli._app import RESUME_HINT, app
 from featx.errors import EXIT_BROKEN_PIPE
 
