@@ -91,7 +91,7 @@ def main() -> None:
         print(probe_table(result), file=sys.stderr)
         total = time.perf_counter() - started
 
-    rows = len(next(iter(result.probes)).fold_accuracy) and result.probes[0].rows
+    rows = result.probes[0].rows
     scores = {(Path(p.file).stem, p.layer): p for p in result.probes}
     names = [Path(f).stem for f in files]
     print(

@@ -23,6 +23,7 @@ import os
 import shlex
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class ProbeResult:
 
 
 def probe(
-    features: list[str | os.PathLike[str]] | list[str] | list[Path],
+    features: Sequence[str | os.PathLike[str]],
     config: ProbeConfig = ProbeConfig(),
 ) -> ProbeResult:
     """Linear-probe every layer of every file (or ``config.layers``); best first.
