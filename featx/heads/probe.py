@@ -186,6 +186,7 @@ def probe_picture(
         by_file.setdefault(p.file, []).append(p)
     known_depth = all(p.depth is not None for p in result.probes)
     figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
+    named: set[str] = set()
     for file, probes in by_file.items():
         if known_depth:
             probes.sort(key=lambda p: p.depth or 0.0)
@@ -200,9 +201,11 @@ def probe_picture(
             label=label,
         )
         for xi, p in zip(x, probes, strict=True):
-            axes.annotate(
-                p.layer, (xi, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
+            if p.layer not in named:  # each layer name once: backbones often share them
+                named.add(p.layer)
+                axes.annotate(
+                    p.layer, (xi, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
     axes.set_xlabel(
         "layer depth (position among the model's cut points, 0 to 1)"
         if known_depth
