@@ -362,6 +362,45 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """How `featx probe` measures every layer of every file: nested, stratified cross-validation
+    of the linear head (train-head's L-BFGS on scikit-learn's objective).
+
+    Each of ``folds`` outer folds is held out in turn; C is chosen from ``c_grid`` by mean
+    accuracy over ``inner_folds`` folds of the other rows alone, refitted on all of them with
+    that C, then scored on the held-out fold. Standardisation comes from the training rows of
+    each fit only.
+    Example: ``ProbeConfig(folds=5, max_rows=5000, layers=("layer3", "flatten"))``
+    """
+
+    folds: int = 5
+    inner_folds: int = 3  # folds of the training rows that choose C
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # scikit-learn's C: 1 / (λ · rows)
+    layers: tuple[str, ...] = ()  # empty: every layer of every file
+    max_rows: int | None = None  # a stratified, seeded subsample of each file for a quick look
+    epochs: int = 100  # L-BFGS epochs of 20 iterations at most per fit, as train-head
+    seed: int = 0  # the folds and the subsample
+    device: str = "auto"
+    memory_budget: str = "2GB"  # a layer that fits is read once; larger ones stream per fit
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise UsageError("--folds must be at least 2")
+        if self.inner_folds < 2:
+            raise UsageError("--inner-folds must be at least 2")
+        if not self.c_grid or not all(c > 0 for c in self.c_grid):
+            raise UsageError("--c-grid: expected one or more positive values of C")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise UsageError("--max-rows must be at least 2")
+        if self.epochs < 1:
+            raise UsageError("--epochs must be at least 1")
+        parse_bytes(self.memory_budget)
+
+    def replace(self, **changes: Any) -> ProbeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """How `featx predict` and `featx evaluate` run; what they compute comes from the head.
 

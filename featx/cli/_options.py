@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
-from featx.config import POOLS, ExtractConfig, HeadConfig, PredictConfig
+from featx.config import POOLS, ExtractConfig, HeadConfig, PredictConfig, ProbeConfig
 
-_E, _H, _P = ExtractConfig, HeadConfig, PredictConfig
-MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0"
+_E, _H, _P, _R = ExtractConfig, HeadConfig, PredictConfig, ProbeConfig
+MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0|1|2 (offline-ready)"
 
 # --- what extract computes --------------------------------------------------------------------
 Model = Annotated[str | None, typer.Option(help=f"{MODEL_HELP} [default: {_E.model}]")]
@@ -130,4 +130,34 @@ HeadWorkers = Annotated[
 ]
 Seed = Annotated[
     int | None, typer.Option(help=f"Seeds the split, init and shuffling [default: {_H.seed}]")
+]
+
+# --- probe ------------------------------------------------------------------------------------
+Folds = Annotated[
+    int | None, typer.Option(help=f"Stratified cross-validation folds [default: {_R.folds}]")
+]
+InnerFolds = Annotated[
+    int | None,
+    typer.Option(help=f"Folds of the training rows that choose C [default: {_R.inner_folds}]"),
+]
+CGrid = Annotated[
+    list[float] | None,
+    typer.Option(
+        help="A value of C (scikit-learn's inverse L2 strength) to choose from; repeat "
+        f"[default: {', '.join(f'{c:g}' for c in _R.c_grid)}]"
+    ),
+]
+ProbeLayers = Annotated[
+    list[str] | None,
+    typer.Option("--layer", help="A layer to probe; repeat [default: every layer of each file]"),
+]
+MaxRows = Annotated[
+    int | None,
+    typer.Option(help="Probe a stratified, seeded subsample of this many rows [default: all]"),
+]
+ProbeEpochs = Annotated[
+    int | None,
+    typer.Option(
+        help=f"At most this many L-BFGS epochs (20 iterations) a fit [default: {_R.epochs}]"
+    ),
 ]

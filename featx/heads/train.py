@@ -142,6 +142,34 @@ def train_head(
     return TrainResult(str(out), str(metrics_path), str(picture_path), metrics)
 
 
+def fit_linear(
+    rows: FeatureRows, labels: np.ndarray, classes: int, config: HeadConfig, device: torch.device
+) -> HeadModule:
+    """A linear head solved on ``rows`` alone: standardised by their own statistics, then
+    train-head's L-BFGS on scikit-learn's objective (``C = 1 / (config.decay(n) * n)``) until it
+    converges or ``config.epochs`` are spent; no validation rows, no early stopping.
+
+    ``labels`` holds one label per file row of ``rows.dataset``. ``featx probe`` fits this way.
+    Example: ``fit_linear(rows, f.labels, 10, HeadConfig(weight_decay=1e-3), torch.device("cpu"))``
+    """
+    mean, std = standardisation(rows)
+    with _seeded(config.seed, device):
+        module = HeadModule(rows.dim, classes, "linear", 1, 0.0)
+        module.mean.copy_(torch.from_numpy(mean))
+        module.std.copy_(torch.from_numpy(std))
+        module.to(device)
+        train = _DeviceRows(rows, labels[rows.index], module, device)
+        _fit(module.net, train, None, config.replace(head="linear"), None)
+    return module.eval()
+
+
+def predicted(
+    module: HeadModule, rows: FeatureRows, labels: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) of ``rows`` in file order; ``labels`` as in fit_linear."""
+    return _DeviceRows(rows, labels[rows.index], module, device).predictions(module.net)
+
+
 def _header(
     config: HeadConfig,
     names: list[str],
@@ -179,11 +207,15 @@ class _Fit:
 def _fit(
     net: nn.Module,
     train: _DeviceRows,
-    val: _DeviceRows,
+    val: _DeviceRows | None,
     config: HeadConfig,
     weights: torch.Tensor | None,
 ) -> _Fit:
-    """The training loop: one epoch, one validation loss, keep the best; stop early."""
+    """The training loop: one epoch, one validation loss, keep the best; stop early.
+
+    Without ``val`` (``featx probe``, which measures on held-out folds itself) it solves the
+    objective: it runs until L-BFGS converges or ``config.epochs`` are spent, and keeps the end.
+    """
     decayed = [p for p in net.parameters() if p.ndim > 1]  # weights; biases are not decayed
     decay = config.decay(len(train))
     biases = [p for p in net.parameters() if p.ndim <= 1]
@@ -236,7 +268,7 @@ def _fit(
                 batch_loss.backward()
                 optimizer.step()
         net.eval()
-        val_loss = val.mean_loss(net, weights)
+        val_loss = val.mean_loss(net, weights) if val is not None else -float(epoch)
         if val_loss < best:
             best, best_epoch, waited = val_loss, epoch, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -251,7 +283,7 @@ def _fit(
     if best_state is None:
         raise FeatxError("training diverged (the validation loss is not a number); lower --lr")
     net.load_state_dict(best_state)
-    return _Fit(epoch, best_epoch, round(best, 6), stopped)
+    return _Fit(epoch, best_epoch, round(best, 6) if val is not None else math.nan, stopped)
 
 
 class _DeviceRows:

