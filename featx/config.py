@@ -378,7 +378,7 @@ class ProbeConfig:
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # scikit-learn's C: 1 / (λ · rows)
     layers: tuple[str, ...] = ()  # empty: every layer of every file
     max_rows: int | None = None  # a stratified, seeded subsample of each file for a quick look
-    epochs: int = 100  # L-BFGS epochs of 20 iterations at most per fit, as train-head
+    epochs: int = 5  # L-BFGS epochs of 20 iterations: 100 at most per fit, scikit-learn's max_iter
     seed: int = 0  # the folds and the subsample
     device: str = "auto"
     memory_budget: str = "2GB"  # a layer that fits is read once; larger ones stream per fit
