@@ -18,6 +18,7 @@ import typer
 
 from featx import __version__
 from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError
+from featx.safe_text import for_terminal
 
 app = typer.Typer(
     name="featx",
@@ -59,7 +60,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FeatxError as error:
-            typer.echo(f"featx: error: {error}", err=True)
+            typer.echo(f"featx: error: {for_terminal(str(error))}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             typer.echo(f"featx: interrupted by SIGINT; {RESUME_HINT}", err=True)
@@ -80,6 +81,6 @@ def emit(data: Any) -> None:
 
 
 def say(message: str, quiet: bool = False) -> None:
-    """Human output: stderr."""
+    """Human output: stderr, control characters in names escaped."""
     if not quiet:
-        typer.echo(message, err=True)
+        typer.echo(for_terminal(message, newlines=True), err=True)

@@ -23,6 +23,7 @@ from featx.cli._options import (
     Labels,
     Layers,
     MaxFailures,
+    MaxFileBytes,
     MaxImagePixels,
     Model,
     Overwrite,
@@ -37,6 +38,7 @@ from featx.cli._options import (
 )
 from featx.config import ExtractConfig, settings
 from featx.errors import TooManyFailures, UsageError
+from featx.inputs import MAX_LIST_BYTES, read_input
 
 
 @app.command()
@@ -78,6 +80,7 @@ def extract(
     shard: Shard = None,
     max_failures: MaxFailures = None,
     max_image_pixels: MaxImagePixels = None,
+    max_file_bytes: MaxFileBytes = None,
     decode: Decode = None,
     compile_model: Compile = None,
     compression: Compression = None,
@@ -96,6 +99,16 @@ def extract(
     if output is None:
         raise UsageError("missing option -o / --output: the HDF5 file to write")
     images = _image_source(source, files_from, null, root)
+    if isinstance(images, str):
+        from featx.data.worklist import scan_folder
+
+        images = scan_folder(images)
+        if images.skipped_links:
+            say(
+                f"featx: skipped {images.skipped_links} symbolic link(s) into /proc, /sys, /dev "
+                "or to a folder holding the source",
+                quiet,
+            )
 
     from featx.pipeline import extract as run_extract
 
@@ -129,13 +142,7 @@ def _image_source(
     if source == "-":
         if sys.stdin.isatty():
             raise UsageError("SOURCE is - but stdin is a terminal: pipe a list of paths in")
-        data = sys.stdin.buffer.read()
-    else:
-        assert files_from is not None  # noqa: S101  (both None is refused above)
-        try:
-            data = files_from.read_bytes()
-        except OSError as error:
-            raise UsageError(f"--files-from {files_from}: {error.strerror}") from None
+    data = read_input(files_from or "-", "--files-from" if files_from else "SOURCE", MAX_LIST_BYTES)
     from featx.data.worklist import read_path_list
 
     entries = [os.fsdecode(item) for item in data.split(b"\0" if null else b"\n")]

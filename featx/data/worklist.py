@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 
 from featx.errors import UsageError
+from featx.inputs import MAX_LIST_BYTES, read_input
+from featx.safe_text import stored_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -25,6 +28,7 @@ class ImageList:
     paths: list[str]  # relative, as os.fsdecode gives them (surrogate escapes kept for reading)
     labels: list[int]  # -1 when unlabelled
     class_names: list[str]
+    skipped_links: int = 0  # links the folder scan would not follow (scan_folder)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,8 +52,8 @@ class ImageList:
 
 
 def printable(path: str) -> str:
-    """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as valid UTF-8, unambiguously (``featx.safe_text.stored_name``)."""
+    return stored_name(path)
 
 
 def is_image_name(name: str) -> bool:
@@ -61,7 +65,9 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
 
     Class folders (a top level holding only subfolders) become labels in sorted folder order,
     as torchvision's ImageFolder does. Symlinks are followed once: a loop is not re-entered and a
-    file reached twice is listed once.
+    file reached twice is listed once. A link into ``/proc``, ``/sys`` or ``/dev``, or to a
+    folder that holds ``source`` (``/``, the home folder), is not followed but counted in
+    ``skipped_links``: one planted link must not turn a scan into a scan of the machine.
 
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
@@ -82,17 +88,24 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths: list[str] = []  # broken links: listed, so that failed/ reports them
     found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
     seen_dirs: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    skipped = 0
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
         info = os.stat(directory)
         if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
             dirnames[:] = []
             continue
         seen_dirs.add((info.st_dev, info.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        visible = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in visible if _may_follow(os.path.join(directory, d), real_root)]
+        skipped += len(visible) - len(dirnames)
         for name in sorted(filenames):
             if name.startswith(".") or not is_image_name(name):
                 continue
             full = os.path.join(directory, name)
+            if not _may_follow(full, real_root):
+                skipped += 1
+                continue
             relative = os.path.relpath(full, root)
             if not os.path.exists(full):  # a dangling link, or a loop of links
                 paths.append(relative)
@@ -105,7 +118,20 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths.extend(relative for _, relative in found.values())
     paths.sort(key=os.fsencode)
     labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
-    return ImageList(root, paths, labels, class_names)
+    return ImageList(root, paths, labels, class_names, skipped)
+
+
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _may_follow(path: str, real_root: str) -> bool:
+    """False for a link into a system folder or to a folder that holds the scanned one."""
+    if not os.path.islink(path):
+        return True
+    real = os.path.realpath(path)
+    inside = (real_root + os.sep).startswith(real.rstrip(os.sep) + os.sep)  # / or an ancestor
+    system = any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
+    return not (inside or system)
 
 
 def _top_folder(relative: str) -> str:
@@ -139,11 +165,10 @@ def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -
 def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
     """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional; CSV paths are
     relative to the source folder or ``--root``). Class names are the labels of listed files."""
+    data = read_input(csv_path, "--labels", MAX_LIST_BYTES)
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-            rows = [row for row in csv.reader(handle) if row]
-    except OSError as error:
-        raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
+        text = data.decode("utf-8-sig")  # -sig: Excel's BOM
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]
     except (UnicodeDecodeError, csv.Error) as error:
         raise UsageError(f"--labels {csv_path}: not a UTF-8 CSV file ({error})") from None
     if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
