@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._app import app, emit, libraries_silenced, reports_errors, say
 from featx.cli._options import (
     BatchSize,
     Compile,
@@ -113,7 +113,8 @@ def extract(
     from featx.pipeline import extract as run_extract
 
     try:
-        result = run_extract(images, output, options)
+        with libraries_silenced(quiet):
+            result = run_extract(images, output, options)
     except TooManyFailures as error:  # the file was written: its summary still goes to stdout
         if as_json and error.result is not None:
             emit(error.result.as_dict())
