@@ -54,6 +54,7 @@ def bench(
         config.background,
         config.max_image_pixels,
         "cpu" if config.decode == "gpu" else config.decode,
+        config.max_file_size,
     )
 
     sample = images.paths[:decode_samples]

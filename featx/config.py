@@ -22,6 +22,13 @@ POOLS = ("avg", "max", "flatten", "none", "cls")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = ("float32", "float16")
 DECODES = ("cpu", "fast", "gpu")
+# Upper bounds of the size options: far above any real use, far below what exhausts memory
+# (an --image-size of 100000 would allocate 240 GB for one batch).
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH_SIZE = 1 << 16
+MAX_SHARD_SIZE = 1 << 22
+MAX_WORKERS = 512
+DEFAULT_MAX_FILE_BYTES = "1GB"  # no real photo comes near; a padded or sparse file does
 
 
 def default_workers() -> int:
@@ -52,6 +59,7 @@ class ExtractConfig:
     decode: str = "cpu"  # cpu | fast (JPEG DCT scaling) | gpu (nvJPEG)
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
     max_image_pixels: int | None = None  # None: Pillow's decompression-bomb limit
+    max_file_bytes: int | str = DEFAULT_MAX_FILE_BYTES  # larger image files fail unread
     labels_csv: str | None = None
     # How it runs.
     # The unit of resume: an interrupted run loses at most the shard in flight, about a minute
@@ -75,15 +83,12 @@ class ExtractConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("decode", self.decode, DECODES)
         _check_choice("compression", self.compression, ("none", "lzf"))
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be 0 or more")
-        if self.image_size is not None and self.image_size < 8:
-            raise UsageError("--image-size must be at least 8")
-        if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise UsageError("--max-image-pixels must be at least 1")
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_range("shard_size", self.shard_size, 1, MAX_SHARD_SIZE)
+        check_range("workers", self.workers, 0, MAX_WORKERS)
+        check_range("image_size", self.image_size, 8, MAX_IMAGE_SIZE)
+        check_range("max_image_pixels", self.max_image_pixels, 1, 1 << 40)
+        parse_bytes(self.max_file_bytes, "--max-file-bytes")
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):
             raise UsageError(
                 f"background {list(self.background)}: expected three values from 0 to 255"
@@ -95,11 +100,25 @@ class ExtractConfig:
                 raise UsageError(f"--shard {k}/{n}: expected K/N with 0 <= K < N")
 
     @property
+    def max_file_size(self) -> int:
+        """``max_file_bytes`` in bytes."""
+        return parse_bytes(self.max_file_bytes, "--max-file-bytes")
+
+    @property
     def num_workers(self) -> int:
         return default_workers() if self.workers is None else self.workers
 
     def replace(self, **changes: Any) -> ExtractConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_range(name: str, value: int | None, low: int, high: int) -> None:
+    """UsageError unless ``value`` (when given) lies in ``[low, high]``."""
+    flag = "--" + name.replace("_", "-")
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be at least {low}")
+    if value is not None and value > high:
+        raise UsageError(f"{flag} must be at most {high}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -150,11 +169,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def load_toml(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
     """Options for one command from a TOML file: its ``[section]`` table, or the top level."""
+    from featx.inputs import MAX_CONFIG_BYTES, read_input
+
+    text = read_input(path, "--config", MAX_CONFIG_BYTES)
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"--config {path}: not valid TOML ({error})") from None
     table = data.get(section, data)
@@ -281,7 +302,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 _BYTE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_bytes(spec: str | int) -> int:
+def parse_bytes(spec: str | int, option: str = "--memory-budget") -> int:
     """'2GB' → 2147483648; '512MB', '64K', '1.5G' or a plain count of bytes (powers of 1024)."""
     text = str(spec).strip().upper().removesuffix("IB").removesuffix("B")
     number, unit = (text[:-1], text[-1]) if text[-1:] in _BYTE_UNITS and text[-1:] else (text, "")
@@ -290,7 +311,7 @@ def parse_bytes(spec: str | int) -> int:
     except (ValueError, OverflowError):  # 'x', 'inf'
         value = 0
     if value < 1:
-        raise UsageError(f"--memory-budget {spec!r}: expected a size such as 512MB or 2GB")
+        raise UsageError(f"{option} {spec!r}: expected a size such as 512MB or 2GB")
     return value
 
 
@@ -326,9 +347,10 @@ class HeadConfig:
         _check_choice("head", self.head, HEADS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("class-weight", self.class_weight, CLASS_WEIGHTS)
-        for name in ("hidden", "epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        check_range("hidden", self.hidden, 1, 1 << 16)
+        check_range("epochs", self.epochs, 1, 1 << 24)
+        check_range("batch_size", self.batch_size, 1, 1 << 24)
+        check_range("patience", self.patience, 1, 1 << 24)
         if not 0 <= self.dropout < 1:
             raise UsageError("--dropout must be in [0, 1)")
         if not 0 < self.val_split < 1:
@@ -417,10 +439,7 @@ class PredictConfig:
     quiet: bool = False  # no notes on stderr: errors only
 
     def __post_init__(self) -> None:
-        if self.top_k < 0:
-            raise UsageError("--top-k must be 0 or more")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be 0 or more")
+        check_range("top_k", self.top_k, 0, 1 << 20)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_range("workers", self.workers, 0, MAX_WORKERS)
         parse_bytes(self.memory_budget)

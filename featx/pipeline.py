@@ -147,7 +147,11 @@ def make_plan(
         raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
     precision = devices.pick_precision(config.precision, device)
     policy = DecodePolicy(
-        backbone.transform, config.background, config.max_image_pixels, config.decode
+        backbone.transform,
+        config.background,
+        config.max_image_pixels,
+        config.decode,
+        config.max_file_size,
     )
     fingerprint = {
         "model": config.model,

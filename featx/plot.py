@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from featx.errors import UsageError
-from featx.store.durable import check_writable
+from featx.store.durable import atomic_output, check_writable
 from featx.store.reader import FeatureFile
 
 
@@ -85,7 +85,9 @@ def plot_features(
     if len(np.unique(labels)) <= 20:
         axes.legend(loc="best", fontsize="small", markerscale=1.5)
     figure.tight_layout()
-    figure.savefig(out, dpi=dpi)
+    # Through a private temporary: a link planted at ``out`` is replaced, never written through.
+    with atomic_output(out, overwrite=True) as temporary:
+        figure.savefig(temporary, dpi=dpi, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(figure)
     return {
         "output": str(out),

@@ -7,17 +7,20 @@ Exit codes: 0 done, 1 failed, 2 usage error, 3 too many failed images, 130/143 i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from featx import __version__
 from featx.errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, FeatxError
+from featx.safe_text import for_terminal
 
 app = typer.Typer(
     name="featx",
@@ -63,7 +66,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FeatxError as error:
-            typer.echo(f"featx: error: {error}", err=True)
+            typer.echo(f"featx: error: {for_terminal(str(error))}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             typer.echo(f"featx: interrupted by SIGINT; {RESUME_HINT}", err=True)
@@ -77,6 +80,42 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def libraries_silenced(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``, what decoders print themselves (Pillow's warnings, libtiff's C-level
+    messages on file descriptor 2, in this process and in the decode workers it forks) goes
+    nowhere, while featx's own lines (``sys.stderr``) still reach the real stderr."""
+    if not quiet:
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    own_stream = _writes_to_fd2(sys.stderr)
+    stream = sys.stderr
+    try:
+        if own_stream:
+            sys.stderr.flush()
+            sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        if sys.stderr is not stream:
+            sys.stderr.close()
+            sys.stderr = stream
+
+
+def _writes_to_fd2(stream: Any) -> bool:
+    try:
+        return bool(stream.fileno() == 2)
+    except (AttributeError, OSError, ValueError):  # a test runner's in-memory stream
+        return False
+
+
 def emit(data: Any) -> None:
     """Machine output: JSON on stdout, one document."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -84,6 +123,6 @@ def emit(data: Any) -> None:
 
 
 def say(message: str, quiet: bool = False) -> None:
-    """Human output: stderr."""
+    """Human output: stderr, control characters in names escaped."""
     if not quiet:
-        typer.echo(message, err=True)
+        typer.echo(for_terminal(message, newlines=True), err=True)

@@ -60,6 +60,12 @@ MaxImagePixels = Annotated[
     int | None,
     typer.Option(help="Decompression-bomb limit in pixels [default: Pillow's, 89478485]"),
 ]
+MaxFileBytes = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Image files larger than this fail unread, e.g. 200MB [default: {_E.max_file_bytes}]"
+    ),
+]
 Labels = Annotated[
     Path | None, typer.Option(help="CSV of path,label: labels for listed files or flat folders.")
 ]

@@ -23,6 +23,7 @@ from featx.cli._options import (
 )
 from featx.config import ExtractConfig, settings
 from featx.errors import UsageError
+from featx.safe_text import for_terminal
 
 
 @app.command()
@@ -64,6 +65,11 @@ def layers(
         print(f"{info.name:<{width}}  {shape:<18} {info.dim:>9} {info.mb_per_1000:>10.2f}{mark}")
 
 
+def show(line: str) -> None:
+    """A line for a person's terminal: names in it come from files, so controls are escaped."""
+    print(for_terminal(line))
+
+
 @app.command()
 @reports_errors
 def info(
@@ -82,34 +88,34 @@ def info(
     if as_json:
         emit({**summary, "failed_files": [{"path": p, "error": e} for p, e in failed]})
         return
-    print(
+    show(
         f"{path}: {summary['images']} images, {summary['failed']} failed, "
         f"complete={summary.get('complete')}"
     )
     weights = summary.get("weights")
     if isinstance(weights, dict):
         weights = weights.get("file") or weights.get("weights")
-    print(f"model {summary.get('model')}  weights {weights}  pool {summary.get('pool')}")
+    show(f"model {summary.get('model')}  weights {weights}  pool {summary.get('pool')}")
     for name, shape in summary["feature_shapes"].items():
-        print(
+        show(
             f"  features/{name}: {summary['images']} x {' x '.join(map(str, shape))} "
             f"{summary['dtype']}"
         )
     if summary["class_counts"]:
         counts = ", ".join(f"{k} {v}" for k, v in summary["class_counts"].items())
-        print(
+        show(
             f"classes: {counts}"
             + (f", unlabelled {summary['unlabelled']}" if summary["unlabelled"] else "")
         )
-    print(f"transform: {json.dumps(summary.get('transform'))}")
-    print(
+    show(f"transform: {json.dumps(summary.get('transform'))}")
+    show(
         f"created {summary.get('created')} by featx {summary.get('featx_version')}, "
         f"torch {summary.get('torch_version')}, torchvision {summary.get('torchvision_version')}"
     )
     for p, e in failed[:20]:
-        print(f"  failed: {p}: {e}")
+        show(f"  failed: {p}: {e}")
     if len(failed) > 20:
-        print(f"  ... and {len(failed) - 20} more (featx info --json lists all)")
+        show(f"  ... and {len(failed) - 20} more (featx info --json lists all)")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._app import app, emit, libraries_silenced, reports_errors, say
 from featx.cli._options import (
     BatchSize,
     Compile,
@@ -23,6 +23,7 @@ from featx.cli._options import (
     Labels,
     Layers,
     MaxFailures,
+    MaxFileBytes,
     MaxImagePixels,
     Model,
     Overwrite,
@@ -37,6 +38,7 @@ from featx.cli._options import (
 )
 from featx.config import ExtractConfig, settings
 from featx.errors import TooManyFailures, UsageError
+from featx.inputs import MAX_LIST_BYTES, read_input
 
 
 @app.command()
@@ -78,6 +80,7 @@ def extract(
     shard: Shard = None,
     max_failures: MaxFailures = None,
     max_image_pixels: MaxImagePixels = None,
+    max_file_bytes: MaxFileBytes = None,
     decode: Decode = None,
     compile_model: Compile = None,
     compression: Compression = None,
@@ -98,11 +101,18 @@ def extract(
     from featx.preflight import preflight  # no torch: usage errors come at once
 
     images = preflight(_image_source(source, files_from, null, root), output, options)
+    if images.skipped_links:
+        say(
+            f"featx: skipped {images.skipped_links} symbolic link(s) into /proc, /sys, /dev "
+            "or to a folder holding the source",
+            quiet,
+        )
 
     from featx.pipeline import extract as run_extract
 
     try:
-        result = run_extract(images, output, options)
+        with libraries_silenced(quiet):
+            result = run_extract(images, output, options)
     except TooManyFailures as error:  # the file was written: its summary still goes to stdout
         if as_json and error.result is not None:
             emit(error.result.as_dict())
@@ -140,13 +150,7 @@ def _image_source(
     if source == "-":
         if sys.stdin.isatty():
             raise UsageError("SOURCE is - but stdin is a terminal: pipe a list of paths in")
-        data = sys.stdin.buffer.read()
-    else:
-        assert files_from is not None  # noqa: S101  (both None is refused above)
-        try:
-            data = files_from.read_bytes()
-        except OSError as error:
-            raise UsageError(f"--files-from {files_from}: {error.strerror}") from None
+    data = read_input(files_from or "-", "--files-from" if files_from else "SOURCE", MAX_LIST_BYTES)
     from featx.data.worklist import read_path_list
 
     entries = [os.fsdecode(item) for item in data.split(b"\0" if null else b"\n")]

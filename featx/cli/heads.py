@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._app import app, emit, libraries_silenced, reports_errors, say
 from featx.cli._options import (
     Config,
     FeatureLayer,
@@ -169,7 +169,8 @@ def predict(
 
     from featx.heads.apply import predict as run_predict
 
-    result = run_predict(source, head, output, options)
+    with libraries_silenced(quiet):
+        result = run_predict(source, head, output, options)
     if as_json:
         emit(result.as_dict())
     _report_failures(result.failed, quiet)

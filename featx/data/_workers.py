@@ -36,17 +36,83 @@ def loader_iterator(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
     (MP_STATUS_CHECK_INTERVAL), and raises from ``next()``, where pipeline.py recovers. torch's
     handler is put back once the workers are shut down.
     """
-    iterator = iter(loader)  # a first multi-worker iter() installs torch's SIGCHLD handler
+    check_room_for_workers(loader.num_workers)
+    with _thread_limit_is_an_error(loader.num_workers):
+        iterator = iter(loader)  # a first multi-worker iter() installs torch's SIGCHLD handler
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         yield iterator
         return
     torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        yield iterator
+        with _thread_limit_is_an_error(loader.num_workers):
+            yield iterator
     finally:
         # now, not at garbage collection: before the handler is back (a private torch method)
-        iterator._shutdown_workers()  # type: ignore[attr-defined]
+        with contextlib.suppress(RuntimeError):  # no thread left to tell the workers with
+            iterator._shutdown_workers()  # type: ignore[attr-defined]
         signal.signal(signal.SIGCHLD, torch_handler)
+
+
+# Address space the main process needs per DataLoader worker (a queue feeder thread: its stack
+# and its malloc arena), and what a worker needs to decode one image, under ``ulimit -v``.
+SPACE_PER_WORKER = 72 << 20
+SPACE_TO_DECODE = 256 << 20
+
+
+def check_room_for_workers(workers: int) -> None:
+    """UsageError when an address-space limit (``ulimit -v``) leaves too little room for
+    ``workers`` decode processes: torch alone maps gigabytes, so without this check the
+    workers fail every image with MemoryError or the loader cannot start its threads."""
+    import resource
+
+    from featx.errors import UsageError
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if not workers or limit == resource.RLIM_INFINITY:
+        return
+    free = limit - _address_space_used()
+    needed = SPACE_TO_DECODE + workers * SPACE_PER_WORKER
+    if free < needed:
+        fits = max(0, (free - SPACE_TO_DECODE) // SPACE_PER_WORKER)
+        raise UsageError(
+            f"--workers {workers}: the address-space limit (ulimit -v, {limit >> 20} MB) leaves "
+            f"{max(free, 0) >> 20} MB, and {workers} decode workers need about {needed >> 20} "
+            f"MB; use --workers {fits} or raise the limit"
+        )
+
+
+def _address_space_used() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def _thread_limit_is_an_error(workers: int) -> Iterator[None]:
+    """A loader that cannot start a thread (a memory or thread limit) becomes one FeatxError,
+    and its workers, which ignore SIGTERM, are killed so that the exit does not wait on them."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "can't start new thread" not in str(error):
+            raise
+        import multiprocessing
+
+        from featx.errors import FeatxError
+
+        for child in multiprocessing.active_children():
+            if getattr(getattr(child, "_target", None), "__name__", "") == "_worker_loop":
+                child.kill()
+                child.join()
+        raise FeatxError(
+            f"cannot run {workers} decode workers: {error} (a memory or thread limit, such as "
+            "ulimit -v or ulimit -u, is too tight); use fewer --workers or raise the limit"
+        ) from None
 
 
 def is_worker_death(error: BaseException) -> bool:

@@ -43,6 +43,7 @@ class DecodePolicy:
     background: tuple[int, int, int] = (255, 255, 255)
     max_image_pixels: int | None = None
     mode: str = "cpu"  # cpu: full decode; fast: JPEG DCT scaling when ≥2x; gpu: nvJPEG
+    max_file_bytes: int = 1 << 30  # larger files fail before they are read (--max-file-bytes)
 
     def describe(self) -> dict[str, Any]:
         from PIL import Image
@@ -53,6 +54,8 @@ class DecodePolicy:
             "animated": "first frame",
             "high_bit_depth": "scaled to 8 bits (65535 → 255)",
             "max_image_pixels": self.max_image_pixels or Image.MAX_IMAGE_PIXELS,
+            "max_file_bytes": self.max_file_bytes,
+            "identified_by": "the first bytes (signature), before the file is read whole",
             "jpeg": JPEG_DECODE[self.mode],
             "huge_images": f"above {REDUCE_ABOVE_PIXELS} pixels: first shrunk by an integer "
             "factor (JPEG DCT scaling, else a box filter) to bound memory",
@@ -71,27 +74,63 @@ def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
 
     Example: ``load_image("cat.jpg", DecodePolicy(transform)).shape == (3, 224, 224)``
     """
-    image = decode_bytes(read_file(path), policy)
+    image = decode_bytes(read_file(path, policy.max_file_bytes), policy)
     return resize_crop(image, policy.transform)
 
 
-def read_file(path: str) -> bytes:
-    """A regular file's bytes. A folder, FIFO or device named like an image is refused: reading
-    a FIFO would wait forever and ``/dev/zero`` never ends."""
+def read_file(path: str, max_bytes: int = DecodePolicy.max_file_bytes) -> bytes:
+    """A regular file's bytes, read only once its first bytes are an image signature and its
+    size is within ``max_bytes``. A folder, FIFO or device named like an image is refused:
+    reading a FIFO would wait forever and ``/dev/zero`` never ends."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO cannot hang
     try:
-        kind = os.fstat(fd).st_mode
-        if stat.S_ISDIR(kind):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a directory, not an image file")
-        if not stat.S_ISREG(kind):
+        if not stat.S_ISREG(info.st_mode):
             raise OSError("not a regular file (a pipe, socket or device named like an image)")
+        if info.st_size > max_bytes:
+            raise ValueError(
+                f"file of {info.st_size} bytes, over the --max-file-bytes limit of {max_bytes}"
+            )
         with open(fd, "rb", closefd=False) as handle:
-            data = handle.read()
+            head = handle.read(SIGNATURE_BYTES)
+            if head and not is_image_signature(head):
+                from PIL import UnidentifiedImageError
+
+                raise UnidentifiedImageError(UNIDENTIFIED)
+            data = head + handle.read(max_bytes + 1 - len(head))
     finally:
         os.close(fd)
     if not data:
         raise ValueError("empty file (0 bytes)")
+    if len(data) > max_bytes:  # it grew while being read
+        raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
     return data
+
+
+SIGNATURE_BYTES = 12
+_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    PNG_SIGNATURE,
+    b"BM",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\0",  # TIFF, little- and big-endian, and BigTIFF
+    b"MM\0*",
+    b"II+\0",
+    b"MM\0+",
+)
+UNIDENTIFIED = (
+    f"cannot identify image file: not {', '.join(PILLOW_FORMATS)} (the formats featx "
+    "decodes), or a broken header"
+)
+
+
+def is_image_signature(head: bytes) -> bool:
+    """Whether a file's first bytes start one of the formats featx decodes."""
+    webp = head.startswith(b"RIFF") and head[8:12] == b"WEBP"
+    return webp or head.startswith(_SIGNATURES)
 
 
 def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
@@ -133,10 +172,7 @@ def open_checked(data: bytes, policy: DecodePolicy) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except UnidentifiedImageError:
-        raise UnidentifiedImageError(
-            f"cannot identify image file: not {', '.join(PILLOW_FORMATS)} "
-            "(the formats featx decodes), or a broken header"
-        ) from None
+        raise UnidentifiedImageError(UNIDENTIFIED) from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit_before
 

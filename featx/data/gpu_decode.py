@@ -27,7 +27,7 @@ def gpu_decodable(path: str, policy: DecodePolicy) -> torch.Tensor | None:
 
     Progressive and CMYK JPEGs and every other format fall back to the CPU decoder per image.
     """
-    data = read_file(path)
+    data = read_file(path, policy.max_file_bytes)
     header = open_checked(data, policy)
     if header.format != "JPEG" or header.mode not in ("RGB", "L"):
         return None

@@ -8,11 +8,15 @@ labels to either.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 
 from featx.errors import UsageError
+from featx.inputs import MAX_LIST_BYTES, read_input
+from featx.safe_text import stored_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -28,6 +32,7 @@ class ImageList:
     # Images at the top level of a folder that also holds subfolders: they keep it unlabelled.
     stray: tuple[str, ...] = ()
     labels_from: str | None = None  # the --labels CSV the labels came from
+    skipped_links: int = 0  # links the folder scan would not follow (scan_folder)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +52,9 @@ class ImageList:
     def relabelled(self, labels_csv: str) -> ImageList:
         """The same files with labels from a ``path,label`` CSV (paths relative to root)."""
         class_names, labels = labels_from_csv(labels_csv, self.paths, self.root)
-        return ImageList(self.root, self.paths, labels, class_names, labels_from=labels_csv)
+        return dataclasses.replace(
+            self, labels=labels, class_names=class_names, labels_from=labels_csv
+        )
 
     def describe(self) -> str:
         """``36 images in 3 classes (cat, coffee, rocket)`` or ``36 unlabelled images``."""
@@ -74,8 +81,8 @@ class ImageList:
 
 
 def printable(path: str) -> str:
-    """A path as valid UTF-8: bytes that are not UTF-8 become ``\\xNN`` escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as valid UTF-8, unambiguously (``featx.safe_text.stored_name``)."""
+    return stored_name(path)
 
 
 def is_image_name(name: str) -> bool:
@@ -88,7 +95,9 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     Class folders (a top level holding subfolders and no image files; other files such as a
     README are ignored) become labels in sorted folder order, as torchvision's ImageFolder
     does. Symlinks are followed once: a loop is not re-entered and a file reached twice is
-    listed once.
+    listed once. A link into ``/proc``, ``/sys`` or ``/dev``, or to a folder that holds
+    ``source`` (``/``, the home folder), is not followed but counted in ``skipped_links``: one
+    planted link must not turn a scan into a scan of the machine.
 
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
@@ -109,17 +118,24 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths: list[str] = []  # broken links: listed, so that failed/ reports them
     found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
     seen_dirs: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    skipped = 0
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
         info = os.stat(directory)
         if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
             dirnames[:] = []
             continue
         seen_dirs.add((info.st_dev, info.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        visible = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in visible if _may_follow(os.path.join(directory, d), real_root)]
+        skipped += len(visible) - len(dirnames)
         for name in sorted(filenames):
             if name.startswith(".") or not is_image_name(name):
                 continue
             full = os.path.join(directory, name)
+            if not _may_follow(full, real_root):
+                skipped += 1
+                continue
             relative = os.path.relpath(full, root)
             if not os.path.exists(full):  # a dangling link, or a loop of links
                 paths.append(relative)
@@ -132,7 +148,7 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths.extend(relative for _, relative in found.values())
     paths.sort(key=os.fsencode)
     labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
-    return ImageList(root, paths, labels, class_names, stray=tuple(stray))
+    return ImageList(root, paths, labels, class_names, stray=tuple(stray), skipped_links=skipped)
 
 
 def _layout(root: str, top: list[str]) -> tuple[list[str], list[str]]:
@@ -144,6 +160,19 @@ def _layout(root: str, top: list[str]) -> tuple[list[str], list[str]]:
     top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
     images = [entry for entry in top if entry not in top_dirs and is_image_name(entry)]
     return top_dirs, images if top_dirs else []
+
+
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def _may_follow(path: str, real_root: str) -> bool:
+    """False for a link into a system folder or to a folder that holds the scanned one."""
+    if not os.path.islink(path):
+        return True
+    real = os.path.realpath(path)
+    inside = (real_root + os.sep).startswith(real.rstrip(os.sep) + os.sep)  # / or an ancestor
+    system = any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
+    return not (inside or system)
 
 
 def _top_folder(relative: str) -> str:
@@ -177,11 +206,10 @@ def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -
 def labels_from_csv(csv_path: str, paths: list[str], root: str) -> tuple[list[str], list[int]]:
     """Labels for ``paths`` from a ``path,label`` CSV (a header row is optional; CSV paths are
     relative to the source folder or ``--root``). Class names are the labels of listed files."""
+    data = read_input(csv_path, "--labels", MAX_LIST_BYTES)
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-            rows = [row for row in csv.reader(handle) if row]
-    except OSError as error:
-        raise UsageError(f"--labels {csv_path}: {error.strerror}") from None
+        text = data.decode("utf-8-sig")  # -sig: Excel's BOM
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row]
     except (UnicodeDecodeError, csv.Error) as error:
         raise UsageError(f"--labels {csv_path}: not a UTF-8 CSV file ({error})") from None
     if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:

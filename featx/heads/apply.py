@@ -25,6 +25,7 @@ from featx.errors import HeadMismatch, UsageError
 from featx.heads.model import Head, label_map, load_head, require_labels
 from featx.heads.reports import classification_metrics, report_paths, write_reports
 from featx.heads.rows import FeatureRows
+from featx.safe_text import csv_cell
 from featx.store import schema
 from featx.store.durable import atomic_output, check_output
 from featx.store.reader import FeatureFile
@@ -163,6 +164,7 @@ def predict(
     head = head if isinstance(head, Head) else load_head(head)
     out = Path(out)
     names = head.class_names
+    cells = [csv_cell(name) for name in names]  # a class name may come from anyone's head file
     top_k = min(config.top_k, len(names))
     counts = np.zeros(len(names), dtype=np.int64)
     with atomic_output(out, config.overwrite) as temporary:
@@ -178,9 +180,9 @@ def predict(
                 best = np.argsort(-probs, axis=1, kind="stable")[:, : max(top_k, 1)]
                 counts += np.bincount(best[:, 0], minlength=len(names))
                 for row_path, p, order in zip(_paths(data, positions), probs, best, strict=True):
-                    row = [row_path, names[order[0]], f"{p[order[0]]:.6g}"]
+                    row = [csv_cell(row_path), cells[order[0]], f"{p[order[0]]:.6g}"]
                     for index in order[:top_k]:
-                        row += [names[index], f"{p[index]:.6g}"]
+                        row += [cells[index], f"{p[index]:.6g}"]
                     writer.writerow(row)
             rows = len(data)
     return PredictResult(

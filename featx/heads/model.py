@@ -126,6 +126,10 @@ def public_mode() -> int:
 def load_head(path: str | os.PathLike[str]) -> Head:
     """Read a head file written by ``train_head``; never unpickles anything.
 
+    The header is checked (fields, types, ranges) and the tensors' recorded shapes are matched
+    against it before any tensor is read or allocated, so a malformed or hostile file is one
+    UsageError, never a traceback or a huge allocation.
+
     Example: ``head = load_head("cats.head"); head.class_names``
     """
     from safetensors import safe_open
@@ -135,34 +139,115 @@ def load_head(path: str | os.PathLike[str]) -> Head:
         raise UsageError(f"head {path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            header = _header_of(f.metadata() or {}, path)
+            shapes = expected_shapes(header)
+            found = {key: _kind(f.get_slice(key)) for key in f.keys()}  # noqa: SIM118
+            if found != {key: f"F32 {shape}" for key, shape in shapes.items()}:
+                raise UsageError(
+                    f"head {path}: its tensors do not fit its header (expected float32 "
+                    f"{_shapes_text(shapes)}, found {_shapes_text(found)})"
+                )
+            tensors = {key: f.get_tensor(key) for key in shapes}
+    except UsageError:
+        raise
     except Exception as error:  # safetensors raises several unrelated types
         raise UsageError(f"head {path}: not a safetensors file ({error})") from None
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-        if header.get("format") != FORMAT:
-            raise KeyError(HEADER_KEY)
-    except (KeyError, json.JSONDecodeError):
-        raise UsageError(f"head {path}: a safetensors file, but not a featx head") from None
-    if header.get("version") != FORMAT_VERSION:
-        raise UsageError(
-            f"head {path}: head format {header.get('version')!r}, this featx reads format "
-            f"{FORMAT_VERSION}: train the head again with this featx"
-        )
     kind = header["head"]
     module = HeadModule(
-        header["dim"],
-        len(header["class_names"]),
-        kind["kind"],
-        kind.get("hidden") or 1,
-        kind.get("dropout", 0.0),
+        header["dim"], len(header["class_names"]), kind["kind"], kind.get("hidden") or 1, 0.0
     )
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise UsageError(f"head {path}: weights do not fit its header ({error})") from None
+    module.load_state_dict(tensors)
     return Head(module.eval(), header, path)
+
+
+# Far above any real head, far below what would exhaust memory: a hostile header is refused
+# before anything is allocated from it.
+MAX_CLASSES = 100_000
+MAX_DIM = 1 << 24
+MAX_HIDDEN = 1 << 16
+MAX_NAME = 1000
+
+
+def _header_of(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    """The checked header of a head file, or UsageError naming the first thing wrong."""
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise KeyError(HEADER_KEY)
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise UsageError(f"head {path}: a safetensors file, but not a featx head") from None
+    if header.get("version") != FORMAT_VERSION or type(header.get("version")) is not int:
+        raise UsageError(
+            f"head {path}: head format {str(header.get('version'))[:20]!r}, this featx reads "
+            f"format {FORMAT_VERSION}: train the head again with this featx"
+        )
+    problem = header_problem(header)
+    if problem:
+        raise UsageError(f"head {path}: malformed header: {problem}")
+    return header
+
+
+def header_problem(header: dict[str, Any]) -> str:
+    """What is wrong with a head header (types and ranges), or ""."""
+    from featx.config import HEADS, MAX_IMAGE_SIZE
+
+    names = header.get("class_names")
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
+        return f"class_names must be a list of 1 to {MAX_CLASSES} names"
+    if not all(isinstance(name, str) and len(name) <= MAX_NAME for name in names):
+        return f"class_names must be strings of at most {MAX_NAME} characters"
+    if not _is_int(header.get("dim"), 1, MAX_DIM):
+        return f"dim must be an integer from 1 to {MAX_DIM}"
+    head = header.get("head")
+    if not isinstance(head, dict) or head.get("kind") not in HEADS:
+        return f"head.kind must be one of {', '.join(HEADS)}"
+    if head["kind"] == "mlp" and not _is_int(head.get("hidden"), 1, MAX_HIDDEN):
+        return f"head.hidden must be an integer from 1 to {MAX_HIDDEN}"
+    extraction = header.get("extraction")
+    if not isinstance(extraction, dict):
+        return "extraction must be a table"
+    for key in ("model", "layer", "pool"):
+        if not isinstance(extraction.get(key), str) or len(extraction[key]) > MAX_NAME:
+            return f"extraction.{key} must be a string"
+    if not isinstance(header.get("layer"), str) or len(header["layer"]) > MAX_NAME:
+        return "layer must be a string"
+    if not isinstance(extraction.get("weights"), dict):
+        return "extraction.weights must be a table"
+    transform = extraction.get("transform", {})
+    if not isinstance(transform, dict):
+        return "extraction.transform must be a table"
+    for key in ("crop", "resize"):
+        if key in transform and not _is_int(transform[key], 1, MAX_IMAGE_SIZE):
+            return f"extraction.transform.{key} must be an integer from 1 to {MAX_IMAGE_SIZE}"
+    return ""
+
+
+def expected_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
+    """The tensors a head with this (checked) header holds, and their shapes."""
+    dim, classes = header["dim"], len(header["class_names"])
+    shapes = {"mean": [dim], "std": [dim]}
+    if header["head"]["kind"] == "linear":
+        return {**shapes, "net.0.weight": [classes, dim], "net.0.bias": [classes]}
+    hidden = header["head"]["hidden"]
+    return {
+        **shapes,
+        "net.0.weight": [hidden, dim],
+        "net.0.bias": [hidden],
+        "net.3.weight": [classes, hidden],
+        "net.3.bias": [classes],
+    }
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _kind(tensor: Any) -> str:
+    return f"{tensor.get_dtype()} {list(tensor.get_shape())}"
+
+
+def _shapes_text(shapes: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(shapes.items())[:6])[:300] or "none"
 
 
 # --- checks -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import torch
 
 from featx.errors import UsageError
 from featx.models._backbone import Provenance, provenance
+from featx.safe_text import stored_name
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 RANDOM_SEED = 0  # --weights none is seeded, so a resumed random-init run computes the same features
@@ -43,8 +46,7 @@ def local_weights(
         state = load_state_dict(spec)
         model = build(state)
         load_into(model, state, f"--weights {spec}")
-        readable = spec.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return model, provenance(source, name, "file", readable, file_digest(spec))
+        return model, provenance(source, name, "file", stored_name(spec), file_digest(spec))
     return None
 
 
@@ -83,10 +85,13 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # torch's own message advises retrying with weights_only=False, i.e. running the
+        # file's code: never pass that on. Name only what the file asked for.
+        found = _UNSUPPORTED.search(str(error))
+        detail = f"it needs {found.group(1)[:120]}" if found else type(error).__name__
         raise UsageError(
-            f"--weights {path}: refused: not a plain state dict that loads with "
-            f"weights_only=True ({type(error).__name__}: {first_line[:200]})"
+            f"--weights {path}: refused: not a plain state dict of tensors ({detail}); featx "
+            "never runs code from a weights file: save model.state_dict() (or use safetensors)"
         ) from None
     for key in _NESTED_KEYS:  # training checkpoints often wrap the state dict
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):

@@ -9,6 +9,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx.errors import FeatxError
 from featx.store import schema
 from featx.store.durable import atomic_output, writing_hdf5
 from featx.store.shards import STRING, WorkDir, row_chunks
@@ -57,11 +58,13 @@ def assemble(
         for shard in shards:
             with h5py.File(work.shard_path(shard), "r") as src:
                 index = src[schema.SHARD_INDEX][:]
+                failed_index = src[schema.SHARD_FAILED_INDEX][:]
+                _check_rows(work, shard, index, failed_index)
                 for layer in layers if len(index) else []:  # every image here failed
                     copy_rows(src[f"{schema.FEATURES}/{layer}"], outputs[layer], row)
                 out_paths.extend(paths[i] for i in index)
                 out_labels.extend(labels[i] for i in index)
-                failed_paths.extend(paths[i] for i in src[schema.SHARD_FAILED_INDEX][:])
+                failed_paths.extend(paths[i] for i in failed_index)
                 failed_errors.extend(text(e) for e in src[schema.FAILED_ERRORS][:])
                 row += len(index)
         write_strings(dst, schema.PATHS, out_paths)
@@ -126,3 +129,13 @@ def write_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
 def text(value: bytes | str) -> str:
     """An h5py string element as ``str`` (h5py returns bytes for variable-length strings)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _check_rows(work: WorkDir, shard: int, *indices: np.ndarray) -> None:
+    """FeatxError unless every row a shard file names lies in that shard's range."""
+    start, stop = work.shard_range(shard)
+    if any(len(rows) and (rows.min() < start or rows.max() >= stop) for rows in indices):
+        raise FeatxError(
+            f"{work.shard_path(shard)} names rows outside its shard ({start} to {stop - 1}); "
+            "remove that file and run the same command again"
+        )

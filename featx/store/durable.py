@@ -5,6 +5,10 @@ in the target folder, fsynced, renamed over the target, and deleted if anything 
 a reader sees either the old file or the whole new one. HDF5 writes go through
 :class:`DiskFile`, which keeps a failed write (disk full, quota, ``ulimit -f``) to itself so that
 HDF5 can still close the file. :func:`output_lock` keeps two runs off one output.
+
+Outputs often go to shared scratch folders that other users can write to, so nothing here
+follows a link: temporary files are made by :mod:`tempfile` (``O_EXCL``, unpredictable names,
+mode 0600 until published) and every other open uses ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import errno
 import fcntl
 import os
 import socket
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,13 +39,32 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
 
 def publish(temporary: Path, final: Path) -> None:
     """Make ``temporary`` appear at ``final`` all at once, surviving a crash right after."""
-    fsync_path(temporary)
+    fd = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(temporary, final)
     fsync_path(final.parent)
 
 
 def temporary_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    """A new empty file beside ``final`` that nobody else can have named: created by
+    :func:`tempfile.mkstemp` (``O_EXCL``, a random name, mode 0600), so a link planted in a
+    shared folder can never redirect the write. :func:`publish` gives it the usual mode."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent or ".")
+    os.close(fd)
+    return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would have given a new file
 
 
 def check_writable(out: Path) -> None:
@@ -94,7 +119,9 @@ class DiskFile:
     """
 
     def __init__(self, path: Path) -> None:
-        self.raw = open(path, "w+b", buffering=0)  # closed by close()
+        # O_NOFOLLOW: ``path`` is a temporary_name() file; never write through a link.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self.raw = open(fd, "w+b", buffering=0)  # closed by close()
         self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
@@ -169,7 +196,9 @@ def output_lock(out: Path) -> Iterator[None]:
     """Refuse a second writer of the same output, whatever HDF5's own locking is set to.
 
     The lock file is featx's own (``.OUT.lock``); the kernel drops the flock when the
-    holder dies, so a killed run never leaves a stale lock behind.
+    holder dies, so a killed run never leaves a stale lock behind. It is opened with
+    ``O_NOFOLLOW`` and only written when it is a plain file of this user with one name, so a
+    link or hard link planted in a shared folder cannot turn the write onto another file.
     """
     lock_path = out.with_name(f".{out.name}.lock")
     fd = _locked(lock_path, out)
@@ -186,11 +215,17 @@ def _locked(lock_path: Path, out: Path) -> int:
     """An fd holding the flock on the file now at ``lock_path``."""
     while True:
         try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UsageError(
+                    f"output {out}: its lock file {lock_path} is a symbolic link, which featx "
+                    "never writes through; remove it (someone else may have planted it)"
+                ) from None
             raise UsageError(
                 f"output {out}: cannot create files there ({error.strerror})"
             ) from None
+        _refuse_foreign_lock(fd, lock_path, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -205,3 +240,24 @@ def _locked(lock_path: Path, out: Path) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)  # its holder finished and removed it just now: lock the one there now
+
+
+def _refuse_foreign_lock(fd: int, lock_path: Path, out: Path) -> None:
+    """UsageError (closing ``fd``) unless the lock file is a plain file of this user with one
+    link: another name for it (a hard link) would be someone else's file."""
+    info = os.fstat(fd)
+    problem = (
+        "not a regular file"
+        if not stat.S_ISREG(info.st_mode)
+        else "another file's hard link"
+        if info.st_nlink != 1
+        else "owned by another user"
+        if info.st_uid != os.geteuid()
+        else ""
+    )
+    if problem:
+        os.close(fd)
+        raise UsageError(
+            f"output {out}: its lock file {lock_path} is {problem}; featx will not write it: "
+            "remove it or choose another -o"
+        )

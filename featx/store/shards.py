@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featx.errors import FeatxError, ResumeMismatch
+from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store import schema
 from featx.store.durable import DiskFile, atomic_output, publish, temporary_name, write_error
 
@@ -99,11 +102,37 @@ def work_dir_of(out: Path) -> Path:
 def open_work_dir(
     out: Path, fingerprint: dict[str, Any], shard_size: int, total: int, overwrite: bool
 ) -> WorkDir:
-    """Start or resume the shards for ``out``; a resume must match the fingerprint exactly."""
+    """Start or resume the shards for ``out``; a resume must match the fingerprint exactly.
+
+    The folder is created private (0700). One that is a link, belongs to another user or is
+    writable by others is refused (another user could have planted its shards); malformed
+    content in it (``run.json``, stray shard files) is refused too, and ``--overwrite``
+    discards it.
+    """
     path = work_dir_of(out)
-    meta_path = path / "run.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    problem = _untrusted(path)
+    if problem and overwrite and "owned by" not in problem:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)  # a link: the link only, never what it points at
+        problem = ""
+    if problem:
+        raise UsageError(
+            f"{out}: the work folder {path} {problem}; featx will not trust or write it: "
+            "remove it (or ask its owner to) or choose another -o"
+        )
+    if os.path.lexists(path):
+        try:
+            meta = _read_meta(path)
+        except ValueError as error:
+            if not overwrite:
+                raise UsageError(
+                    f"{out}: the work folder {path} is not a run of featx ({error}); pass "
+                    "--overwrite to discard it"
+                ) from None
+            shutil.rmtree(path)
+            return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
         changes = schema.differences(meta["fingerprint"], fingerprint)
         if meta.get("shard_size") != shard_size:
             changes.append(f"shard_size: {meta.get('shard_size')} → {shard_size}")
@@ -117,7 +146,11 @@ def open_work_dir(
                 f"or pass --overwrite to discard it"
             )
         return WorkDir(out, fingerprint, shard_size, total, meta["created"])
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    except FileExistsError:  # a torchrun rank or a racing run made it first: check it again
+        return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     meta = {
         "fingerprint": fingerprint,
@@ -126,12 +159,75 @@ def open_work_dir(
         "created": created,
         "schema": schema.SCHEMA_VERSION,
     }
+    meta_path = path / RUN_JSON
     try:
         with atomic_output(meta_path, overwrite=True) as temporary:
             temporary.write_text(json.dumps(meta, indent=1))
     except OSError as error:
         raise FeatxError(f"cannot write {meta_path}: {error.strerror}") from None
     return open_work_dir(out, fingerprint, shard_size, total, overwrite=False)
+
+
+RUN_JSON = "run.json"
+MAX_RUN_JSON_BYTES = 16 << 20  # a fingerprint holds a digest, not the file list
+_SHARD_NAME = re.compile(r"shard-(\d{6,})\.h5")
+
+
+def _untrusted(path: Path) -> str:
+    """Why the work folder at ``path`` cannot be trusted, or "" (also when there is none)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if info.st_uid != os.geteuid():
+        return f"is owned by another user (uid {info.st_uid})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "is writable by other users"
+    return ""
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``run.json`` of the work folder, checked; ValueError saying what is wrong with it or
+    with the shard files beside it."""
+    names = os.listdir(path)
+    if RUN_JSON not in names:
+        raise ValueError(f"no {RUN_JSON}")
+    try:
+        fd = os.open(path / RUN_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise ValueError(f"{RUN_JSON}: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ValueError(f"{RUN_JSON} is not a plain file of this user")
+        if info.st_size > MAX_RUN_JSON_BYTES:
+            raise ValueError(f"{RUN_JSON} is {info.st_size} bytes")
+        with open(fd, "rb", closefd=False) as handle:
+            meta = json.loads(handle.read(MAX_RUN_JSON_BYTES + 1))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{RUN_JSON} is not JSON") from None
+    finally:
+        os.close(fd)
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("fingerprint"), dict)
+        and isinstance(meta.get("created"), str)
+        and type(meta.get("shard_size")) is int
+        and type(meta.get("total")) is int
+        and meta["shard_size"] >= 1
+        and meta["total"] >= 0
+    ):
+        raise ValueError(f"{RUN_JSON} lacks the fingerprint, created time, total or shard size")
+    shard_count = len(shard_ranges(meta["total"], meta["shard_size"]))
+    for name in names:
+        match = _SHARD_NAME.fullmatch(name)
+        if name.startswith("shard-") and (not match or int(match.group(1)) >= shard_count):
+            raise ValueError(f"{name} is not one of its {shard_count} shards")
+    return meta
 
 
 class ShardWriter:

@@ -1,0 +1,66 @@
+"""Names from the file system and from other people's files, made safe for where they go.
+
+* :func:`stored_name`: a file name as UTF-8 text, unambiguously. A byte that is not UTF-8
+  becomes ``\\xNN`` and a real backslash becomes ``\\\\``, so no real name can collide with the
+  escaped form of another (``caf\\xe9`` in a file is the byte 0xE9; a name holding the four
+  characters backslash, x, e, 9 is stored as ``caf\\\\xe9``). :func:`original_name` inverts it.
+* :func:`for_terminal`: control characters (escape sequences, carriage returns, bidirectional
+  overrides) shown as ``\\xNN`` / ``\\uNNNN`` instead of reaching the terminal.
+* :func:`csv_cell`: a cell a spreadsheet will not run as a formula.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F)}
+
+
+def stored_name(path: str) -> str:
+    r"""A path (as ``os.fsdecode`` gives it) as UTF-8 text: ``\`` → ``\\``, a non-UTF-8 byte →
+    ``\xNN``. Example: ``stored_name(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"``"""
+    return (
+        path.replace("\\", "\\\\")
+        .encode("utf-8", "surrogateescape")
+        .decode("utf-8", "backslashreplace")
+    )
+
+
+_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def original_name(stored: str) -> str:
+    """The path (``os.fsdecode`` form) that :func:`stored_name` turned into ``stored``."""
+
+    def byte(match: re.Match[str]) -> str:
+        text = match.group(1)
+        return "\\" if text == "\\" else os.fsdecode(bytes([int(text[1:], 16)]))
+
+    return _ESCAPED.sub(byte, stored)
+
+
+def for_terminal(text: str, newlines: bool = False) -> str:
+    """``text`` with control characters escaped; ``newlines`` keeps line breaks and tabs."""
+    kept = "\n\t" if newlines else ""
+    return "".join(
+        _escape(char)
+        if (unicodedata.category(char) == "Cc" and char not in kept) or char in _BIDI
+        else char
+        for char in text
+    )
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` with a leading ``'`` when a spreadsheet would read it as a formula (OWASP's
+    advice for CSV injection): ``=HYPERLINK(...)`` is shown, never run."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
