@@ -607,7 +607,7 @@ def test_many_workers_under_an_address_space_limit_fail_in_one_line_and_exit(tin
         preexec_fn=limit,
         timeout=240,  # a hang at exit is the bug: it must not need this
     )
-    errors = [line for line in done.stderr.splitlines() if line.startswith("featx:")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("featx: error:")]
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(errors) == 1
     assert "--workers 16" in errors[0] and "ulimit -v" in errors[0]

@@ -111,16 +111,7 @@ class Head:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         with atomic_output(path, overwrite) as temporary:
             save_file(tensors, str(temporary), metadata={HEADER_KEY: json.dumps(self.header)})
-            os.chmod(temporary, public_mode())  # the writer may create it 0600
         return Path(path)
-
-
-def public_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022), as
-    every other file featx writes has."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def load_head(path: str | os.PathLike[str]) -> Head:
