@@ -24,12 +24,17 @@ DTYPES = ("float32", "float16")
 DECODES = ("cpu", "fast", "gpu")
 
 
-def default_workers() -> int:
-    """DataLoader processes: leave the cores to the model on small machines, feed it on big ones."""
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    return cores or 1
+
+
+def default_workers() -> int:
+    """DataLoader processes on a CPU: leave the cores to the model on small machines, feed it on
+    big ones (runtime.device.feed adds the rule for CUDA and for ranks sharing a node)."""
     # On 2 cores decoding is ~1% of ResNet-50's CPU time: one worker is plenty.
-    return max(1, min(cores // 2, 8))
+    return max(1, min(available_cores() // 2, 8))
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,8 @@ class ExtractConfig:
     labels_csv: str | None = None
     # How it runs.
     shard_size: int = 1024  # the unit of resume (a resume keeps the size it started with)
-    batch_size: int = 32
-    workers: int | None = None  # None: default_workers()
+    batch_size: int | None = None  # None: 256 on CUDA, 32 elsewhere (runtime.device.feed)
+    workers: int | None = None  # None: from the device, cores and ranks (runtime.device.feed)
     device: str = "auto"
     compile: bool = False  # torch.compile with one fixed batch shape
     compression: str = "none"  # none | lzf (never gzip: ~21 MB/s caps a whole run)
@@ -73,7 +78,7 @@ class ExtractConfig:
         _check_choice("decode", self.decode, DECODES)
         _check_choice("compression", self.compression, ("none", "lzf"))
         for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
+            if (getattr(self, name) or 1) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise UsageError("--workers must be 0 or more")
