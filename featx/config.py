@@ -78,7 +78,7 @@ class ExtractConfig:
         _check_choice("decode", self.decode, DECODES)
         _check_choice("compression", self.compression, ("none", "lzf"))
         for name in ("batch_size", "shard_size"):
-            if (getattr(self, name) or 1) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise UsageError("--workers must be 0 or more")
