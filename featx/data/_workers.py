@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 TORCHVISION_IO_NOTICE = "The image decoding and encoding capabilities of TorchVision"
+STATUS_CHECK_S = 5.0  # torch's MP_STATUS_CHECK_INTERVAL: how often a dead worker is noticed
 
 
 def worker_init(_: int) -> None:
@@ -38,35 +39,27 @@ def loader_iterator(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
     """
     iterator = iter(loader)  # a first multi-worker iter() installs torch's SIGCHLD handler
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
-        with _stuck_workers_killed(iterator):
-            yield iterator
+        yield iterator
         return
     torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        with _stuck_workers_killed(iterator):
-            yield iterator
+        yield iterator
     finally:
         # now, not at garbage collection: before the handler is back (a private torch method)
         iterator._shutdown_workers()  # type: ignore[attr-defined]
         signal.signal(signal.SIGCHLD, torch_handler)
 
 
-@contextlib.contextmanager
-def _stuck_workers_killed(iterator: Any) -> Iterator[None]:
-    """After the DataLoader's timeout the workers are stuck (a hung read): SIGKILL them, as they
-    ignore SIGTERM (worker_init) and the shutdown would wait for them forever."""
-    try:
-        yield
-    except RuntimeError as error:
-        if is_loader_timeout(error):
-            for worker in getattr(iterator, "_workers", []):
-                worker.kill()
-        raise
-
-
 def is_loader_timeout(error: BaseException) -> bool:
     """The DataLoader's error for no batch within its ``timeout``."""
     return isinstance(error, RuntimeError) and str(error).startswith("DataLoader timed out")
+
+
+def kill_workers(iterator: Any) -> None:
+    """SIGKILL a multi-worker iterator's workers: stuck ones (a hung read) ignore SIGTERM
+    (worker_init) and the DataLoader's shutdown would wait for them forever."""
+    for worker in getattr(iterator, "_workers", []):
+        worker.kill()
 
 
 def is_worker_death(error: BaseException) -> bool:

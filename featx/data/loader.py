@@ -75,6 +75,9 @@ def decoded_batches(
     read, or unable to send: out of file descriptors) ends the run after ``timeout`` seconds
     without a batch, with one line, instead of hanging it."""
     done = 0
+    # The DataLoader's own timeout, short: it also paces its check for dead workers (which a
+    # long timeout would delay); a stuck worker is counted here across these polls.
+    poll = min(timeout, _workers.STATUS_CHECK_S)
     while done < len(batches):
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -84,20 +87,32 @@ def decoded_batches(
             pin_memory=pin_memory,
             worker_init_fn=_workers.worker_init,
             prefetch_factor=prefetch if workers else None,
-            timeout=timeout if workers else 0,
+            timeout=poll if workers else 0,
         )
         try:
             with _workers.loader_iterator(loader) as iterator:
-                for batch in iterator:
+                waited = 0.0
+                while True:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    except RuntimeError as error:
+                        if not _workers.is_loader_timeout(error):
+                            raise
+                        waited += poll
+                        if waited < timeout:
+                            continue
+                        _workers.kill_workers(iterator)
+                        raise FeatxError(
+                            f"no batch from the decode workers in {timeout:g} s (a worker is "
+                            "stuck or cannot send); finished shards are kept: run the same "
+                            "command to resume"
+                        ) from None
+                    waited = 0.0
                     yield batch
                     done += 1
-            return
         except RuntimeError as error:
-            if _workers.is_loader_timeout(error):
-                raise FeatxError(
-                    f"no batch from the decode workers in {timeout:g} s (a worker is stuck or "
-                    "cannot send); finished shards are kept: run the same command to resume"
-                ) from None
             if not _workers.is_worker_death(error):
                 raise
         for batch_indices in batches[done : done + workers * prefetch]:
