@@ -1,39 +1,48 @@
 """``featx bench``: where does the time go on this machine, with these images and this model?
 
-Four measurements, each of one stage alone, then the whole run:
+Each stage alone, then the whole run; every figure is taken after a warm-up over at least
+``min_seconds`` (1 s) of timed work, with the device synchronised at both ends:
 
-* decode: files → uint8 crops in this process (one worker's rate; x workers = the ceiling);
+* decode per worker: what one DataLoader worker does (read, check, decode, resize, crop,
+  collate) on one thread; times the workers, the decode ceiling;
+* GPU decode (``--decode gpu``): nvJPEG + resize on the device alone, its own stage;
 * model: the cut model on pre-made uint8 batches (same batch, precision, channels_last);
-* end-to-end: a real ``extract()`` into a temporary file, with the writer's busy time;
-* peak RSS of the process.
+* end to end: a real run into a temporary file, timed from its first finished batch (worker
+  start-up and ``--compile`` excluded), over enough images for ``min_seconds``;
+* peak RSS of the process, and peak GPU memory on CUDA.
 
-The bottleneck is the slower of the decode ceiling and the model ceiling; when end-to-end falls
-well short of both, the pipeline itself (I/O, writer, overlap) is named.
+The bottleneck is the slowest ceiling; when end to end falls well short of it, the pipeline
+itself (I/O, writer, overlap) is named.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from featx.config import ExtractConfig
-from featx.data.decode import DecodePolicy, load_image
+from featx.config import ExtractConfig, available_cores
+from featx.data.decode import DecodePolicy
+from featx.data.gpu_decode import DecodeStream, on_device
+from featx.data.loader import ImageDataset, collate
 from featx.data.worklist import ImageList, scan_folder
 from featx.errors import UsageError
 from featx.models import CutModel, load_backbone
-from featx.pipeline import extract
+from featx.pipeline import make_plan, run
 from featx.runtime import device as devices
+from featx.store.shards import open_work_dir
 
 
 def bench(
-    source: str | Path, config: ExtractConfig, limit: int = 256, decode_samples: int = 64
+    source: str | Path, config: ExtractConfig, limit: int = 256, min_seconds: float = 1.0
 ) -> dict[str, Any]:
-    """Measure decode, model and end-to-end throughput on ``limit`` images of ``source``.
+    """Measure decode, model and end-to-end throughput on up to ``limit`` images of ``source``.
 
     Example: ``bench("photos/", ExtractConfig(model="resnet18"))["bottleneck"]``
     """
@@ -43,86 +52,139 @@ def bench(
     if not len(images):
         raise UsageError(f"source {source}: no image files found")
     images = ImageList(images.root, images.paths[:limit], images.labels[:limit], images.class_names)
-    backbone = load_backbone(
-        config.model, "none" if config.weights == "DEFAULT" else config.weights, config.image_size
-    )
+    config = config.replace(weights="none" if config.weights == "DEFAULT" else config.weights)
+    backbone = load_backbone(config.model, config.weights, config.image_size)
     layers = backbone.check_layers(config.layers)
     device = devices.pick_device(config.device)
+    if config.decode == "gpu" and device.type != "cuda":
+        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
     precision = devices.pick_precision(config.precision, device)
+    feed = devices.feed(config.batch_size, config.workers, device, available_cores())
     policy = DecodePolicy(
         backbone.transform,
         config.background,
         config.max_image_pixels,
-        "cpu" if config.decode == "gpu" else config.decode,
+        config.decode,
         config.max_file_size,
     )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    sample = images.paths[:decode_samples]
-    _decode_quietly(Path(images.root) / sample[0], policy)  # warm-up: imports, codec tables
-    started = time.perf_counter()
-    for relative in sample:
-        _decode_quietly(Path(images.root) / relative, policy)
-    decode_per_worker = len(sample) / (time.perf_counter() - started)
+    dataset = ImageDataset(images, policy)
+    decode_rate, decoded = _per_worker(dataset, feed.batch_size, min_seconds)
+    gpu_decode_rate = None
+    if config.decode == "gpu":
+        stream = DecodeStream(device)
+        gpu_decode_rate = _rate(
+            lambda: [on_device(b, policy, device, stream=stream) for b in decoded],
+            sum(b.files for b in decoded),
+            device,
+            min_seconds,
+        )
 
     model = CutModel(backbone, layers, config.pool).to(device).eval()
     crop = backbone.transform["crop"]
-    batch = torch.randint(0, 255, (config.batch_size, 3, crop, crop), dtype=torch.uint8)
-    batch = batch.to(device)
+    batch = torch.randint(0, 255, (feed.batch_size, 3, crop, crop), dtype=torch.uint8).to(device)
     with torch.inference_mode(), devices.autocast(precision, device):
-        model(batch)  # warm-up: allocator, oneDNN/cuDNN algorithm choice
-        _sync(device)
-        repeats = max(2, min(20, limit // config.batch_size))
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(batch)
-        _sync(device)
-    model_rate = repeats * config.batch_size / (time.perf_counter() - started)
+        with devices.exact_fp32(precision, device):
+            model_rate = _rate(lambda: model(batch), feed.batch_size, device, min_seconds)
 
-    with tempfile.TemporaryDirectory() as folder:
-        run = extract(
-            images,
-            Path(folder) / "bench.h5",
-            config.replace(
-                weights="none" if config.weights == "DEFAULT" else config.weights,
-                overwrite=True,
-                progress=False,
-                quiet=True,  # the bench reports; the run's own notes would be noise
-                max_failures="none",
-                shard=None,
-            ),
-        )
-    workers = max(1, config.num_workers)
-    decode_ceiling = decode_per_worker * workers
+    decode_ceiling = decode_rate * max(1, feed.workers)
     ceilings = {"decode": decode_ceiling, "model": model_rate}
+    if gpu_decode_rate is not None:
+        ceilings["gpu decode"] = gpu_decode_rate
+    slowest = min(ceilings.values())
+    # Enough images for min_seconds at the slowest ceiling, plus the untimed first batch.
+    wanted = math.ceil(slowest * min_seconds * 1.2) + feed.batch_size
+    repeats = max(1, math.ceil(wanted / len(images)))
+    work = ImageList(
+        images.root, images.paths * repeats, images.labels * repeats, images.class_names
+    )
+    end_to_end, writer_share = _end_to_end(work, config)
     bottleneck = min(ceilings, key=lambda stage: ceilings[stage])
-    end_to_end = run.total / max(run.loop_s, 1e-9)  # steady state: model loading excluded
-    if end_to_end < 0.7 * min(ceilings.values()):
+    if end_to_end < 0.7 * slowest:
         bottleneck = "pipeline (reading files, writing, or overlap)"
+    peak_gpu = None
+    if device.type == "cuda":
+        peak_gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return {
-        "images": run.total,
+        "images": len(work),
         "model": config.model,
         "layers": layers,
         "device": str(device),
         "precision": precision,
-        "batch_size": config.batch_size,
-        "workers": config.num_workers,
+        "decode": config.decode,
+        "batch_size": feed.batch_size,
+        "workers": feed.workers,
         "torch_threads": torch.get_num_threads(),
-        "decode_images_per_second_per_worker": round(decode_per_worker, 1),
+        "decode_images_per_second_per_worker": round(decode_rate, 1),
         "decode_ceiling_images_per_second": round(decode_ceiling, 1),
+        "gpu_decode_images_per_second": _round(gpu_decode_rate),
         "model_images_per_second": round(model_rate, 1),
         "end_to_end_images_per_second": round(end_to_end, 1),
-        "end_to_end_vs_ceiling": round(end_to_end / min(ceilings.values()), 3),
-        "writer_share_of_wall_time": round(run.writer_s / max(run.elapsed_s, 1e-9), 4),
+        "end_to_end_vs_ceiling": round(end_to_end / slowest, 3),
+        "writer_share_of_wall_time": round(writer_share, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_memory_mb": peak_gpu,
         "bottleneck": bottleneck,
     }
 
 
-def _decode_quietly(path: Path, policy: DecodePolicy) -> None:
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _per_worker(dataset: ImageDataset, batch_size: int, min_seconds: float) -> tuple[float, list]:
+    """Images/s of one worker's whole job (``__getitem__`` + ``collate``) on one thread, as
+    a DataLoader worker runs it; also one pass of decoded batches for the GPU decode stage."""
+    indices = list(range(len(dataset)))
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def one_pass() -> list:
+        return [collate([dataset[i] for i in chunk]) for chunk in chunks]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # worker_init does the same in every worker
     try:
-        load_image(str(path), policy)
-    except Exception:  # a bad file costs its read and counts like a decoded one
-        pass
+        rate = _rate(one_pass, len(indices), torch.device("cpu"), min_seconds)
+    finally:
+        torch.set_num_threads(threads)
+    return rate, one_pass()
+
+
+def _rate(work: Callable[[], Any], items: int, device: torch.device, min_seconds: float) -> float:
+    """``items`` per second of ``work()``: one warm-up call (allocator, cuDNN's choice, codec
+    tables), then repeated calls until ``min_seconds`` of timed work, synchronised."""
+    work()
+    _sync(device)
+    calls, started = 0, time.perf_counter()
+    while True:
+        work()
+        calls += 1
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return calls * items / elapsed
+
+
+def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float]:
+    """Steady images/s of a real run (from its first finished batch) and the writer's share."""
+    with tempfile.TemporaryDirectory() as folder:
+        plan = make_plan(
+            images,
+            Path(folder) / "bench.h5",
+            config.replace(
+                overwrite=True, progress=False, quiet=True, max_failures="none", shard=None
+            ),
+        )
+        with plan.job.session(plan.device):
+            work = open_work_dir(
+                plan.target, plan.fingerprint, config.shard_size, len(images), overwrite=True
+            )
+            ran = run(plan, work)
+    steady_s = max(ran.loop_s - ran.first_batch_s, 1e-9)
+    steady = (ran.computed - ran.first_batch_files) / steady_s
+    return steady, ran.writer_s / max(ran.loop_s, 1e-9)
 
 
 def _sync(device: torch.device) -> None:

@@ -31,12 +31,17 @@ MAX_WORKERS = 512
 DEFAULT_MAX_FILE_BYTES = "1GB"  # no real photo comes near; a padded or sparse file does
 
 
-def default_workers() -> int:
-    """DataLoader processes: leave the cores to the model on small machines, feed it on big ones."""
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    return cores or 1
+
+
+def default_workers() -> int:
+    """DataLoader processes on a CPU: leave the cores to the model on small machines, feed it on
+    big ones (runtime.device.feed adds the rule for CUDA and for ranks sharing a node)."""
     # On 2 cores decoding is ~1% of ResNet-50's CPU time: one worker is plenty.
-    return max(1, min(cores // 2, 8))
+    return max(1, min(available_cores() // 2, 8))
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ class ExtractConfig:
     # The unit of resume: an interrupted run loses at most the shard in flight, about a minute
     # of ResNet-50 on a slow 2-core CPU (4-9 img/s); a resume keeps the size it started with.
     shard_size: int = 256
-    batch_size: int = 32
-    workers: int | None = None  # None: default_workers()
+    batch_size: int | None = None  # None: 256 on CUDA, 32 elsewhere (runtime.device.feed)
+    workers: int | None = None  # None: from the device, cores and ranks (runtime.device.feed)
     device: str = "auto"
     compile: bool = False  # torch.compile with one fixed batch shape
     compression: str = "none"  # none | lzf (never gzip: ~21 MB/s caps a whole run)

@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from featx import __version__
-from featx.config import ExtractConfig, too_many_failures
+from featx.config import ExtractConfig, available_cores, too_many_failures
 from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
-from featx.data.gpu_decode import on_device
+from featx.data.gpu_decode import DecodeStream, on_device
 from featx.data.loader import ImageDataset, decoded_batches
 from featx.data.worklist import ImageList, printable
 from featx.errors import Interrupted, TooManyFailures, UsageError
@@ -76,6 +75,7 @@ class Plan:
     precision: str
     policy: DecodePolicy
     fingerprint: dict[str, Any]
+    feed: devices.Feed  # batch size, workers, prefetch (not fingerprinted: free between runs)
     label: str = ""  # the progress bar's label
 
 
@@ -166,6 +166,9 @@ def make_plan(
         "files_sha256": images.digest(),
         "shapes": {layer: list(pooled_shape(shapes[layer], config.pool)) for layer in layers},
     }
+    feed = devices.feed(
+        config.batch_size, config.workers, device, available_cores(), job.ranks_per_node
+    )
     return Plan(
         config,
         images,
@@ -177,6 +180,7 @@ def make_plan(
         precision,
         policy,
         fingerprint,
+        feed,
         label or target.name,
     )
 
@@ -191,15 +195,19 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     model = model.to(plan.device).eval()
     if config.compile:
         model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
-    pad_to = config.batch_size if config.compile else None  # one shape: no recompiles
+    size = plan.feed.batch_size
+    pad_to = size if config.compile else None  # one shape: no recompiles
     batches = [
-        list(range(start, min(start + config.batch_size, stop)))
+        list(range(start, min(start + size, stop)))
         for shard in todo
         for first, stop in [work.shard_range(shard)]
-        for start in range(first, stop, config.batch_size)
+        for start in range(first, stop, size)
     ]
     sink = ShardSink(work, config.dtype, config.compression)
-    writer = BackgroundWriter(sink.write, depth=4 if config.write_behind else 0)
+    # The writer thread waits for each batch's device→host copy, so the loop never does.
+    writer = BackgroundWriter(
+        lambda pending: sink.write(pending.rows()), depth=4 if config.write_behind else 0
+    )
     total, todo_files = work.files_in(mine), work.files_in(todo)
     if plan.job.leader and total > todo_files:
         done, of = _kept(plan, work)
@@ -210,16 +218,24 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     loaded = decoded_batches(
         ImageDataset(plan.images, plan.policy),
         batches,
-        config.num_workers,
+        plan.feed.workers,
         pin_memory=plan.device.type == "cuda",
+        prefetch=plan.feed.prefetch,
     )
+    stream = DecodeStream(plan.device)
     started = time.perf_counter()
     first: tuple[float, int] | None = None  # (seconds into the loop, files) of the first batch
     signals = StopSignals("" if config.quiet else STOPPING)
     try:
-        with signals, torch.inference_mode(), contextlib.closing(loaded):
+        with (
+            signals,
+            torch.inference_mode(),
+            contextlib.closing(loaded),
+            devices.exact_fp32(plan.precision, plan.device),
+            devices.out_of_memory_hint(size, str(work.path)),
+        ):
             for batch in loaded:
-                writer.put(compute(batch, model, plan, pad_to))
+                writer.put(compute(batch, model, plan, pad_to, stream))
                 progress.update(batch.files)
                 first = first or (time.perf_counter() - started, batch.files)
                 if signals.received is not None:
@@ -238,7 +254,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         progress.close()
     loop_s = time.perf_counter() - started
     return Ran(
-        mine, len(mine) - len(todo), todo_files, sink.busy_s, loop_s, started, *(first or (0, 0))
+        mine, len(mine) - len(todo), todo_files, sink.busy_s, loop_s, started, *(first or (0.0, 0))
     )
 
 
@@ -272,21 +288,40 @@ def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
     )
 
 
-def compute(batch: Batch, model: torch.nn.Module, plan: Plan, pad_to: int | None) -> ShardRows:
-    """One batch through the cut model; rows come back in the batch's index order."""
-    batch = on_device(batch, plan.policy, plan.device)  # --decode gpu: nvJPEG decodes here
+def compute(
+    batch: Batch,
+    model: torch.nn.Module,
+    plan: Plan,
+    pad_to: int | None,
+    stream: DecodeStream | None = None,
+) -> PendingRows:
+    """One batch through the cut model, without waiting for it: the features come back to the
+    host asynchronously (``PendingRows.rows()`` waits, on the writer thread), rows in the
+    batch's index order. ``--decode gpu``: nvJPEG decodes on ``stream``, and the model's stream
+    waits for it on the device."""
+    stream = stream or DecodeStream(plan.device)
+    batch = on_device(batch, plan.policy, plan.device, stream=stream)
     if batch.images is None:
-        return ShardRows(batch.indices, {}, batch.failures)
-    x = batch.images.to(plan.device, non_blocking=True)
+        return PendingRows(batch.indices, devices.Pending({}), batch.failures)
+    x = batch.images
     count = len(x)
     if pad_to and count < pad_to:
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
     with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
-    features: dict[str, np.ndarray] = {
-        layer: value[:count].float().cpu().numpy() for layer, value in outputs.items()
-    }
-    return ShardRows(batch.indices, features, batch.failures)
+    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures)
+
+
+@dataclass(frozen=True)
+class PendingRows:
+    """A batch's rows whose features may still be copying to the host."""
+
+    indices: list[int]
+    features: devices.Pending
+    failures: list[tuple[int, str]]
+
+    def rows(self) -> ShardRows:
+        return ShardRows(self.indices, self.features.wait(), self.failures)
 
 
 def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult:

@@ -15,7 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms._presets import ImageClassification
 
 from featx import ExtractConfig, FeatureFile, extract
-from tests.conftest import SMALL
+from tests.conftest import RESIZE_TOLERANCE, SMALL
 
 
 def reference_features(root, relpaths, weights_file, layers, pool="avg", crop=64):
@@ -73,7 +73,10 @@ def test_features_equal_torchvision_reference_for_several_layers_in_one_pass(
     expected = reference_features(photos, paths, resnet18_file, ["layer3", "flatten"])
     for row, rel in enumerate(paths):
         for layer in ("layer3", "flatten"):
-            assert relative_error(stored[layer][row], expected[rel][layer]) < 1e-4, (rel, layer)
+            assert relative_error(stored[layer][row], expected[rel][layer]) < RESIZE_TOLERANCE, (
+                rel,
+                layer,
+            )
 
 
 def test_max_pool_matches_reference(photos, resnet18_file, tmp_path):
@@ -95,7 +98,7 @@ def test_max_pool_matches_reference(photos, resnet18_file, tmp_path):
         paths, stored = f.paths, f.features()[:]
     expected = reference_features(photos, paths, resnet18_file, ["layer2"], pool="max")
     for row, rel in enumerate(paths):
-        assert relative_error(stored[row], expected[rel]["layer2"]) < 1e-4
+        assert relative_error(stored[row], expected[rel]["layer2"]) < RESIZE_TOLERANCE
 
 
 def test_class_folders_become_labels_in_sorted_order(photos, tmp_path):

@@ -440,7 +440,10 @@ def decoder_shim(tmp_path: Path, before_decoding: str) -> dict[str, str]:
         "    return _decode_bytes(data, policy)\n"
         "featx.data.decode.decode_bytes = decode_bytes\n"
     )
-    return {**os.environ, "PYTHONPATH": str(shim)}
+    # The shim imports featx before `-m` puts the working folder on sys.path: keep PYTHONPATH,
+    # or a checkout other than the installed one tests the installed featx.
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 # Decoding a file whose bytes carry a marker kills its own process, as a segfault in libjpeg or

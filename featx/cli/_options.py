@@ -72,10 +72,13 @@ Labels = Annotated[
 
 # --- how extract runs -------------------------------------------------------------------------
 BatchSize = Annotated[
-    int | None, typer.Option(help=f"Images per forward pass [default: {_E.batch_size}]")
+    int | None, typer.Option(help="Images per forward pass [default: 256 on CUDA, else 32]")
 ]
 Workers = Annotated[
-    int | None, typer.Option(help="DataLoader decode processes [default: from the core count]")
+    int | None,
+    typer.Option(
+        help="DataLoader decode processes [default: from the device, cores and ranks per node]"
+    ),
 ]
 Device = Annotated[
     str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N | mps [default: {_E.device}]")

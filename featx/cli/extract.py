@@ -193,6 +193,7 @@ def bench(
             f"decode ceiling ({report['workers']} workers)",
             report["decode_ceiling_images_per_second"],
         ),
+        ("GPU decode + resize", report["gpu_decode_images_per_second"]),
         ("model on pre-made tensors", report["model_images_per_second"]),
         ("end to end", report["end_to_end_images_per_second"]),
     ]
@@ -201,9 +202,12 @@ def bench(
         f"({report['precision']}, batch {report['batch_size']}, {report['images']} images)"
     )
     for name, value in rows:
-        print(f"  {name:<32} {value:>9.1f} img/s")
+        if value is not None:
+            print(f"  {name:<32} {value:>9.1f} img/s")
     print(f"  {'writer share of wall time':<32} {report['writer_share_of_wall_time']:>9.1%}")
     print(f"  {'peak RSS':<32} {report['peak_rss_mb']:>9.0f} MB")
+    if report["peak_gpu_memory_mb"] is not None:
+        print(f"  {'peak GPU memory':<32} {report['peak_gpu_memory_mb']:>9.0f} MB")
     print(f"  bottleneck: {report['bottleneck']}")
 
 

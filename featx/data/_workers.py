@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 TORCHVISION_IO_NOTICE = "The image decoding and encoding capabilities of TorchVision"
+STATUS_CHECK_S = 5.0  # torch's MP_STATUS_CHECK_INTERVAL: how often a dead worker is noticed
 
 
 def worker_init(_: int) -> None:
@@ -113,6 +114,18 @@ def _thread_limit_is_an_error(workers: int) -> Iterator[None]:
             f"cannot run {workers} decode workers: {error} (a memory or thread limit, such as "
             "ulimit -v or ulimit -u, is too tight); use fewer --workers or raise the limit"
         ) from None
+
+
+def is_loader_timeout(error: BaseException) -> bool:
+    """The DataLoader's error for no batch within its ``timeout``."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader timed out")
+
+
+def kill_workers(iterator: Any) -> None:
+    """SIGKILL a multi-worker iterator's workers: stuck ones (a hung read) ignore SIGTERM
+    (worker_init) and the DataLoader's shutdown would wait for them forever."""
+    for worker in getattr(iterator, "_workers", []):
+        worker.kill()
 
 
 def is_worker_death(error: BaseException) -> bool:

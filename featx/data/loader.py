@@ -11,12 +11,16 @@ from collections.abc import Generator
 import torch
 
 from featx.data import _workers
-from featx.data.batch import Batch
+from featx.data.batch import Batch, Encoded
 from featx.data.decode import DecodePolicy, DecoderCrashed, describe_error, load_image
-from featx.data.gpu_decode import gpu_decodable
+from featx.data.gpu_decode import prepare
 from featx.data.worklist import ImageList
+from featx.errors import FeatxError
 
-PREFETCH = 4  # batches each DataLoader worker decodes ahead
+PREFETCH = 4  # batches each DataLoader worker decodes ahead (runtime.device.feed picks it)
+# A batch takes well under a minute even from a slow network disk; 10 minutes without one
+# means a worker is stuck (in a hung read, or unable to send its batch).
+LOADER_TIMEOUT_S = 600.0
 Item = tuple[int, torch.Tensor | None, str]  # (row, image or encoded JPEG or None, error)
 
 
@@ -36,33 +40,44 @@ class ImageDataset(torch.utils.data.Dataset[Item]):
         path = self.images.absolute(index)
         try:
             if self.policy.mode == "gpu":
-                encoded = gpu_decodable(path, self.policy)
-                if encoded is not None:
-                    return index, encoded, ""
+                return index, prepare(path, self.policy), ""
             return index, load_image(path, self.policy), ""
         except Exception as error:  # every decoder failure is data about that file, not a crash
             return index, None, describe_error(error)
 
 
 def collate(items: list[Item]) -> Batch:
-    """Stack the decoded images; keep encoded JPEGs (``--decode gpu``) and failures aside."""
+    """Stack the decoded images; pack encoded JPEGs (``--decode gpu``) into one tensor; keep
+    failures aside. A batch leaves a worker as at most two tensors (two file descriptors)."""
     good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
     return Batch(
         indices=[index for index, _ in good],
         images=torch.stack([image for _, image in good]) if good else None,
         failures=[(index, error) for index, image, error in items if image is None],
-        encoded=[(i, data) for i, data, _ in items if data is not None and data.ndim == 1],
+        encoded=Encoded.pack(
+            [(i, data) for i, data, _ in items if data is not None and data.ndim == 1]
+        ),
     )
 
 
 def decoded_batches(
-    dataset: ImageDataset, batches: list[list[int]], workers: int, pin_memory: bool
+    dataset: ImageDataset,
+    batches: list[list[int]],
+    workers: int,
+    pin_memory: bool,
+    prefetch: int = PREFETCH,
+    timeout: float = LOADER_TIMEOUT_S,
 ) -> Generator[Batch, None, None]:
     """The batches, decoded, in order. A decoder that kills its worker process (a segfault in a
     C library, the OOM killer) must not end the run: the batches that worker may have held are
     decoded again one image per child process, so the culprit is found and recorded in failed/,
-    and a fresh DataLoader takes the rest."""
+    and a fresh DataLoader takes the rest. A worker that neither answers nor dies (stuck in a
+    read, or unable to send: out of file descriptors) ends the run after ``timeout`` seconds
+    without a batch, with one line, instead of hanging it."""
     done = 0
+    # The DataLoader's own timeout, short: it also paces its check for dead workers (which a
+    # long timeout would delay); a stuck worker is counted here across these polls.
+    poll = min(timeout, _workers.STATUS_CHECK_S)
     while done < len(batches):
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -71,18 +86,36 @@ def decoded_batches(
             num_workers=workers,
             pin_memory=pin_memory,
             worker_init_fn=_workers.worker_init,
-            prefetch_factor=PREFETCH if workers else None,
+            prefetch_factor=prefetch if workers else None,
+            timeout=poll if workers else 0,
         )
         try:
             with _workers.loader_iterator(loader) as iterator:
-                for batch in iterator:
+                waited = 0.0
+                while True:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    except RuntimeError as error:
+                        if not _workers.is_loader_timeout(error):
+                            raise
+                        waited += poll
+                        if waited < timeout:
+                            continue
+                        _workers.kill_workers(iterator)
+                        raise FeatxError(
+                            f"no batch from the decode workers in {timeout:g} s (a worker is "
+                            "stuck or cannot send); finished shards are kept: run the same "
+                            "command to resume"
+                        ) from None
+                    waited = 0.0
                     yield batch
                     done += 1
-            return
         except RuntimeError as error:
             if not _workers.is_worker_death(error):
                 raise
-        for batch_indices in batches[done : done + workers * PREFETCH]:
+        for batch_indices in batches[done : done + workers * prefetch]:
             yield collate([_decode_alone(dataset, index) for index in batch_indices])
             done += 1
 

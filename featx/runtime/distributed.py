@@ -58,24 +58,41 @@ class Job:
         return output_lock(target) if self.leader else contextlib.nullcontext()
 
     def device(self, device: torch.device) -> torch.device:
-        if self.torchrun and device.type == "cuda":
-            return torch.device("cuda", self.local_rank)
-        return device
+        """This process's device: GPU ``LOCAL_RANK`` under torchrun, else the one named; an
+        ordinal the machine lacks is one line, not CUDA's "invalid device ordinal"."""
+        from featx.runtime.device import bound_device
+
+        if device.type != "cuda":
+            return device
+        local_rank = self.local_rank if self.torchrun else None
+        return bound_device(device, local_rank, torch.cuda.device_count())
+
+    @property
+    def ranks_per_node(self) -> int:
+        """The processes sharing this node's cores (torchrun's LOCAL_WORLD_SIZE; 1 otherwise)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.torchrun else 1
 
     @contextlib.contextmanager
     def session(self, device: torch.device) -> Iterator[None]:
         """The torch.distributed process group for the duration of the run (torchrun only)."""
+        if device.type == "cuda":
+            # Every CUDA call of the run, the caching allocator's included, goes to this device:
+            # without it `--device cuda:1` also opens a context on GPU 0.
+            torch.cuda.set_device(device)
         if not self.torchrun:
             yield
             return
         import torch.distributed as dist
 
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         minutes = int(os.environ.get("FEATX_DIST_TIMEOUT_MIN", "720"))
         # Ranks wait for each other only at the end; a slow rank must not time the others out.
-        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+        # device_id binds NCCL to this rank's GPU up front (no guess, no hang at the barrier).
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(minutes=minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
         try:
             yield
         finally:
