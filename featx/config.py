@@ -109,10 +109,6 @@ class ExtractConfig:
         """``max_file_bytes`` in bytes."""
         return parse_bytes(self.max_file_bytes, "--max-file-bytes")
 
-    @property
-    def num_workers(self) -> int:
-        return default_workers() if self.workers is None else self.workers
-
     def replace(self, **changes: Any) -> ExtractConfig:
         return dataclasses.replace(self, **changes)
 
