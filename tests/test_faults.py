@@ -34,6 +34,7 @@ import pytest
 from PIL import Image
 
 from featx import ExtractConfig, FeatureFile, extract
+from featx.config import too_many_failures
 from featx.data.worklist import scan_folder
 from tests.conftest import (
     SETTINGS,
@@ -826,8 +827,11 @@ def test_max_failures_exits_3_when_exceeded(good, tmp_path, cli):
     folder = among_good(good, tmp_path)  # 6 good photos ...
     for name in ("a", "b", "c"):  # ... and 3 bad files: 33%
         (folder / "thing" / f"{name}.jpg").write_bytes(b"")
-    cases = {"2": 3, "3": 0, "30%": 3, "34%": 0, None: 0}
+    # The limits on either side of 3 of 9; the CLI runs one of each kind, the rule all of them.
+    cases = {"2": 3, "3": 0, "30%": 3, "34%": 0, "50%": 0}
     for limit, code in cases.items():
+        assert too_many_failures(limit, 3, 9) == bool(code), limit
+    for limit, code in {"2": 3, "34%": 0, None: 0}.items():
         out = tmp_path / f"{limit}.h5"
         flags = ["--max-failures", limit] if limit else []
         result = cli("extract", folder, "-o", out, *ARGS, *flags)
