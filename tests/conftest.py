@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from featx import ExtractConfig
 from featx.cli import app
 
 os.environ.setdefault("FEATX_OFFLINE", "1")  # belt and braces: no test may download
@@ -99,7 +102,7 @@ def resnet18_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     """Run the CLI in-process as a user types it; returns the click Result."""
     runner = CliRunner()
@@ -136,6 +139,15 @@ SETTINGS = [
     "2",
     "-q",
 ]
+SETTINGS_CONFIG = ExtractConfig(  # SETTINGS, as a library call
+    model="resnet18",
+    weights="none",
+    image_size=64,
+    workers=0,
+    shard_size=4,
+    batch_size=2,
+    progress=False,
+)
 
 
 def featx_process(source: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -161,9 +173,39 @@ def many_photos(tmp_path_factory, photo_arrays) -> Path:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(many_photos, tmp_path_factory) -> Path:
+def uninterrupted(many_photos, tmp_path_factory, cli) -> Path:
+    """The file one uninterrupted ``featx extract many_photos ... SETTINGS`` gives."""
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
-    process = featx_process(many_photos, out)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    result = cli("extract", many_photos, "-o", out, *SETTINGS)
+    assert result.exit_code == 0, result.output
     return out
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    """Same datasets, same values bit for bit, same attributes (but the creation time)."""
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        assert names_a == names_b
+        for name in names_a:
+            if isinstance(fa[name], h5py.Dataset):
+                assert fa[name].dtype == fb[name].dtype, name
+                np.testing.assert_array_equal(fa[name][()], fb[name][()], err_msg=name)
+        assert sorted(fa.attrs) == sorted(fb.attrs)
+        for key in fa.attrs:
+            if key != "created":
+                assert str(fa.attrs[key]) == str(fb.attrs[key]), key
+
+
+def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: float = 120) -> None:
+    """Return once ``process``'s run into ``out`` has published ``count`` shards."""
+    work = out.with_name(out.name + ".featx")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if len(list(work.glob("shard-*.h5"))) >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before {count} shards: {process.communicate()[1]}")
+        time.sleep(0.005)
+    raise AssertionError("no shard appeared in time")

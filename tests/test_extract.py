@@ -214,6 +214,7 @@ def test_cli_json_summary_on_stdout_and_info(photos, tmp_path, cli):
     assert described["feature_shapes"] == {"flatten": [512]}
     assert described["model"] == "resnet18"
     assert described["class_counts"] == {"animal": 2, "thing": 3}
+    assert described["class_names"] == ["animal", "thing"]
     human = cli("info", out)
     assert "features/flatten: 5 x 512 float32" in human.stdout
 

@@ -210,6 +210,7 @@ def test_offline_with_nothing_cached_fails_fast_naming_the_ways_out(photos, tmp_
     assert result.returncode == 1
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert message.startswith("featx: error:")  # exit 1: the run failed, not its arguments
     assert "featx weights fetch" in message
     assert "--weights FILE" in message
     assert "efficientnet_lite0" in message

@@ -1,4 +1,8 @@
-"""Shell pipelines and CI: file lists on stdin, JSON on stdout, exit codes, configs, plots."""
+"""Shell pipelines and CI: file lists on stdin, JSON on stdout, exit codes, configs, plots.
+
+Real bash pipelines where the pipe, the stream or the exit status is the point; the CLI
+in-process (``cli``) where only what a command does is.
+"""
 
 from __future__ import annotations
 
@@ -67,32 +71,39 @@ def test_nul_separated_paths_from_find_print0(photos, tmp_path):
         ]
 
 
-def test_files_from_with_labels_csv_and_relative_root(photos, tmp_path):
+def test_files_from_with_labels_csv_and_relative_root(photos, tmp_path, cli, monkeypatch):
     listing = tmp_path / "list.txt"
     listing.write_text("animal/chelsea.jpg\nthing/coffee.jpg\nthing/rocket.jpg\n")
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\nanimal/chelsea.jpg,cat\nthing/coffee.jpg,drink\n")
-    result = shell(
-        f"{FEATX} extract --files-from {listing} --labels {labels} -o {tmp_path}/f.h5 {SMALL} -q",
-        cwd=photos,
+    monkeypatch.chdir(photos)
+    result = cli(
+        "extract",
+        "--files-from",
+        listing,
+        "--labels",
+        labels,
+        "-o",
+        tmp_path / "f.h5",
+        *SMALL.split(),
+        "-q",
     )
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     with FeatureFile(tmp_path / "f.h5") as f:
         assert f.paths == ["animal/chelsea.jpg", "thing/coffee.jpg", "thing/rocket.jpg"]
         assert f.class_names == ["cat", "drink"]
         assert f.labels.tolist() == [0, 1, -1]  # not in the CSV: unlabelled
 
 
-def test_stdout_carries_only_machine_output(photos, tmp_path):
+def test_stdout_carries_only_machine_output(photos, tmp_path, cli, monkeypatch):
     result = shell(f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL}")
     assert result.returncode == 0
     assert result.stdout == ""  # the human summary went to stderr
     assert "wrote" in result.stderr
     assert "\r" not in result.stderr  # stderr is not a terminal: no progress bar
-    forced = shell(
-        f"{FEATX} extract {photos} -o {tmp_path}/g.h5 {SMALL} --progress", env={"NO_COLOR": "1"}
-    )
-    assert forced.returncode == 0
+    monkeypatch.setenv("NO_COLOR", "1")
+    forced = cli("extract", photos, "-o", tmp_path / "g.h5", *SMALL.split(), "--progress")
+    assert forced.exit_code == 0
     assert "img/s" in forced.stderr and "\x1b[" not in forced.stderr
 
 
@@ -115,8 +126,6 @@ def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
         ("{featx} extract {tmp}/missing -o {tmp}/x.h5 {small}", 2),
         ("{featx} info {tmp}/missing.h5", 2),
         ("{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1", 3),
-        ("{featx} extract {dirty} -o {tmp}/y.h5 {small} --max-failures 10%", 3),
-        ("{featx} extract {dirty} -o {tmp}/z.h5 {small} --max-failures 2", 0),
     ],
 )
 def test_documented_exit_codes(photos, tmp_path, script, code):
@@ -133,50 +142,7 @@ def test_documented_exit_codes(photos, tmp_path, script, code):
     assert "Traceback" not in result.stderr
     if code == 3:
         assert "--max-failures" in result.stderr
-        assert (tmp_path / "x.h5").exists() or (tmp_path / "y.h5").exists()
-
-
-def test_runtime_failure_exits_1(photos, tmp_path):
-    """No network and nothing cached is a failure of the run, not of the arguments."""
-    result = shell(
-        f"{FEATX} extract {photos} -o {tmp_path}/x.h5 --model resnet18",
-        env={"FEATX_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "cache")},
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("featx: error:")
-
-
-def test_sigint_exits_130_and_keeps_finished_shards(many_photos, tmp_path):
-    out = tmp_path / "f.h5"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "featx",
-            "extract",
-            str(many_photos),
-            "-o",
-            str(out),
-            *SMALL.split(),
-            "--shard-size",
-            "4",
-            "--batch-size",
-            "2",
-            "-q",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    work = out.with_name(out.name + ".featx")
-    deadline = time.monotonic() + 120
-    while not list(work.glob("shard-*.h5")) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr
-    assert list(work.glob("shard-*.h5"))
+        assert (tmp_path / "x.h5").exists()
 
 
 def extract_configs() -> list[Path]:
@@ -201,30 +167,20 @@ def test_configs_folder_holds_the_promised_examples():
 
 
 @pytest.mark.parametrize("config", extract_configs(), ids=lambda p: p.stem)
-def test_every_config_in_configs_runs(config, photos, tmp_path):
+def test_every_config_in_configs_runs(config, photos, tmp_path, cli):
     """Each example config runs as written; flags override it (random weights: no download)."""
     import tomllib
 
     section = tomllib.loads(config.read_text())
     out = tmp_path / "f.h5"
-    result = shell(
-        f"{FEATX} extract --config {config} {photos} -o {out} --weights none "
-        "--image-size 64 --workers 0 -q"
-    )
-    assert result.returncode == 0, result.stderr
+    flags = ["--weights", "none", "--image-size", "64", "--workers", "0", "-q"]
+    result = cli("extract", "--config", config, photos, "-o", out, *flags)
+    assert result.exit_code == 0, result.output
     with FeatureFile(out) as f:
         assert f.attrs["model"] == section["extract"]["model"]
         assert f.layers == section["extract"]["layers"]
         assert f.attrs["pool"] == section["extract"]["pool"]
         assert f.attrs["weights"]["weights"] == "none"  # the flag won over the config
-
-
-def test_config_with_an_unknown_key_is_refused(photos, tmp_path):
-    config = tmp_path / "bad.toml"
-    config.write_text('[extract]\nmodel = "resnet18"\npoool = "avg"\n')
-    result = shell(f"{FEATX} extract --config {config} {photos} -o {tmp_path}/f.h5")
-    assert result.returncode == 2
-    assert "unknown option 'poool'" in result.stderr
 
 
 def test_plot_writes_a_png_of_the_requested_size(photos, tmp_path, cli):
@@ -240,7 +196,12 @@ def test_plot_writes_a_png_of_the_requested_size(photos, tmp_path, cli):
         assert image.format == "PNG" and image.size == (640, 480)
 
 
-def test_shell_completion_script(cli):
+def test_shell_completion_script(cli, monkeypatch):
+    # Typer's --show-completion is a plain flag that detects the shell from the parent
+    # processes and ignores the word after it: under `sh -c` it answers "Shell sh not
+    # supported", and in a pytest whose launching shell has exited (a long session, reparented
+    # to init) "Shell  not supported", exit 1. With detection off it takes the shell's name.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     result = cli("--show-completion", "bash")
     assert result.exit_code == 0, (result.stdout, result.stderr, repr(result.exception))
     assert "_FEATX_COMPLETE" in result.stdout
@@ -258,16 +219,6 @@ def test_every_help_has_an_example(cli):
         result = cli(*path, "--help")
         assert result.exit_code == 0, path
         assert "Example: featx" in result.stdout, path
-
-
-def test_info_json_is_parseable(photos, tmp_path):
-    result = shell(
-        f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL} -q && "
-        f"{FEATX} info {tmp_path}/f.h5 --json"
-    )
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    assert info["images"] == 5 and info["class_names"] == ["animal", "thing"]
 
 
 def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
@@ -295,7 +246,9 @@ def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
     assert "run the same command again to resume" in stderr
 
 
-def test_labels_csv_from_excel_with_bom_and_rows_for_other_files(photos, tmp_path):
+def test_labels_csv_from_excel_with_bom_and_rows_for_other_files(
+    photos, tmp_path, cli, monkeypatch
+):
     listing = tmp_path / "list.txt"
     listing.write_text("animal/chelsea.jpg\nthing/coffee.jpg\n")
     labels = tmp_path / "labels.csv"
@@ -303,30 +256,26 @@ def test_labels_csv_from_excel_with_bom_and_rows_for_other_files(photos, tmp_pat
         "\ufeffPath,Label\nanimal/chelsea.jpg,cat\nthing/coffee.jpg,drink\n"
         "elsewhere/x.jpg,horse\n".encode()
     )
-    result = shell(
-        f"{FEATX} extract --files-from {listing} --labels {labels} -o {tmp_path}/f.h5 {SMALL} -q",
-        cwd=photos,
-    )
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(photos)
+    options = ["--files-from", listing, *SMALL.split(), "-q"]
+    result = cli("extract", *options, "--labels", labels, "-o", tmp_path / "f.h5")
+    assert result.exit_code == 0, result.output
     with FeatureFile(tmp_path / "f.h5") as f:
         assert f.class_names == ["cat", "drink"]  # no class without a listed file
         assert f.labels.tolist() == [0, 1]
     nothing = tmp_path / "none.csv"
     nothing.write_text("a.jpg,x\n")
-    refused = shell(
-        f"{FEATX} extract --files-from {listing} --labels {nothing} -o {tmp_path}/g.h5 {SMALL} -q",
-        cwd=photos,
-    )
-    assert refused.returncode == 2 and "no row names a listed file" in refused.stderr
+    refused = cli("extract", *options, "--labels", nothing, "-o", tmp_path / "g.h5")
+    assert refused.exit_code == 2 and "no row names a listed file" in refused.stderr
 
 
-def test_json_summary_is_printed_even_when_too_many_images_failed(tmp_path):
+def test_json_summary_is_printed_even_when_too_many_images_failed(tmp_path, cli):
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"not a jpeg")
     (folder / "b.png").write_bytes(b"")
-    result = shell(f"{FEATX} extract {folder} -o {tmp_path}/f.h5 {SMALL} --json")
-    assert result.returncode == 3
+    result = cli("extract", folder, "-o", tmp_path / "f.h5", *SMALL.split(), "--json")
+    assert result.exit_code == 3
     summary = json.loads(result.stdout)
     assert summary["images"] == 0 and summary["failed"] == 2
     with FeatureFile(tmp_path / "f.h5") as f:

@@ -1,92 +1,90 @@
-"""Crash safety: a killed run, run again, gives the file an uninterrupted run gives."""
+"""Crash safety: a killed run, run again, gives the file an uninterrupted run gives.
+
+One real run is killed (SIGKILL) after a few shards; each test resumes a copy of what it left
+behind, in-process: the process boundary matters for the kill, not for the resume.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
 import signal
-import subprocess
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-import numpy as np
+import pytest
 
-from featx import ExtractConfig, extract
-from tests.conftest import SETTINGS, featx_process  # noqa: F401  (re-exported for other tests)
-
-
-def assert_same_file(a: Path, b: Path) -> None:
-    """Same datasets, same values bit for bit, same attributes (but the creation time)."""
-    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
-        names_a, names_b = [], []
-        fa.visit(names_a.append)
-        fb.visit(names_b.append)
-        assert names_a == names_b
-        for name in names_a:
-            if isinstance(fa[name], h5py.Dataset):
-                assert fa[name].dtype == fb[name].dtype, name
-                np.testing.assert_array_equal(fa[name][()], fb[name][()], err_msg=name)
-        assert sorted(fa.attrs) == sorted(fb.attrs)
-        for key in fa.attrs:
-            if key != "created":
-                assert str(fa.attrs[key]) == str(fb.attrs[key]), key
+from featx import extract
+from tests.conftest import (
+    SETTINGS,
+    SETTINGS_CONFIG,
+    assert_same_file,
+    featx_process,
+    wait_for_shards,
+)
 
 
-def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: float = 120) -> None:
-    work = out.with_name(out.name + ".featx")
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if len(list(work.glob("shard-*.h5"))) >= count:
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"run ended before {count} shards: {process.communicate()[1]}")
-        time.sleep(0.005)
-    raise AssertionError("no shard appeared in time")
+@dataclass
+class Killed:
+    out: Path
+    shards: list[str]  # the shard files the killed run had published
 
 
-def test_sigkill_then_rerun_gives_identical_file(many_photos, uninterrupted, tmp_path):
-    out = tmp_path / "feats.h5"
+def work_of(out: Path) -> Path:
+    return out.with_name(out.name + ".featx")
+
+
+def killed_run(many_photos: Path, out: Path, after_shards: int) -> Killed:
     process = featx_process(many_photos, out)
-    wait_for_shards(out, 2, process)
+    wait_for_shards(out, after_shards, process)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    work = out.with_name(out.name + ".featx")
-    finished = sorted(p.name for p in work.glob("shard-*.h5"))
-    assert finished and not out.exists()
-    for shard in work.glob("shard-*.h5"):  # every published shard is readable
+    return Killed(out, sorted(p.name for p in work_of(out).glob("shard-*.h5")))
+
+
+def copy_of(killed: Killed, folder: Path) -> Path:
+    """The killed run's work folder beside a new output path; that output path."""
+    out = folder / killed.out.name
+    shutil.copytree(work_of(killed.out), work_of(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed(many_photos, tmp_path_factory) -> Killed:
+    return killed_run(many_photos, tmp_path_factory.mktemp("killed") / "feats.h5", 3)
+
+
+def test_sigkill_leaves_only_whole_shards_and_no_output(killed):
+    assert len(killed.shards) >= 3 and not killed.out.exists()
+    for shard in work_of(killed.out).glob("shard-*.h5"):  # every published shard is readable
         with h5py.File(shard, "r") as f:
-            assert f["index"].shape[0] == f["features/flatten"].shape[0]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in work.glob("shard-*.h5")}
+            assert f["index"].shape[0] == f["features/flatten"].shape[0] == 4
 
-    resumed = featx_process(many_photos, out, "--json")
-    stdout, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr
-    assert f'"shards_done_before": {len(finished)}' in stdout
+
+def test_sigkill_then_rerun_gives_identical_file(killed, many_photos, uninterrupted, tmp_path, cli):
+    out = copy_of(killed, tmp_path)
+    resumed = cli("extract", many_photos, "-o", out, *SETTINGS, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["shards_done_before"] == len(killed.shards)  # kept
     assert_same_file(out, uninterrupted)
-    assert not work.exists()
-    assert len(mtimes) == len(finished)  # finished shards were kept, not redone
+    assert not work_of(out).exists()
 
 
-def test_resume_with_different_layer_is_refused(many_photos, tmp_path):
-    out = tmp_path / "feats.h5"
-    process = featx_process(many_photos, out)
-    wait_for_shards(out, 1, process)
-    process.kill()
-    process.communicate()
-    other = featx_process(many_photos, out, "--layer", "layer3")
-    _, stderr = other.communicate(timeout=120)
-    assert other.returncode == 2
-    assert "unfinished run with other settings" in stderr
-    assert "layers: ['flatten'] → ['layer3']" in stderr
-    assert "--overwrite" in stderr
-    assert "Traceback" not in stderr
-    fresh = featx_process(many_photos, out, "--layer", "layer3", "--overwrite")
-    fresh.communicate(timeout=300)
-    assert fresh.returncode == 0
+def test_resume_with_different_layer_is_refused(killed, many_photos, tmp_path, cli):
+    out = copy_of(killed, tmp_path)
+    other = cli("extract", many_photos, "-o", out, *SETTINGS, "--layer", "layer3")
+    assert other.exit_code == 2
+    assert "unfinished run with other settings" in other.stderr
+    assert "layers: ['flatten'] → ['layer3']" in other.stderr
+    assert "--overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1  # no traceback
+    fresh = cli("extract", many_photos, "-o", out, *SETTINGS, "--layer", "layer3", "--overwrite")
+    assert fresh.exit_code == 0, fresh.output
 
 
-def test_sigterm_keeps_finished_shards_and_exits_143(many_photos, uninterrupted, tmp_path):
+def test_sigterm_keeps_finished_shards_and_exits_143(many_photos, uninterrupted, tmp_path, cli):
     out = tmp_path / "feats.h5"
     process = featx_process(many_photos, out)
     wait_for_shards(out, 1, process)
@@ -96,45 +94,27 @@ def test_sigterm_keeps_finished_shards_and_exits_143(many_photos, uninterrupted,
     assert process.returncode == 143
     assert "run the same command again to resume" in stderr
     assert "Traceback" not in stderr
-    work = out.with_name(out.name + ".featx")
+    work = work_of(out)
     assert list(work.glob("shard-*.h5"))
     assert not list(work.glob(".*tmp*")), "the unfinished shard's temporary file was removed"
-    resumed = featx_process(many_photos, out)
-    resumed.communicate(timeout=300)
-    assert resumed.returncode == 0
+    assert cli("extract", many_photos, "-o", out, *SETTINGS).exit_code == 0
     assert_same_file(out, uninterrupted)
 
 
-def test_library_call_resumes_too(many_photos, uninterrupted, tmp_path):
-    """A run whose shards are partly there (copied from an interrupted run) completes them."""
-    config = ExtractConfig(
-        model="resnet18",
-        weights="none",
-        image_size=64,
-        workers=0,
-        shard_size=4,
-        batch_size=2,
-        progress=False,
-    )
-    out = tmp_path / "feats.h5"
-    process = featx_process(many_photos, out)
-    wait_for_shards(out, 3, process)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate()
-    result = extract(many_photos, out, config)
-    assert result.shards_done_before >= 3
+def test_library_call_resumes_too(killed, many_photos, uninterrupted, tmp_path):
+    """A run whose shards are partly there (left by a killed run) completes them."""
+    out = copy_of(killed, tmp_path)
+    result = extract(many_photos, out, SETTINGS_CONFIG)
+    assert result.shards_done_before == len(killed.shards)
     assert_same_file(out, uninterrupted)
 
 
-def test_overwrite_resumes_an_unfinished_run_of_the_same_settings(many_photos, tmp_path):
+def test_overwrite_resumes_an_unfinished_run_of_the_same_settings(
+    killed, many_photos, tmp_path, cli
+):
     """--overwrite replaces a finished output and discards runs of other settings, but the
     shards of an interrupted run of the very same command are kept."""
-    out = tmp_path / "feats.h5"
-    process = featx_process(many_photos, out)
-    wait_for_shards(out, 2, process)
-    process.kill()
-    process.communicate()
-    again = featx_process(many_photos, out, "--overwrite", "--json")
-    stdout, stderr = again.communicate(timeout=300)
-    assert again.returncode == 0, stderr
-    assert '"shards_done_before": 0' not in stdout
+    out = copy_of(killed, tmp_path)
+    again = cli("extract", many_photos, "-o", out, *SETTINGS, "--overwrite", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["shards_done_before"] == len(killed.shards)

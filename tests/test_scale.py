@@ -1,4 +1,8 @@
-"""Scale out: torchrun ranks and --shard K/N parts give the file one process gives."""
+"""Scale out: torchrun ranks and --shard K/N parts give the file one process gives.
+
+torchrun runs for real (ranks are processes); ``--shard K/N`` parts are library calls, as each
+part is an ordinary run of its own.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import SETTINGS, featx_process
-from tests.test_resume import assert_same_file
+from featx import extract
+from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -41,16 +45,6 @@ def torchrun(many_photos: Path, out: Path, nproc: int = 2) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
-def test_torchrun_two_cpu_ranks_give_the_single_process_file(many_photos, uninterrupted, tmp_path):
-    out = tmp_path / "feats.h5"
-    process = torchrun(many_photos, out)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
-    assert_same_file(out, uninterrupted)
-    assert not out.with_name(out.name + ".featx").exists()
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -60,7 +54,10 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_torchrun_rank_killed_then_rerun_gives_identical_file(many_photos, uninterrupted, tmp_path):
+def test_torchrun_rank_killed_then_rerun_on_two_cpu_ranks_gives_the_single_process_file(
+    many_photos, uninterrupted, tmp_path
+):
+    """The rerun does most shards on two ranks and assembles them: the one-process file."""
     out = tmp_path / "feats.h5"
     process = torchrun(many_photos, out)
     work = out.with_name(out.name + ".featx")
@@ -78,17 +75,15 @@ def test_torchrun_rank_killed_then_rerun_gives_identical_file(many_photos, unint
     _, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr[-3000:]
     assert_same_file(out, uninterrupted)
+    assert not work.exists()
 
 
 @pytest.fixture(scope="module")
 def parts(many_photos, tmp_path_factory) -> Path:
-    """feats.part-{0,1,2}-of-3.h5, each made by its own process, as SLURM array tasks would."""
+    """feats.part-{0,1,2}-of-3.h5, each made by its own run, as SLURM array tasks would."""
     folder = tmp_path_factory.mktemp("parts")
-    out = folder / "feats.h5"
-    processes = [featx_process(many_photos, out, "--shard", f"{k}/3") for k in range(3)]
-    for process in processes:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr
+    for k in range(3):
+        extract(many_photos, folder / "feats.h5", SETTINGS_CONFIG.replace(shard=(k, 3)))
     return folder
 
 
@@ -133,9 +128,7 @@ def test_merge_with_a_missing_part_names_it(parts, tmp_path, cli):
 def test_merge_refuses_a_part_with_another_fingerprint(parts, many_photos, tmp_path, cli):
     folder = tmp_path / "copy"
     shutil.copytree(parts, folder)
-    other = featx_process(many_photos, folder / "other.h5", "--shard", "1/3", "--pool", "max")
-    _, stderr = other.communicate(timeout=300)
-    assert other.returncode == 0, stderr
+    extract(many_photos, folder / "other.h5", SETTINGS_CONFIG.replace(shard=(1, 3), pool="max"))
     (folder / "other.part-1-of-3.h5").replace(folder / "feats.part-1-of-3.h5")
     result = cli("merge", folder / "feats.h5")
     assert result.exit_code == 2
@@ -149,11 +142,7 @@ def test_shard_option_is_checked(many_photos, tmp_path, cli):
 
 def test_more_parts_than_shards_still_merge(photos, tmp_path, cli):
     """5 images in shards of 2 make 3 shards; 5 parts leave two of them empty."""
-    from featx import ExtractConfig, extract
-
-    config = ExtractConfig(
-        model="resnet18", weights="none", image_size=64, workers=0, shard_size=2, progress=False
-    )
+    config = SETTINGS_CONFIG.replace(shard_size=2)
     extract(photos, tmp_path / "single.h5", config)
     for k in range(5):
         extract(photos, tmp_path / "feats.h5", config.replace(shard=(k, 5)))

@@ -42,33 +42,35 @@ def features(path):
         return f.paths, f.features()[:]
 
 
-def test_writer_thread_gives_the_same_bytes_as_writing_inline(photos, tmp_path):
+@pytest.fixture(scope="module")
+def plain(photos, tmp_path_factory):
+    """The photos' paths and features by the plain path (the writer thread is the default)."""
+    out = tmp_path_factory.mktemp("plain") / "plain.h5"
+    extract(photos, out, PLAIN)
+    return features(out)
+
+
+def test_writer_thread_gives_the_same_bytes_as_writing_inline(photos, tmp_path, plain):
+    assert PLAIN.write_behind
     extract(photos, tmp_path / "inline.h5", PLAIN.replace(write_behind=False))
-    extract(photos, tmp_path / "thread.h5", PLAIN.replace(write_behind=True))
-    paths_a, a = features(tmp_path / "inline.h5")
-    paths_b, b = features(tmp_path / "thread.h5")
-    assert paths_a == paths_b
-    np.testing.assert_array_equal(a, b)
+    paths, inline = features(tmp_path / "inline.h5")
+    assert paths == plain[0]
+    np.testing.assert_array_equal(inline, plain[1])
 
 
-def test_lzf_compression_keeps_the_numbers(photos, tmp_path):
-    extract(photos, tmp_path / "plain.h5", PLAIN)
+def test_lzf_compression_keeps_the_numbers(photos, tmp_path, plain):
     extract(photos, tmp_path / "lzf.h5", PLAIN.replace(compression="lzf"))
-    np.testing.assert_array_equal(
-        features(tmp_path / "plain.h5")[1], features(tmp_path / "lzf.h5")[1]
-    )
+    np.testing.assert_array_equal(features(tmp_path / "lzf.h5")[1], plain[1])
     with FeatureFile(tmp_path / "lzf.h5") as f:
         assert f.features().compression == "lzf"
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_same_features(photos, tmp_path):
-    extract(photos, tmp_path / "plain.h5", PLAIN)
+def test_compiled_model_gives_the_same_features(photos, tmp_path, plain):
     extract(photos, tmp_path / "compiled.h5", PLAIN.replace(compile=True))
-    paths_a, a = features(tmp_path / "plain.h5")
-    paths_b, b = features(tmp_path / "compiled.h5")
-    assert paths_a == paths_b
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    paths, compiled = features(tmp_path / "compiled.h5")
+    assert paths == plain[0]
+    np.testing.assert_allclose(compiled, plain[1], rtol=1e-4, atol=1e-5)
 
 
 def _jpeg(array: np.ndarray, **options) -> bytes:
