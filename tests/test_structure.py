@@ -123,15 +123,15 @@ def test_every_torchvision_classifier_lists_layers_and_defaults_to_its_classifie
 
 
 def torchvision_build(name: str) -> nn.Module:
-    """torchvision's own build of ``name``: on the meta device, or for real where an
-    initialiser reads values (RegNet)."""
+    """torchvision's own build of ``name`` on the meta device; where a constructor reads tensor
+    values (RegNet), the one featx makes for `featx layers` (weights on meta, built on the CPU)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # googlenet's, inception's init notice
         try:
             with torch.device("meta"):
                 return torchvision.models.get_model(name)
         except NotImplementedError:
-            return torchvision.models.get_model(name)
+            return load_backbone(name, "none", shapes_only=True).model
 
 
 def test_shapes_only_backbones_have_no_weights():

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -103,11 +104,36 @@ def load_backbone(
     try:
         with torch.device("meta") if shapes_only else contextlib.nullcontext():
             backbone = source.load(name, weights)
-    except NotImplementedError:  # an initialiser that reads values (RegNet): build it for real
-        backbone = source.load(name, weights)
+    except NotImplementedError:  # a constructor that reads tensor values (RegNet's widths)
+        with _weights_on_meta():
+            backbone = source.load(name, weights)
     backbone = backbone.resized(image_size)
     backbone.model.eval().requires_grad_(False)
     return backbone
+
+
+@contextlib.contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Build on the CPU, but every parameter and buffer moves to the meta device as it is
+    registered, so initialising them costs nothing (RegNet-Y 128GF: 644M parameters)."""
+    register_parameter = torch.nn.Module.register_parameter
+    register_buffer = torch.nn.Module.register_buffer
+
+    def parameter(module: torch.nn.Module, name: str, value: Any) -> None:
+        if value is not None:
+            value = torch.nn.Parameter(value.to("meta"), requires_grad=value.requires_grad)
+        register_parameter(module, name, value)
+
+    def buffer(module: torch.nn.Module, name: str, value: Any, persistent: bool = True) -> None:
+        register_buffer(module, name, None if value is None else value.to("meta"), persistent)
+
+    torch.nn.Module.register_parameter = parameter  # type: ignore[method-assign, assignment]
+    torch.nn.Module.register_buffer = buffer  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        torch.nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
 def fetch_weights(name: str, weights: str = "DEFAULT") -> Path:
