@@ -28,13 +28,12 @@ from typing import Any
 import torch
 
 from featx.config import ExtractConfig, available_cores
-from featx.data.decode import DecodePolicy
 from featx.data.gpu_decode import DecodeStream, on_device
 from featx.data.loader import ImageDataset, collate
 from featx.data.worklist import ImageList, scan_folder
 from featx.errors import UsageError
 from featx.models import CutModel, load_backbone
-from featx.pipeline import make_plan, run
+from featx.pipeline import decode_policy, make_plan, run
 from featx.runtime import device as devices
 from featx.store.shards import open_work_dir
 
@@ -56,17 +55,9 @@ def bench(
     backbone = load_backbone(config.model, config.weights, config.image_size)
     layers = backbone.check_layers(config.layers)
     device = devices.pick_device(config.device)
-    if config.decode == "gpu" and device.type != "cuda":
-        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
+    policy = decode_policy(backbone, config, device)
     precision = devices.pick_precision(config.precision, device)
     feed = devices.feed(config.batch_size, config.workers, device, available_cores())
-    policy = DecodePolicy(
-        backbone.transform,
-        config.background,
-        config.max_image_pixels,
-        config.decode,
-        config.max_file_size,
-    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -143,16 +143,8 @@ def make_plan(
         if layer not in shapes:
             raise UsageError(f"layer {layer!r} does not output a batched tensor; pick another")
     device = job.device(devices.pick_device(config.device))
-    if config.decode == "gpu" and device.type != "cuda":
-        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
+    policy = decode_policy(backbone, config, device)
     precision = devices.pick_precision(config.precision, device)
-    policy = DecodePolicy(
-        backbone.transform,
-        config.background,
-        config.max_image_pixels,
-        config.decode,
-        config.max_file_size,
-    )
     fingerprint = {
         "model": config.model,
         "weights": backbone.weights,
@@ -182,6 +174,19 @@ def make_plan(
         fingerprint,
         feed,
         label or target.name,
+    )
+
+
+def decode_policy(backbone: Backbone, config: ExtractConfig, device: torch.device) -> DecodePolicy:
+    """How pixels are made for ``backbone`` on ``device`` (recorded in the fingerprint)."""
+    if config.decode == "gpu" and device.type != "cuda":
+        raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
+    return DecodePolicy(
+        backbone.transform,
+        config.background,
+        config.max_image_pixels,
+        config.decode,
+        config.max_file_size,
     )
 
 

@@ -211,7 +211,7 @@ def test_offline_with_nothing_cached_fails_fast_naming_the_ways_out(photos, tmp_
     message = result.stderr.strip()
     errors = [line for line in message.splitlines() if line.startswith("featx: error:")]
     assert len(errors) == 1 and "Traceback" not in message
-    assert message.startswith("featx: error:")  # exit 1: the run failed, not its arguments
+    assert errors[0].startswith("featx: error:")  # exit 1: the run failed, not its arguments
     assert "featx weights fetch" in message
     assert "--weights FILE" in message
     assert "efficientnet_lite0" in message
