@@ -27,11 +27,21 @@ _LAZY = {
     "load_head": "featx.heads.model",
     "predict": "featx.heads.apply",
     "evaluate": "featx.heads.apply",
+    "probe": "featx.heads.probe",
+    "export": "featx.store.export",
 }
-from featx.config import ExtractConfig, HeadConfig, PredictConfig  # noqa: E402  (stdlib only)
+from featx.config import ExtractConfig, HeadConfig, PredictConfig, ProbeConfig  # noqa: E402
 from featx.errors import FeatxError  # noqa: E402
 
-__all__ = ["ExtractConfig", "FeatxError", "HeadConfig", "PredictConfig", "__version__", *_LAZY]
+__all__ = [
+    "ExtractConfig",
+    "FeatxError",
+    "HeadConfig",
+    "PredictConfig",
+    "ProbeConfig",
+    "__version__",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:
