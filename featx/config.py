@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from featx.data.archives import check_label_from
 from featx.errors import UsageError
 
 C = TypeVar("C")
@@ -66,6 +67,7 @@ class ExtractConfig:
     max_image_pixels: int | None = None  # None: Pillow's decompression-bomb limit
     max_file_bytes: int | str = DEFAULT_MAX_FILE_BYTES  # larger image files fail unread
     labels_csv: str | None = None
+    label_from: str = "cls"  # archives: cls | json:FIELD | none
     # How it runs.
     # The unit of resume: an interrupted run loses at most the shard in flight, about a minute
     # of ResNet-50 on a slow 2-core CPU (4-9 img/s); a resume keeps the size it started with.
@@ -99,6 +101,7 @@ class ExtractConfig:
                 f"background {list(self.background)}: expected three values from 0 to 255"
             )
         parse_max_failures(self.max_failures)
+        check_label_from(self.label_from)
         if self.shard is not None:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ import torch
 
 from featx import __version__
 from featx.config import ExtractConfig, available_cores, too_many_failures
+from featx.data.archive_feed import EncodedDataset, archive_batches
+from featx.data.archives import ArchiveList
 from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
 from featx.data.gpu_decode import DecodeStream, on_device
 from featx.data.loader import ImageDataset, decoded_batches
+from featx.data.remote import Prefetcher
 from featx.data.worklist import ImageList, printable
-from featx.errors import Interrupted, TooManyFailures, UsageError
+from featx.errors import FeatxError, Interrupted, TooManyFailures, UsageError
 from featx.models import Backbone, CutModel, describe_layers, load_backbone
 from featx.models.pooling import pooled_shape
 from featx.preflight import preflight
@@ -35,9 +38,16 @@ from featx.runtime.distributed import Job, job_for
 from featx.runtime.progress import note, progress_bar, show_progress
 from featx.runtime.signals import StopSignals, signal_name
 from featx.store import schema
-from featx.store.assemble import assemble, count_rows
+from featx.store.assemble import (
+    ArchiveRows,
+    RowTable,
+    WorkListRows,
+    archive_classes,
+    assemble,
+    count_rows,
+)
 from featx.store.durable import refuse_existing
-from featx.store.shards import ShardRows, ShardSink, WorkDir, open_work_dir
+from featx.store.shards import ArchiveSink, ShardRows, ShardSink, WorkDir, open_work_dir
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class Plan:
     """A run, decided and checked before any image is read."""
 
     config: ExtractConfig
-    images: ImageList
+    images: ImageList | ArchiveList  # files (shards of shard_size) or archives (one shard each)
     target: Path  # the output, or this part's file with --shard K/N
     job: Job
     backbone: Backbone
@@ -91,10 +101,11 @@ class Ran:
     loop_started: float = 0.0  # time.perf_counter() when the loop began
     first_batch_s: float = 0.0  # seconds into the loop when the first batch was computed
     first_batch_files: int = 0  # files in that batch (start-up: warm-up, workers' first decode)
+    broken: dict[int, str] = field(default_factory=dict)  # archives that could not be read
 
 
 def extract(
-    source: str | os.PathLike[str] | ImageList,
+    source: str | os.PathLike[str] | ImageList | ArchiveList,
     out: str | os.PathLike[str],
     config: ExtractConfig = ExtractConfig(),
     *,
@@ -114,7 +125,7 @@ def extract(
             refuse_existing(plan.target, config.overwrite)  # another run may have finished it
         work = plan.job.leader_first(
             lambda overwrite: open_work_dir(
-                plan.target, plan.fingerprint, config.shard_size, len(plan.images), overwrite
+                plan.target, plan.fingerprint, _shard_size(plan), len(plan.images), overwrite
             ),
             config.overwrite,
         )
@@ -122,8 +133,13 @@ def extract(
         return finish(plan, work, ran, started)
 
 
+def _shard_size(plan: Plan) -> int:
+    """Files per shard; an archive is one shard whatever it holds."""
+    return 1 if isinstance(plan.images, ArchiveList) else plan.config.shard_size
+
+
 def make_plan(
-    source: str | os.PathLike[str] | ImageList,
+    source: str | os.PathLike[str] | ImageList | ArchiveList,
     out: Path,
     config: ExtractConfig,
     label: str | None = None,
@@ -202,26 +218,22 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
     size = plan.feed.batch_size
     pad_to = size if config.compile else None  # one shape: no recompiles
-    batches = [
-        list(range(start, min(start + size, stop)))
-        for shard in todo
-        for first, stop in [work.shard_range(shard)]
-        for start in range(first, stop, size)
-    ]
-    sink = ShardSink(work, config.dtype, config.compression)
+    dataset, batches, sink, fetcher = _work_for(plan, work, todo, size)
     # The writer thread waits for each batch's device→host copy, so the loop never does.
     writer = BackgroundWriter(
-        lambda pending: sink.write(pending.rows()), depth=4 if config.write_behind else 0
+        lambda pending: sink.write(pending.rows(), pending.tag),
+        depth=4 if config.write_behind else 0,
     )
-    total, todo_files = work.files_in(mine), work.files_in(todo)
-    if plan.job.leader and total > todo_files:
+    if plan.job.leader and len(todo) < len(mine):
         done, of = _kept(plan, work)
-        note(f"resuming: {done:,} of {of:,} images already done ({work.path})", config.quiet)
-    progress = progress_bar(
-        total, total - todo_files, show_progress(config.progress), desc=plan.label
-    )
+        note(
+            f"resuming: {done:,} of {of:,} {_unit(plan)} already done ({work.path})",
+            config.quiet,
+        )
+    total, before = _progress_total(plan, work, mine, todo)
+    progress = progress_bar(total, before, show_progress(config.progress), desc=plan.label)
     loaded = decoded_batches(
-        ImageDataset(plan.images, plan.policy),
+        dataset,
         batches,
         plan.feed.workers,
         pin_memory=plan.device.type == "cuda",
@@ -236,6 +248,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
             signals,
             torch.inference_mode(),
             contextlib.closing(loaded),
+            contextlib.closing(fetcher) if fetcher else contextlib.nullcontext(),
             devices.exact_fp32(plan.precision, plan.device),
             devices.out_of_memory_hint(size, str(work.path)),
         ):
@@ -259,8 +272,53 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         progress.close()
     loop_s = time.perf_counter() - started
     return Ran(
-        mine, len(mine) - len(todo), todo_files, sink.busy_s, loop_s, started, *(first or (0.0, 0))
+        mine,
+        len(mine) - len(todo),
+        progress.n - before,
+        sink.busy_s,
+        loop_s,
+        started,
+        *(first or (0.0, 0)),
+        broken=getattr(sink, "broken", {}),
     )
+
+
+def _work_for(
+    plan: Plan, work: WorkDir, todo: list[int], size: int
+) -> tuple[Any, Any, ShardSink | ArchiveSink, Prefetcher | None]:
+    """(dataset, batches, sink, fetcher) of this process's unfinished shards: batches of file
+    rows cut from the work list, or of samples read from archives as they stream in."""
+    config = plan.config
+    if isinstance(plan.images, ArchiveList):
+        archives = [plan.images.archives[shard] for shard in todo]
+        fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
+        batches = archive_batches(plan.images, todo, size, fetcher, plan.policy.max_file_bytes)
+        sink: ShardSink | ArchiveSink = ArchiveSink(work, config.dtype, config.compression)
+        return EncodedDataset(plan.policy), batches, sink, fetcher
+    file_batches = [
+        list(range(start, min(start + size, stop)))
+        for shard in todo
+        for first, stop in [work.shard_range(shard)]
+        for start in range(first, stop, size)
+    ]
+    sink = ShardSink(work, config.dtype, config.compression)
+    return ImageDataset(plan.images, plan.policy), file_batches, sink, None
+
+
+def _unit(plan: Plan) -> str:
+    return f"{plan.images.kind} shards" if isinstance(plan.images, ArchiveList) else "images"
+
+
+def _progress_total(
+    plan: Plan, work: WorkDir, mine: range, todo: list[int]
+) -> tuple[int | None, int]:
+    """(images in this process's shards, of them done before) for the progress bar; an
+    archive's count is known only from img2dataset's stats files."""
+    if isinstance(plan.images, ArchiveList):
+        total = plan.images.expected_images(mine)
+        rest = plan.images.expected_images(todo)
+        return total, (total - rest) if total is not None and rest is not None else 0
+    return work.files_in(mine), work.files_in(mine) - work.files_in(todo)
 
 
 STOPPING = "featx: stopping after this batch… (press Ctrl-C again to stop at once)\n"
@@ -284,13 +342,25 @@ def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
     if not kept:
         return (
             f"interrupted by {signal_name(signum)} before the first shard of "
-            f"{work.shard_size:,} images was finished: nothing is kept, and the same command "
-            f"starts again from the beginning (--shard-size sets the unit of resume)"
+            f"{_shard_words(plan, work)} was finished: nothing is kept, and the same command "
+            f"starts again from the beginning{_resume_unit_hint(plan)}"
         )
     return (
-        f"interrupted by {signal_name(signum)}: {kept:,} of {total:,} images are kept in "
-        f"{work.path} (finished shards); run the same command again to resume"
+        f"interrupted by {signal_name(signum)}: {kept:,} of {total:,} {_unit(plan)} are kept "
+        f"in {work.path} (finished shards); run the same command again to resume"
     )
+
+
+def _shard_words(plan: Plan, work: WorkDir) -> str:
+    if isinstance(plan.images, ArchiveList):
+        return f"one {plan.images.kind} archive"
+    return f"{work.shard_size:,} images"
+
+
+def _resume_unit_hint(plan: Plan) -> str:
+    if isinstance(plan.images, ArchiveList):
+        return " (each archive is a unit of resume)"
+    return " (--shard-size sets the unit of resume)"
 
 
 def compute(
@@ -307,14 +377,14 @@ def compute(
     stream = stream or DecodeStream(plan.device)
     batch = on_device(batch, plan.policy, plan.device, stream=stream)
     if batch.images is None:
-        return PendingRows(batch.indices, devices.Pending({}), batch.failures)
+        return PendingRows(batch.indices, devices.Pending({}), batch.failures, batch.tag)
     x = batch.images
     count = len(x)
     if pad_to and count < pad_to:
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
     with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
-    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures)
+    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures, batch.tag)
 
 
 @dataclass(frozen=True)
@@ -324,6 +394,7 @@ class PendingRows:
     indices: list[int]
     features: devices.Pending
     failures: list[tuple[int, str]]
+    tag: Any = None  # an archive's ShardPiece, for the sink
 
     def rows(self) -> ShardRows:
         return ShardRows(self.indices, self.features.wait(), self.failures)
@@ -333,28 +404,41 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
     """Assemble the file (the leader, once every rank's shards exist) and sum the run up."""
     job, config = plan.job, plan.config
     # Counted before the barrier: rank 0 removes the shard folder once it has assembled.
-    counts = (0, 0) if job.leader else count_rows(work, ran.mine)
+    written_mine = all(work.is_done(shard) for shard in ran.mine)  # a broken archive: not
+    counts = (0, 0) if job.leader or not written_mine else count_rows(work, ran.mine)
     job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
     # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
     shards = ran.mine if job.writes_part else range(work.shard_count)
     # An empty part (more parts than shards) still sits at its place in the work list.
     first = min(shards.start * work.shard_size, work.total)
     rows = (first, work.shard_range(shards[-1])[1]) if shards else (first, first)
+    unwritten = [shard for shard in (shards if job.leader else ran.mine) if not work.is_done(shard)]
+    if unwritten:
+        raise FeatxError(broken_message(plan, work, unwritten, ran.broken))
     if job.leader:
         attrs = file_attributes(plan)
         if job.writes_part:
             attrs["part"] = f"{job.part}/{job.parts}"
-        printable_paths = [printable(path) for path in plan.images.paths]
         try:
             written = assemble(
-                work, shards, printable_paths, plan.images.labels, attrs, plan.target, rows
+                work,
+                shards,
+                _row_table(plan, work, shards, attrs),
+                attrs,
+                *(
+                    plan.target,
+                    rows,
+                ),
             )
         except OSError as error:
             raise work.write_error(error) from None
         work.remove()
         counts = (written.rows, written.failed)
     elapsed = time.perf_counter() - started
-    total = rows[1] - rows[0] if job.leader else work.files_in(ran.mine)
+    if isinstance(plan.images, ArchiveList):
+        total = sum(counts)  # an archive's samples are counted as it is read
+    else:
+        total = rows[1] - rows[0] if job.leader else work.files_in(ran.mine)
     summary = ExtractResult(
         output=str(plan.target),
         images=counts[0],
@@ -378,6 +462,33 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
     return summary
 
 
+def _row_table(plan: Plan, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
+    """How the shards' rows are named and labelled; for archives, the class names are decided
+    now, from every shard's labels (and recorded in ``attrs``)."""
+    if isinstance(plan.images, ArchiveList):
+        attrs["class_names"], classes = archive_classes(work, shards)
+        return ArchiveRows([a.name for a in plan.images.archives], classes)
+    paths = [printable(path) for path in plan.images.paths]
+    return WorkListRows(work, paths, plan.images.labels)
+
+
+def broken_message(plan: Plan, work: WorkDir, unwritten: list[int], broken: dict[int, str]) -> str:
+    """Which archives could not be read (their shards are not written), and what to do."""
+    names = plan.images.archives if isinstance(plan.images, ArchiveList) else None
+    reasons = [
+        f"{names[s].name if names else f'shard {s}'}: "
+        + broken.get(s, "not written (see the error of the process that read it)")
+        for s in unwritten
+    ]
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    done = work.shard_count - len(unwritten)
+    return (
+        f"{len(unwritten)} archive(s) could not be read whole, so their shards were not "
+        f"written ({shown}); the {done} finished shard(s) are kept in {work.path}: replace or "
+        "re-fetch the broken archives and run the same command to resume"
+    )
+
+
 def steady_rate(ran: Ran) -> float:
     """Images per second after the first batch (start-up excluded), as the progress bar sees it;
     a run of one batch has no steady state: its loop's rate."""
@@ -393,10 +504,12 @@ def file_attributes(plan: Plan) -> dict[str, Any]:
 
     attrs: dict[str, Any] = {
         "featx_schema": schema.SCHEMA_VERSION,
-        "class_names": plan.images.class_names,
+        # Archives: decided at assembly, from every shard's labels (_row_table).
+        "class_names": getattr(plan.images, "class_names", []),
         **plan.fingerprint,
         "compression": plan.config.compression,
-        "source": printable(os.path.abspath(plan.images.root)),
+        "source": _source(plan.images),
+        "inputs": plan.images.kind if isinstance(plan.images, ArchiveList) else "files",
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
@@ -406,3 +519,11 @@ def file_attributes(plan: Plan) -> dict[str, Any]:
 
         attrs["timm_version"] = timm.__version__
     return attrs
+
+
+def _source(images: ImageList | ArchiveList) -> str:
+    """The root the rows are relative to: a folder (absolute) or a URL."""
+    from featx.data.remote import is_url
+
+    root = images.root
+    return printable(root if is_url(root) else os.path.abspath(root))

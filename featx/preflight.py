@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from featx.config import ExtractConfig
+from featx.data.archives import ArchiveList, is_archive_source, list_archives
 from featx.data.worklist import IMAGE_SUFFIXES, ImageList, scan_folder
 from featx.errors import UsageError
 from featx.store import schema
@@ -19,10 +20,11 @@ from featx.store.durable import check_output, refuse_existing
 
 
 def preflight(
-    source: str | os.PathLike[str] | ImageList, out: Path, config: ExtractConfig
-) -> ImageList:
+    source: str | os.PathLike[str] | ImageList | ArchiveList, out: Path, config: ExtractConfig
+) -> ImageList | ArchiveList:
     """The work list of ``source`` (labelled by ``config.labels_csv``), once the output path and
-    the named device have passed every check that needs no model.
+    the named device have passed every check that needs no model. Archives (tars, parquet
+    shards) are listed, not read.
 
     Example: ``preflight("photos/", Path("feats.h5"), ExtractConfig()).describe()``
     """
@@ -31,6 +33,15 @@ def preflight(
         out = schema.part_path(out, *config.shard)
     refuse_existing(out, config.overwrite)
     check_device_exists(config.device)
+    if isinstance(source, ArchiveList):
+        return source
+    if not isinstance(source, ImageList) and is_archive_source(os.fspath(source)):
+        if config.labels_csv:
+            raise UsageError(
+                "--labels CSV applies to image folders and lists; archives take labels from "
+                ".cls members or --label-from json:FIELD"
+            )
+        return list_archives(os.fspath(source), config.label_from)
     images = source if isinstance(source, ImageList) else scan_folder(source)
     if config.labels_csv and images.labels_from != config.labels_csv:
         images = images.relabelled(config.labels_csv)

@@ -69,6 +69,13 @@ MaxFileBytes = Annotated[
 Labels = Annotated[
     Path | None, typer.Option(help="CSV of path,label: labels for listed files or flat folders.")
 ]
+LabelFrom = Annotated[
+    str | None,
+    typer.Option(
+        help="Archives: labels from .cls members (cls), a field of .json members "
+        f"(json:FIELD, dots for nested keys) or none [default: {_E.label_from}]"
+    ),
+]
 
 # --- how extract runs -------------------------------------------------------------------------
 BatchSize = Annotated[

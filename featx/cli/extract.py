@@ -20,6 +20,7 @@ from featx.cli._options import (
     Dtype,
     ImageSize,
     Json,
+    LabelFrom,
     Labels,
     Layers,
     MaxFailures,
@@ -47,7 +48,9 @@ def extract(
     source: Annotated[
         str | None,
         typer.Argument(
-            help="Image folder (class subfolders become labels), or - to read paths from stdin."
+            help="Image folder (class subfolders become labels); WebDataset tars or img2dataset "
+            "parquet shards (a file, a folder of them, a {00000..00099}.tar brace list); any of "
+            "these as an s3://, gs:// or https:// URL; or - to read paths from stdin."
         ),
     ] = None,
     output: Annotated[
@@ -66,6 +69,7 @@ def extract(
         ),
     ] = None,
     labels: Labels = None,
+    label_from: LabelFrom = None,
     model: Model = None,
     weights: Weights = None,
     layer: Layers = None,
@@ -101,9 +105,10 @@ def extract(
     from featx.preflight import preflight  # no torch: usage errors come at once
 
     images = preflight(_image_source(source, files_from, null, root), output, options)
-    if images.skipped_links:
+    skipped = getattr(images, "skipped_links", 0)
+    if skipped:
         say(
-            f"featx: skipped {images.skipped_links} symbolic link(s) into /proc, /sys, /dev "
+            f"featx: skipped {skipped} symbolic link(s) into /proc, /sys, /dev "
             "or to a folder holding the source",
             quiet,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class Batch:
     images: torch.Tensor | None
     failures: list[tuple[int, str]] = field(default_factory=list)
     encoded: Encoded | None = None
+    tag: Any = None  # what the work list attached to this batch (an archive's ShardPiece)
 
     @property
     def files(self) -> int:

@@ -89,7 +89,18 @@ def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
 def read_file(path: str, max_bytes: int = DecodePolicy.max_file_bytes) -> bytes:
     """A regular file's bytes, read only once its first bytes are an image signature and its
     size is within ``max_bytes``. A folder, FIFO or device named like an image is refused:
-    reading a FIFO would wait forever and ``/dev/zero`` never ends."""
+    reading a FIFO would wait forever and ``/dev/zero`` never ends. A URL is read through
+    fsspec, in one GET, under the same limit."""
+    if "://" in path:
+        from featx.data.remote import is_url, read_remote
+
+        if is_url(path):
+            data = read_remote(path, max_bytes)
+            if not is_image_signature(data[:SIGNATURE_BYTES]):
+                from PIL import UnidentifiedImageError
+
+                raise UnidentifiedImageError(UNIDENTIFIED)
+            return data
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO cannot hang
     try:
         info = os.fstat(fd)

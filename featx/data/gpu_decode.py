@@ -22,6 +22,7 @@ import contextlib
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -74,9 +75,13 @@ def cpu_reason(data: bytes, header: Any) -> str | None:
 def prepare(path: str, policy: DecodePolicy) -> torch.Tensor:
     """A worker's share of ``--decode gpu``: the file's bytes (uint8 ``[n]``) when nvJPEG may
     decode it, else the CPU-decoded crop (uint8 ``[3, crop, crop]``); raises for a bad file."""
-    data, encoded = _routed(path, policy)
-    if encoded is not None:
-        return encoded
+    return prepare_bytes(read_file(path, policy.max_file_bytes), policy)
+
+
+def prepare_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
+    """:func:`prepare` for bytes already read (an archive's member)."""
+    if cpu_reason(data, open_checked(data, policy)) is None:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return resize_crop(decode_bytes(data, policy), policy.transform)
 
 
@@ -189,7 +194,7 @@ def on_device(
     if batch.encoded is None:
         if batch.images is None:
             return batch
-        return Batch(batch.indices, batch.images.to(device, non_blocking=True), batch.failures)
+        return replace(batch, images=batch.images.to(device, non_blocking=True))
     stream = stream or DecodeStream(device)
     with stream.running():
         indices, crops, failures = decode_on_device(batch.encoded, policy, device, decoder)
@@ -198,8 +203,10 @@ def on_device(
     rows = list(batch.images.to(device, non_blocking=True)) if batch.images is not None else []
     by_index = dict(zip(batch.indices + indices, rows + crops, strict=True))
     order = sorted(by_index)
-    return Batch(
+    return replace(
+        batch,
         indices=order,
         images=torch.stack([by_index[i] for i in order]) if order else None,
         failures=sorted(batch.failures + failures),
+        encoded=None,
     )

@@ -6,7 +6,10 @@ their batches to the loop in pipeline.py as :class:`Batch` objects.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import collections
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -61,8 +64,8 @@ def collate(items: list[Item]) -> Batch:
 
 
 def decoded_batches(
-    dataset: ImageDataset,
-    batches: list[list[int]],
+    dataset: ImageDataset | torch.utils.data.Dataset[Item],
+    batches: Iterable[list[Any]],
     workers: int,
     pin_memory: bool,
     prefetch: int = PREFETCH,
@@ -78,10 +81,11 @@ def decoded_batches(
     # The DataLoader's own timeout, short: it also paces its check for dead workers (which a
     # long timeout would delay); a stuck worker is counted here across these polls.
     poll = min(timeout, _workers.STATUS_CHECK_S)
-    while done < len(batches):
+    replay = Replay(batches)
+    while replay.has(done):
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=batches[done:],
+            batch_sampler=replay.starting_at(done),
             collate_fn=collate,
             num_workers=workers,
             pin_memory=pin_memory,
@@ -110,19 +114,68 @@ def decoded_batches(
                             "command to resume"
                         ) from None
                     waited = 0.0
-                    yield batch
+                    yield _tagged(batch, replay.get(done))
                     done += 1
+                    replay.forget_before(done)
         except RuntimeError as error:
             if not _workers.is_worker_death(error):
                 raise
-        for batch_indices in batches[done : done + workers * prefetch]:
-            yield collate([_decode_alone(dataset, index) for index in batch_indices])
+        for items in replay.window(done, workers * prefetch):
+            batch = collate([_decode_alone(dataset, item) for item in items])
+            yield _tagged(batch, items)
             done += 1
+            replay.forget_before(done)
 
 
-def _decode_alone(dataset: ImageDataset, index: int) -> Item:
+def _tagged(batch: Batch, items: list[Any]) -> Batch:
+    tag = getattr(items, "tag", None)
+    return batch if tag is None else replace(batch, tag=tag)
+
+
+class Replay:
+    """The batches of a work list as the DataLoader takes them, kept from the first one not yet
+    delivered: after a worker died, a new DataLoader starts again there. Folder batches are a
+    list; an archive's are read as they go, so only the batches in flight are held."""
+
+    def __init__(self, batches: Iterable[list[Any]]) -> None:
+        self.source: Iterator[list[Any]] = iter(batches)
+        self.held: collections.deque[list[Any]] = collections.deque()
+        self.first = 0  # position of held[0]
+
+    def has(self, position: int) -> bool:
+        return self._fill(position)
+
+    def get(self, position: int) -> list[Any]:
+        self._fill(position)
+        return self.held[position - self.first]
+
+    def starting_at(self, position: int) -> Iterator[list[Any]]:
+        while self._fill(position):
+            yield self.held[position - self.first]
+            position += 1
+
+    def window(self, position: int, count: int) -> list[list[Any]]:
+        return [self.get(p) for p in range(position, position + count) if self.has(p)]
+
+    def forget_before(self, position: int) -> None:
+        while self.first < position and self.held:
+            self.held.popleft()
+            self.first += 1
+
+    def _fill(self, position: int) -> bool:
+        while position - self.first >= len(self.held):
+            try:
+                self.held.append(next(self.source))
+            except StopIteration:
+                return False
+        return True
+
+
+def _decode_alone(dataset: Any, item: Any) -> Item:
     """One image decoded in a process of its own: if that process dies, the image is the culprit."""
+    row = dataset.row_of(item) if hasattr(dataset, "row_of") else item
     try:
-        return _workers.call_in_child(dataset.__getitem__, index)
+        result: Item = _workers.call_in_child(dataset.__getitem__, item)
+        return result
     except _workers.ProcessDied as died:
-        return index, None, describe_error(DecoderCrashed(f"the process decoding this file {died}"))
+        return row, None, describe_error(DecoderCrashed(f"the process decoding this file {died}"))

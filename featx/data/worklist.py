@@ -14,6 +14,7 @@ import io
 import os
 from dataclasses import dataclass
 
+from featx.data import remote
 from featx.errors import UsageError
 from featx.inputs import MAX_LIST_BYTES, read_input
 from featx.safe_text import stored_name
@@ -38,7 +39,7 @@ class ImageList:
         return len(self.paths)
 
     def absolute(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index])
+        return remote.join(self.root, self.paths[index])
 
     def digest(self) -> str:
         """sha256 over the exact work list (bytes of each path and its label): part of a run's
@@ -102,6 +103,8 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
     root = os.fspath(source)
+    if remote.is_url(root):
+        return scan_remote_folder(root)
     if not os.path.exists(root):
         raise UsageError(f"source {root}: no such file or directory")
     if not os.path.isdir(root):
@@ -149,6 +152,32 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     paths.sort(key=os.fsencode)
     labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
     return ImageList(root, paths, labels, class_names, stray=tuple(stray), skipped_links=skipped)
+
+
+def scan_remote_folder(url: str) -> ImageList:
+    """:func:`scan_folder` for a folder behind a URL (``s3://bucket/photos/``): one listing,
+    then one GET per image as it is decoded."""
+    fs, base = remote.filesystem(url)
+    base = base.rstrip("/")
+    try:
+        found = fs.find(base)
+    except FileNotFoundError:
+        raise UsageError(f"source {url}: no such folder") from None
+    except Exception as error:
+        raise remote.fetch_error(url, error) from None
+    relative = sorted(
+        path[len(base) :].lstrip("/")
+        for path in found
+        if path.startswith(base + "/") and is_image_name(path)
+    )
+    paths = [p for p in relative if not any(part.startswith(".") for part in p.split("/"))]
+    top_dirs = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
+    stray = [p for p in paths if "/" not in p] if top_dirs else []
+    labelled = bool(top_dirs) and not stray
+    index = {name: i for i, name in enumerate(top_dirs)} if labelled else {}
+    labels = [index.get(p.split("/", 1)[0], -1) for p in paths]
+    root = url.rstrip("/") + "/"
+    return ImageList(root, paths, labels, top_dirs if labelled else [], stray=tuple(stray))
 
 
 def _layout(root: str, top: list[str]) -> tuple[list[str], list[str]]:

@@ -13,7 +13,7 @@ def show_progress(requested: bool | None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> Any:
+def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(

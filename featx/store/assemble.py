@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
 from featx.errors import FeatxError
+from featx.safe_text import stored_name as printable
 from featx.store import schema
 from featx.store.durable import atomic_output, writing_hdf5
 from featx.store.shards import STRING, WorkDir, row_chunks
@@ -22,20 +25,73 @@ class Assembled:
     path: Path
 
 
+class RowTable(Protocol):
+    """Names and labels of the rows a shard file's ``index`` points at."""
+
+    def of(self, shard: int, src: h5py.File) -> tuple[Sequence[str], Sequence[int]]: ...
+
+    def bounds(self, shard: int, src: h5py.File) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True)
+class WorkListRows:
+    """A folder's or list's rows: shard ``index`` values are rows of the whole work list."""
+
+    work: WorkDir
+    paths: list[str]  # printable
+    labels: list[int]
+
+    def of(self, shard: int, src: h5py.File) -> tuple[Sequence[str], Sequence[int]]:
+        return self.paths, self.labels
+
+    def bounds(self, shard: int, src: h5py.File) -> tuple[int, int]:
+        return self.work.shard_range(shard)
+
+
+@dataclass(frozen=True)
+class ArchiveRows:
+    """An archive's rows: each shard file holds its rows' names and raw labels; rows are named
+    ``<archive>/<member>`` and labels become class indices by ``classes``."""
+
+    archive_names: list[str]
+    classes: dict[str, int]  # raw label (JSON text) → class index; others: -1
+
+    def of(self, shard: int, src: h5py.File) -> tuple[Sequence[str], Sequence[int]]:
+        prefix = printable(self.archive_names[shard]) + "/"
+        names = [prefix + text(n) for n in src[schema.SHARD_NAMES][:]]  # stored printable
+        labels = [self.classes.get(text(v), -1) for v in src[schema.SHARD_LABELS][:]]
+        return names, labels
+
+    def bounds(self, shard: int, src: h5py.File) -> tuple[int, int]:
+        return 0, src[schema.SHARD_NAMES].shape[0]
+
+
+def archive_classes(work: WorkDir, shards: range) -> tuple[list[str], dict[str, int]]:
+    """Class names and the raw label → index map over the labels of every shard, decided here
+    (at assembly) so that ranks need not agree in advance: integer labels (``.cls``) keep their
+    number (class names "0" … max), strings are numbered in sorted order."""
+    raw: set[str] = set()
+    for shard in shards:
+        with h5py.File(work.shard_path(shard), "r") as f:
+            raw.update(text(v) for v in f[schema.SHARD_LABELS][:])
+    values = {v: json.loads(v) for v in raw if v != "null"}
+    if values and all(isinstance(v, int) for v in values.values()):
+        top = max(values.values())
+        return [str(i) for i in range(top + 1)], {k: int(v) for k, v in values.items()}
+    names = sorted({str(v) for v in values.values()})
+    index = {name: i for i, name in enumerate(names)}
+    return names, {k: index[str(v)] for k, v in values.items()}
+
+
 def assemble(
     work: WorkDir,
     shards: range,
-    paths: list[str],
-    labels: list[int],
+    rows_of: RowTable,
     attrs: dict[str, Any],
     out: Path,
     row_range: tuple[int, int],
 ) -> Assembled:
-    """Concatenate finished shards into ``out``.
-
-    ``paths`` (printable) and ``labels`` are the whole work list; shard ``index`` rows point
-    into it.
-    """
+    """Concatenate finished shards into ``out``; ``rows_of`` names and labels their rows."""
     layers, row_shapes, dtype = _shard_layout(work, shards)
     row_count, failed_count = count_rows(work, shards)
     compression = None if attrs.get("compression", "none") == "none" else "lzf"
@@ -59,9 +115,10 @@ def assemble(
             with h5py.File(work.shard_path(shard), "r") as src:
                 index = src[schema.SHARD_INDEX][:]
                 failed_index = src[schema.SHARD_FAILED_INDEX][:]
-                _check_rows(work, shard, index, failed_index)
+                _check_rows(work, shard, rows_of.bounds(shard, src), index, failed_index)
                 for layer in layers if len(index) else []:  # every image here failed
                     copy_rows(src[f"{schema.FEATURES}/{layer}"], outputs[layer], row)
+                paths, labels = rows_of.of(shard, src)
                 out_paths.extend(paths[i] for i in index)
                 out_labels.extend(labels[i] for i in index)
                 failed_paths.extend(paths[i] for i in failed_index)
@@ -131,9 +188,9 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _check_rows(work: WorkDir, shard: int, *indices: np.ndarray) -> None:
+def _check_rows(work: WorkDir, shard: int, bounds: tuple[int, int], *indices: np.ndarray) -> None:
     """FeatxError unless every row a shard file names lies in that shard's range."""
-    start, stop = work.shard_range(shard)
+    start, stop = bounds
     if any(len(rows) and (rows.min() < start or rows.max() >= stop) for rows in indices):
         raise FeatxError(
             f"{work.shard_path(shard)} names rows outside its shard ({start} to {stop - 1}); "

@@ -29,6 +29,10 @@ FAILED_PATHS = "failed/paths"
 FAILED_ERRORS = "failed/errors"
 SHARD_INDEX = "index"  # in shard files: rows of the work list
 SHARD_FAILED_INDEX = "failed/index"
+# In shard files of archive inputs, which have no work list: every row's name (member) and
+# label as JSON text, by row of the shard ("null": unlabelled).
+SHARD_NAMES = "names"
+SHARD_LABELS = "raw_labels"
 
 # What a run computes: a resume must match every one of these, and merged parts must agree.
 FINGERPRINT_KEYS = (

@@ -91,6 +91,21 @@ class WorkDir:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def scratch(self) -> Path:
+        """This process's private folder for fetched archives, emptied of what a killed run
+        left: one per host and rank, so torchrun ranks never share one."""
+        import socket
+
+        rank = os.environ.get("RANK", "0")
+        path = self.path / f"fetch-{socket.gethostname()}-{rank}"
+        if os.path.lexists(path):
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path)
+        os.mkdir(path, 0o700)
+        return path
+
     def write_error(self, error: OSError) -> FeatxError:
         return write_error(error, self.out, self.path)
 
@@ -233,11 +248,19 @@ def _read_meta(path: Path) -> dict[str, Any]:
 class ShardWriter:
     """Append batches to one shard's temporary file; ``finish`` publishes it atomically."""
 
-    def __init__(self, work: WorkDir, shard: int, dtype: str, compression: str = "none") -> None:
+    def __init__(
+        self,
+        work: WorkDir,
+        shard: int,
+        dtype: str,
+        compression: str = "none",
+        capacity: int | None = None,
+    ) -> None:
         self.compression = None if compression == "none" else compression
         self.final = work.shard_path(shard)
         self.temporary = temporary_name(self.final)
-        self.capacity = len(range(*work.shard_range(shard)))  # no chunk bigger than the shard
+        # No chunk bigger than the shard (an archive's row count is known only at its end).
+        self.capacity = capacity or len(range(*work.shard_range(shard)))
         self.dtype = np.dtype(dtype)
         self.disk = DiskFile(self.temporary)
         self.file = h5py.File(self.disk, "w", track_order=True)
@@ -283,7 +306,12 @@ class ShardWriter:
                 compression=self.compression,
             )
 
-    def finish(self) -> None:
+    def finish(self, strings: dict[str, list[str]] | None = None) -> None:
+        """Publish the shard, with ``strings`` as extra string datasets (an archive's names)."""
+        for name, values in (strings or {}).items():
+            self.file.create_dataset(
+                name, data=np.asarray(values, dtype=object).reshape(-1), dtype=STRING
+            )
         order = np.argsort(np.asarray(self.failed_index, dtype=np.int64), kind="stable")
         self.file.create_dataset(
             schema.SHARD_FAILED_INDEX, data=np.asarray(self.failed_index, np.int64)[order]
@@ -325,7 +353,7 @@ class ShardSink:
         self.open: dict[int, ShardWriter] = {}
         self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
 
-    def write(self, batch: ShardRows) -> None:
+    def write(self, batch: ShardRows, tag: Any = None) -> None:
         started = time.perf_counter()
         try:
             self._write(batch)
@@ -349,5 +377,56 @@ class ShardSink:
 
     def discard(self) -> None:
         for writer in self.open.values():
+            writer.discard()
+        self.open.clear()
+
+
+class ArchiveSink:
+    """Routes batches of archive rows to their shard (one per archive), rows numbered within the
+    shard; a shard is published when its archive was read to the end, and discarded when the
+    archive broke (``broken`` says which and why: the run fails, a resume reads it again)."""
+
+    ARCHIVE_ROWS = 4096  # chunking guess: img2dataset writes 10,000 samples per tar
+
+    def __init__(self, work: WorkDir, dtype: str, compression: str = "none") -> None:
+        self.work = work
+        self.dtype = dtype
+        self.compression = compression
+        self.open: dict[int, tuple[ShardWriter, list[str], list[str]]] = {}
+        self.broken: dict[int, str] = {}
+        self.busy_s = 0.0
+
+    def write(self, batch: ShardRows, piece: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._write(batch, piece)
+        except OSError as error:
+            self.discard()
+            raise self.work.write_error(error) from None
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _write(self, batch: ShardRows, piece: Any) -> None:
+        shard = piece.shard
+        if piece.broken:
+            if shard in self.open:
+                self.open.pop(shard)[0].discard()
+            self.broken[shard] = piece.broken
+            return
+        if shard not in self.open:
+            writer = ShardWriter(
+                self.work, shard, self.dtype, self.compression, capacity=self.ARCHIVE_ROWS
+            )
+            self.open[shard] = (writer, [], [])
+        writer, names, labels = self.open[shard]
+        writer.append(ShardRows(batch.indices, batch.features, batch.failures + piece.failures))
+        names.extend(piece.names)
+        labels.extend(piece.labels)
+        if piece.last:
+            writer.finish({schema.SHARD_NAMES: names, schema.SHARD_LABELS: labels})
+            del self.open[shard]
+
+    def discard(self) -> None:
+        for writer, _, _ in self.open.values():
             writer.discard()
         self.open.clear()

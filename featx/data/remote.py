@@ -1,0 +1,231 @@
+"""Where input bytes come from: local paths, or URLs through fsspec (s3://, gs://, https://).
+
+Remote archives are fetched whole, one GET each (never one request per image, and never HTTP
+range reads: ``python -m http.server`` has none, and fsspec then silently returns the whole file
+for every range), into a private scratch folder, one archive ahead of the one being decoded.
+Credentials are fsspec's usual ones (``AWS_*`` variables and ``~/.aws``, ``GOOGLE_*``), never
+options of featx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featx.errors import FeatxError, UsageError
+
+# Which package serves a URL scheme, for the one-line hint when it is missing.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def is_url(source: str) -> bool:
+    """``s3://…``, ``https://…``: read through fsspec (``file://`` is a local path)."""
+    match = _SCHEME.match(source)
+    return match is not None and match.group(1).lower() != "file"
+
+
+def local_path(source: str) -> str:
+    return source[len("file://") :] if source.lower().startswith("file://") else source
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path in it) for a URL; a missing implementation is one line."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        extra = EXTRAS.get(scheme)
+        hint = f": pip install 'featx[{extra}]'" if extra else ""
+        raise UsageError(f"{url}: cannot read {scheme}:// URLs ({error}){hint}") from None
+    return fs, path
+
+
+def join(root: str, relative: str) -> str:
+    """``root`` + ``relative``, with ``/`` for URLs and the OS separator for paths."""
+    if is_url(root):
+        return root.rstrip("/") + "/" + relative.replace(os.sep, "/")
+    return os.path.join(root, relative)
+
+
+# --- brace expansion --------------------------------------------------------------------------
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+MAX_EXPANDED = 10_000_000
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``data/{00000..00002}.tar`` → three names (zero padding kept), ``{a,b}`` → two; the
+    shell's rules, for URLs and for quoted arguments the shell did not expand.
+
+    Example: ``expand_braces("s/{0..1}.tar") == ["s/0.tar", "s/1.tar"]``
+    """
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        start, stop = int(first), int(last)
+        width = len(first) if first.startswith("0") and len(first) > 1 else 0
+        step = 1 if stop >= start else -1
+        if abs(stop - start) >= MAX_EXPANDED:
+            raise UsageError(f"{pattern}: the range {body} names more than {MAX_EXPANDED} items")
+        choices = [f"{n:0{width}d}" for n in range(start, stop + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [pattern[: match.end()] + name for name in expand_braces(pattern[match.end() :])]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+def common_root(names: list[str]) -> str:
+    """The folder (or URL prefix up to a ``/``) that holds every name."""
+    prefix = os.path.commonprefix(names)
+    cut = prefix.rfind("/")
+    return prefix[: cut + 1] if cut >= 0 else ""
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An archive ready to read: a local path, or the error that stopped its fetch."""
+
+    index: int
+    path: str | None
+    error: str = ""
+
+
+SCRATCH_BYTES = 8 << 30  # downloaded archives on disk at once (the current one and the next)
+
+
+class Prefetcher:
+    """Fetches the remote archives of ``urls`` in order into ``scratch``, one ahead of the
+    reader; local ones are handed over as they are. ``next()`` gives each in turn.
+
+    At most two downloaded archives exist at once (the one being read and the next), and not
+    two whose sizes together pass ``budget`` bytes: a larger archive waits for the previous one
+    to be released. A failed fetch is reported for its archive; the others go on.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        sizes: list[int],
+        scratch: Path,
+        budget: int = SCRATCH_BYTES,
+    ) -> None:
+        self.urls, self.sizes, self.scratch, self.budget = urls, sizes, scratch, budget
+        self.ready: queue.Queue[Fetched] = queue.Queue(maxsize=1)
+        self.held = 0  # bytes of downloaded archives on disk
+        self.space = threading.Condition()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._fetch_all, name="featx-fetch", daemon=True)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[Fetched]:
+        for _ in self.urls:
+            item = self.ready.get()
+            yield item
+
+    def release(self, fetched: Fetched) -> None:
+        """The reader is done with an archive: its scratch copy is removed."""
+        url = self.urls[fetched.index]
+        if fetched.path is None or not is_url(url):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fetched.path)
+        with self.space:
+            self.held -= self.sizes[fetched.index]
+            self.space.notify_all()
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self.space:
+            self.space.notify_all()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.ready.get_nowait()
+        self.thread.join(timeout=5)
+
+    def _fetch_all(self) -> None:
+        for index, url in enumerate(self.urls):
+            if self.stopping.is_set():
+                return
+            if not is_url(url):
+                fetched = Fetched(index, local_path(url))
+            else:
+                size = self.sizes[index]
+                with self.space:  # wait until the scratch space allows it (or nothing is held)
+                    while self.held and self.held + size > self.budget:
+                        if self.stopping.is_set():
+                            return
+                        self.space.wait(0.5)
+                    self.held += size
+                fetched = self._download(index, url, size)
+                if fetched.path is None:
+                    with self.space:
+                        self.held -= size
+            while not self.stopping.is_set():
+                try:
+                    self.ready.put(fetched, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _download(self, index: int, url: str, size: int) -> Fetched:
+        target = self.scratch / f"fetch-{index:06d}{Path(url).suffix}"
+        try:
+            fs, path = filesystem(url)
+            # O_EXCL | O_NOFOLLOW: a name planted in the scratch folder is never written through.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(fd, "wb") as handle:
+                fs.get_file(path, handle)  # one streamed GET
+                got = handle.tell()
+            if size >= 0 and got != size:
+                raise OSError(f"fetched {got} bytes, the listing said {size}")
+            return Fetched(index, str(target))
+        except Exception as error:  # network and storage errors: this archive's, reported
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            return Fetched(index, None, f"cannot fetch {url}: {_one_line(error)}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def read_remote(url: str, max_bytes: int) -> bytes:
+    """A remote file's bytes in one GET, refused above ``max_bytes``."""
+    fs, path = filesystem(url)
+    size = fs.size(path)
+    if size is not None and size > max_bytes:
+        raise ValueError(f"file of {size} bytes, over the --max-file-bytes limit of {max_bytes}")
+    with fs.open(path, "rb", block_size=0) if _is_http(fs) else fs.open(path, "rb") as handle:
+        data: bytes = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
+    return data
+
+
+def _is_http(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "http" in protocol or "https" in protocol
+
+
+def fetch_error(url: str, error: BaseException) -> FeatxError:
+    return FeatxError(f"{url}: {_one_line(error)}")

@@ -1,0 +1,213 @@
+"""A WebDataset tar → its samples, in member order, with every problem named.
+
+Members are grouped into samples by the name before the last extension (``a/photo.v2.jpg`` is
+sample ``a/photo.v2``; WebDataset's first-dot rule would make it ``a/photo``), consecutive
+members only, as every WebDataset reader groups them. What such readers skip silently is a
+failure here, with its reason: a member of a sample that is not next to the others, a sample
+without an image, a second image, a duplicate member, a link or device named like an image, a
+label that is not one. A tar that ends early or has a broken header raises :class:`BrokenArchive`
+(its shard is then not written), because a member cut off at the end cannot be told from the
+last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+from featx.data.archives import Sample
+from featx.data.worklist import IMAGE_SUFFIXES
+
+MAX_LABEL_BYTES = 1 << 20  # a .cls or .json member read for the label
+BLOCK = tarfile.BLOCKSIZE
+
+
+class BrokenArchive(Exception):
+    """An archive that cannot be read to its end: truncated, or with a corrupt header."""
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a member: the name split at its last dot (the base name's)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.rpartition(".")
+    if not dot or not stem:
+        return name, ""
+    return (folder + "/" if folder else "") + stem, extension.lower()
+
+
+IMAGE_EXTENSIONS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
+
+
+def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """The samples of the tar at ``path``, in member order; BrokenArchive if it is cut short."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r:")
+        except tarfile.TarError as error:
+            raise BrokenArchive(f"not a tar archive ({error})") from None
+        with tar:
+            yield from _grouped(tar, label_from, max_bytes)
+            _check_end(handle, tar.offset, size)
+
+
+def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    finished: dict[str, str] = {}  # key of every sample already given → its first member
+    group: _Group | None = None
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError as error:
+            raise BrokenArchive(str(error)) from None
+        if member is None:
+            break
+        tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header; a million-member tar need not
+        if member.isdir():
+            continue
+        key, extension = sample_key(member.name)
+        if group is not None and key != group.key:
+            finished[group.key] = group.first
+            yield from group.samples()
+            group = None
+        if key in finished:
+            yield Sample(
+                member.name,
+                None,
+                error=f"NotContiguous: member of sample {key!r}, which ended at "
+                f"{finished[key]!r}: a sample's members must be next to each other in the tar",
+                extra=True,
+            )
+            continue
+        group = group or _Group(key, member.name, label_from)
+        group.add(member, extension, tar, max_bytes)
+    if group is not None:
+        yield from group.samples()
+
+
+def _check_end(handle: IO[bytes], offset: int, size: int) -> None:
+    """tarfile ends quietly at a missing, short or corrupt header; a whole tar ends with a zero
+    block there (two, by the standard; tarfile itself writes two)."""
+    handle.seek(offset)
+    block = handle.read(BLOCK)
+    if len(block) < BLOCK:
+        raise BrokenArchive(
+            f"truncated: it ends at byte {size}, inside or right after member data, without the "
+            "end-of-archive blocks"
+        )
+    if block.count(0) != BLOCK:
+        raise BrokenArchive(f"corrupt or unreadable member header at byte {offset}")
+
+
+class _Group:
+    """The members of one sample, as they are read."""
+
+    def __init__(self, key: str, first: str, label_from: str) -> None:
+        self.key, self.first, self.label_from = key, first, label_from
+        self.image: tuple[str, bytes | None, str] | None = None  # (member, bytes, error)
+        self.label: int | str | None = None
+        self.label_error = ""
+        self.names: list[str] = []
+        self.extra: list[Sample] = []  # members that fail on their own
+
+    def add(self, member: tarfile.TarInfo, extension: str, tar: Any, max_bytes: int) -> None:
+        name = member.name
+        if name in self.names:
+            self.extra.append(
+                Sample(name, None, error="DuplicateMember: the same name again", extra=True)
+            )
+            return
+        self.names.append(name)
+        if extension in IMAGE_EXTENSIONS:
+            if self.image is not None:
+                self.extra.append(
+                    Sample(
+                        name,
+                        None,
+                        error=f"SecondImage: sample {self.key!r} already has {self.image[0]!r}",
+                        extra=True,
+                    )
+                )
+            elif not member.isreg():
+                self.image = (name, None, f"NotAFile: a {_kind(member)} member, not image data")
+            elif member.size > max_bytes:
+                self.image = (
+                    name,
+                    None,
+                    f"ValueError: file of {member.size} bytes, over the --max-file-bytes "
+                    f"limit of {max_bytes}",
+                )
+            else:
+                self.image = (name, _read(tar, member), "")
+        elif extension == "cls" and self.label_from == "cls":
+            self.label, self.label_error = _class_label(tar, member)
+        elif extension == "json" and self.label_from.startswith("json:"):
+            self.label, self.label_error = _json_label(tar, member, self.label_from[5:])
+
+    def samples(self) -> Iterator[Sample]:
+        if self.image is None:
+            members = ", ".join(self.names[:5])
+            yield Sample(self.key, None, error=f"NoImage: sample without an image ({members})")
+        else:
+            name, data, error = self.image
+            if self.label_error and not error:
+                error = self.label_error
+            yield Sample(name, None if error else data, self.label, error, self.names)
+        yield from self.extra
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    return "device, FIFO or other non-file"
+
+
+def _read(tar: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
+    handle = tar.extractfile(member)
+    if handle is None:
+        return b""
+    try:
+        return bytes(handle.read(limit if limit is not None else member.size))
+    except tarfile.TarError as error:
+        raise BrokenArchive(f"{member.name}: {error}") from None
+
+
+def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
+    """(the integer class of a ``.cls`` member, or the error that makes the sample fail)."""
+    if not member.isreg() or member.size > 64:
+        return None, f"BadLabel: {member.name} is not a short file holding an integer class"
+    text = _read(tar, member).decode("ascii", "replace").strip()
+    if not text.isdigit():
+        return None, f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0, 1, …)"
+    return int(text), ""
+
+
+def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[int | str | None, str]:
+    """(the label at ``field`` of a ``.json`` member, dots naming nested keys, or the error);
+    a missing field leaves the sample unlabelled."""
+    if not member.isreg() or member.size > MAX_LABEL_BYTES:
+        return None, f"BadLabel: {member.name} is not a JSON file under {MAX_LABEL_BYTES} bytes"
+    try:
+        value: Any = json.loads(_read(tar, member))
+    except (ValueError, RecursionError):
+        return None, f"BadLabel: {member.name} is not JSON"
+    return json_field(value, field, member.name)
+
+
+def json_field(value: Any, field: str, where: str) -> tuple[int | str | None, str]:
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None, ""
+        value = value[part]
+    if value is None:
+        return None, ""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return (
+            None,
+            f"BadLabel: {where}: {field} is {type(value).__name__}, not a string or integer",
+        )
+    return value, ""
