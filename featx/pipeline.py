@@ -28,7 +28,7 @@ from featx.data.gpu_decode import DecodeStream, on_device
 from featx.data.loader import ImageDataset, decoded_batches
 from featx.data.remote import Prefetcher
 from featx.data.worklist import ImageList, printable
-from featx.errors import FeatxError, Interrupted, TooManyFailures, UsageError
+from featx.errors import FeatxError, Interrupted, ResumeMismatch, TooManyFailures, UsageError
 from featx.models import Backbone, CutModel, describe_layers, load_backbone
 from featx.models.pooling import pooled_shape
 from featx.preflight import preflight
@@ -47,7 +47,14 @@ from featx.store.assemble import (
     count_rows,
 )
 from featx.store.durable import refuse_existing
-from featx.store.shards import ArchiveSink, ShardRows, ShardSink, WorkDir, open_work_dir
+from featx.store.shards import (
+    ArchiveSink,
+    ShardRows,
+    ShardSink,
+    WorkDir,
+    changed_archives,
+    open_work_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,8 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     config = plan.config
     mine = plan.job.my_shards(work.shard_count)
     todo = [shard for shard in mine if not work.is_done(shard)]
+    if isinstance(plan.images, ArchiveList):
+        _refuse_changed_archives(plan.images, work, [s for s in mine if s not in todo])
     model: torch.nn.Module = CutModel(plan.backbone, plan.layers, config.pool)
     model = model.to(plan.device).eval()
     if config.compile:
@@ -242,6 +251,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     stream = DecodeStream(plan.device)
     started = time.perf_counter()
     first: tuple[float, int] | None = None  # (seconds into the loop, files) of the first batch
+    computed = 0  # files decoded and computed by this run
     signals = StopSignals("" if config.quiet else STOPPING)
     try:
         with (
@@ -254,8 +264,10 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         ):
             for batch in loaded:
                 writer.put(compute(batch, model, plan, pad_to, stream))
-                progress.update(batch.files)
-                first = first or (time.perf_counter() - started, batch.files)
+                files = batch.files + len(getattr(batch.tag, "failures", ()))  # + pre-decode
+                progress.update(files)
+                computed += files
+                first = first or (time.perf_counter() - started, files)
                 if signals.received is not None:
                     break
             writer.close()  # batches already computed still reach their shards
@@ -274,7 +286,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     return Ran(
         mine,
         len(mine) - len(todo),
-        progress.n - before,
+        computed,
         sink.busy_s,
         loop_s,
         started,
@@ -293,7 +305,10 @@ def _work_for(
         archives = [plan.images.archives[shard] for shard in todo]
         fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
         batches = archive_batches(plan.images, todo, size, fetcher, plan.policy.max_file_bytes)
-        sink: ShardSink | ArchiveSink = ArchiveSink(work, config.dtype, config.compression)
+        identities = [archive.identity for archive in plan.images.archives]
+        sink: ShardSink | ArchiveSink = ArchiveSink(
+            work, identities, config.dtype, config.compression
+        )
         return EncodedDataset(plan.policy), batches, sink, fetcher
     file_batches = [
         list(range(start, min(start + size, stop)))
@@ -303,6 +318,16 @@ def _work_for(
     ]
     sink = ShardSink(work, config.dtype, config.compression)
     return ImageDataset(plan.images, plan.policy), file_batches, sink, None
+
+
+def _refuse_changed_archives(archives: ArchiveList, work: WorkDir, done: list[int]) -> None:
+    changed = changed_archives(work, done, [a.identity for a in archives.archives])
+    if changed:
+        raise ResumeMismatch(
+            f"archives changed since their shards were written ({'; '.join(changed[:3])}"
+            f"{'; …' if len(changed) > 3 else ''}): remove those shard files to compute them "
+            "again, or pass --overwrite to start over"
+        )
 
 
 def _unit(plan: Plan) -> str:
@@ -510,6 +535,11 @@ def file_attributes(plan: Plan) -> dict[str, Any]:
         "compression": plan.config.compression,
         "source": _source(plan.images),
         "inputs": plan.images.kind if isinstance(plan.images, ArchiveList) else "files",
+        **(
+            {"archives_sha256": plan.images.content_digest()}
+            if isinstance(plan.images, ArchiveList)
+            else {}
+        ),
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,

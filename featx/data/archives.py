@@ -35,6 +35,11 @@ class Archive:
     version: str
     expected: int | None = None  # samples img2dataset's stats file says it holds
 
+    @property
+    def identity(self) -> str:
+        """What its shard was made from: a resume checks it for each finished shard."""
+        return f"{self.url} size={self.size} {self.version}".strip()
+
 
 @dataclass(frozen=True)
 class ArchiveList:
@@ -53,11 +58,19 @@ class ArchiveList:
         return "parquet" if self.archives[0].name.endswith(".parquet") else "tar"
 
     def digest(self) -> str:
-        """sha256 over each archive's URL, size and version, and the label source: part of the
-        fingerprint, so a resume over changed archives is refused."""
+        """sha256 over the archives' URLs and the label source: the fingerprint's work list.
+        Sizes and ETags (or mtimes) are checked per shard instead (``identity``), so an archive
+        re-fetched after it broke is read on resume while the finished shards are kept."""
         digest = hashlib.sha256(f"labels={self.label_from}\n".encode())
         for archive in self.archives:
-            digest.update(f"{archive.url}\0{archive.size}\0{archive.version}\n".encode())
+            digest.update(f"{archive.url}\n".encode())
+        return digest.hexdigest()
+
+    def content_digest(self) -> str:
+        """sha256 over every archive's URL, size and version: the output's provenance."""
+        digest = hashlib.sha256(f"labels={self.label_from}\n".encode())
+        for archive in self.archives:
+            digest.update(f"{archive.identity}\n".encode())
         return digest.hexdigest()
 
     def expected_images(self, shards: list[int] | range) -> int | None:

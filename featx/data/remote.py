@@ -13,6 +13,7 @@ import contextlib
 import os
 import queue
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ class Fetched:
 
 
 SCRATCH_BYTES = 8 << 30  # downloaded archives on disk at once (the current one and the next)
+AHEAD = 1  # archives fetched ahead of the one being read
+COPY_BLOCK = 16 << 20
 
 
 class Prefetcher:
@@ -131,6 +134,7 @@ class Prefetcher:
         self.urls, self.sizes, self.scratch, self.budget = urls, sizes, scratch, budget
         self.ready: queue.Queue[Fetched] = queue.Queue(maxsize=1)
         self.held = 0  # bytes of downloaded archives on disk
+        self.count = 0  # downloaded archives on disk
         self.space = threading.Condition()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._fetch_all, name="featx-fetch", daemon=True)
@@ -150,6 +154,7 @@ class Prefetcher:
             os.unlink(fetched.path)
         with self.space:
             self.held -= self.sizes[fetched.index]
+            self.count -= 1
             self.space.notify_all()
 
     def close(self) -> None:
@@ -170,15 +175,17 @@ class Prefetcher:
             else:
                 size = self.sizes[index]
                 with self.space:  # wait until the scratch space allows it (or nothing is held)
-                    while self.held and self.held + size > self.budget:
+                    while self.count and (self.held + size > self.budget or self.count > AHEAD):
                         if self.stopping.is_set():
                             return
                         self.space.wait(0.5)
                     self.held += size
+                    self.count += 1
                 fetched = self._download(index, url, size)
                 if fetched.path is None:
                     with self.space:
                         self.held -= size
+                        self.count -= 1
             while not self.stopping.is_set():
                 try:
                     self.ready.put(fetched, timeout=0.5)
@@ -193,7 +200,11 @@ class Prefetcher:
             # O_EXCL | O_NOFOLLOW: a name planted in the scratch folder is never written through.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with open(fd, "wb") as handle:
-                fs.get_file(path, handle)  # one streamed GET
+                if _is_http(fs):
+                    fs.get_file(path, handle)  # one streamed GET, no range requests
+                else:  # object stores: large sequential reads
+                    with fs.open(path, "rb", block_size=COPY_BLOCK) as source:
+                        shutil.copyfileobj(source, handle, COPY_BLOCK)
                 got = handle.tell()
             if size >= 0 and got != size:
                 raise OSError(f"fetched {got} bytes, the listing said {size}")

@@ -173,7 +173,7 @@ def _read(tar: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
     try:
         return bytes(handle.read(limit if limit is not None else member.size))
     except tarfile.TarError as error:
-        raise BrokenArchive(f"{member.name}: {error}") from None
+        raise BrokenArchive(f"truncated: member {member.name} is cut short ({error})") from None
 
 
 def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:

@@ -36,6 +36,7 @@ def merge(
     ordered, parts_read = _check_parts(parts)
     total_rows = sum(meta.rows for meta in parts_read)
     first = parts_read[0].attrs
+    class_names = merged_classes([meta.attrs.get("class_names") or [] for meta in parts_read])
     with atomic_output(out, overwrite) as temporary:
         # Copies go through writing_hdf5 (a full disk is one clean error); a virtual view is
         # written directly, so HDF5 knows its real path to resolve the parts against.
@@ -45,13 +46,17 @@ def merge(
                 _features(dst, layer, ordered, parts_read, total_rows, virtual, out.parent)
             for name in (schema.PATHS, schema.LABELS, schema.FAILED_PATHS, schema.FAILED_ERRORS):
                 pieces = []
-                for path in ordered:
+                for path, meta in zip(ordered, parts_read, strict=True):
                     with h5py.File(path, "r") as src:
-                        pieces.append(src[name][()])
+                        values = src[name][()]
+                    if name == schema.LABELS:
+                        values = _relabel(values, meta.attrs.get("class_names") or [], class_names)
+                    pieces.append(values)
                 data = np.concatenate(pieces) if pieces else np.zeros(0)
                 dtype = STRING if name != schema.LABELS else np.int64
                 dst.create_dataset(name, data=data, dtype=dtype)
             attrs = {k: v for k, v in first.items() if k not in ("part", "created")}
+            attrs["class_names"] = class_names
             attrs.update(
                 complete=True,
                 rows_from=0,
@@ -101,10 +106,13 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
         with FeatureFile(path) as f:
             parts_read.append(_Part(f.attrs, len(f), len(f.failed)))
     reference = parts_read[0].attrs
+    # Archive parts number their own classes (from the labels they saw): merged below.
+    archives = reference.get("inputs") in ("tar", "parquet")
+    same = [k for k in schema.SAME_IN_EVERY_PART if not (archives and k == "class_names")]
     expected_from = 0
     for path, meta in zip(ordered, parts_read, strict=True):
         attrs = meta.attrs
-        different = [k for k in schema.SAME_IN_EVERY_PART if attrs.get(k) != reference.get(k)]
+        different = [k for k in same if attrs.get(k) != reference.get(k)]
         if different:
             raise UsageError(
                 f"{path.name} was made with other settings than {ordered[0].name} "
@@ -113,7 +121,9 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
         if not attrs.get("complete"):
             raise UsageError(f"{path.name} is not complete")
         start, stop = attrs.get("rows_from"), attrs.get("rows_to")
-        if start != expected_from or stop is None or meta.rows + meta.failed != stop - start:
+        # An archive part covers archives (its rows are counted as they are read).
+        counted = archives or meta.rows + meta.failed == (stop or 0) - (start or 0)
+        if start != expected_from or stop is None or not counted:
             raise UsageError(
                 f"{path.name} covers files {start}..{stop}, expected to start at "
                 f"{expected_from} and to account for each of its files once"
@@ -122,6 +132,26 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
     if expected_from != reference.get("files"):
         raise UsageError(f"the parts cover {expected_from} of {reference.get('files')} files")
     return ordered, parts_read
+
+
+def merged_classes(per_part: list[list[str]]) -> list[str]:
+    """The classes of all parts: integer classes ("0", "1", …) up to the largest any part saw,
+    else the sorted union of names (as each archive part numbered its own)."""
+    if all(part == per_part[0] for part in per_part):
+        return per_part[0] if per_part else []
+    names = {name for part in per_part for name in part}
+    if all(part == [str(i) for i in range(len(part))] for part in per_part):
+        return [str(i) for i in range(max((len(part) for part in per_part), default=0))]
+    return sorted(names)
+
+
+def _relabel(labels: np.ndarray, old: list[str], new: list[str]) -> np.ndarray:
+    """A part's class indices in the merged numbering (-1 stays -1)."""
+    if old == new[: len(old)]:
+        return labels
+    index = {name: i for i, name in enumerate(new)}
+    table = np.asarray([index[name] for name in old] + [-1], dtype=np.int64)
+    return table[np.where(labels < 0, len(old), labels)]
 
 
 def _features(

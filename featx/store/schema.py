@@ -33,6 +33,7 @@ SHARD_FAILED_INDEX = "failed/index"
 # label as JSON text, by row of the shard ("null": unlabelled).
 SHARD_NAMES = "names"
 SHARD_LABELS = "raw_labels"
+SHARD_ARCHIVE = "archive"  # attribute: the archive's URL, size and ETag or mtime
 
 # What a run computes: a resume must match every one of these, and merged parts must agree.
 FINGERPRINT_KEYS = (

@@ -110,6 +110,21 @@ class WorkDir:
         return write_error(error, self.out, self.path)
 
 
+def changed_archives(work: WorkDir, shards: list[int], identities: list[str]) -> list[str]:
+    """``shard file: made from X, now Y`` for each finished shard whose archive changed since."""
+    changed = []
+    for shard in shards:
+        with h5py.File(work.shard_path(shard), "r") as f:
+            made_from = f.attrs.get(schema.SHARD_ARCHIVE, "")
+        made_from = made_from.decode() if isinstance(made_from, bytes) else str(made_from)
+        if made_from != identities[shard]:
+            changed.append(
+                f"{work.shard_path(shard).name} was made from {made_from!r}, now "
+                f"{identities[shard]!r}"
+            )
+    return changed
+
+
 def work_dir_of(out: Path) -> Path:
     return out.with_name(out.name + ".featx")
 
@@ -306,8 +321,13 @@ class ShardWriter:
                 compression=self.compression,
             )
 
-    def finish(self, strings: dict[str, list[str]] | None = None) -> None:
-        """Publish the shard, with ``strings`` as extra string datasets (an archive's names)."""
+    def finish(
+        self, strings: dict[str, list[str]] | None = None, attrs: dict[str, str] | None = None
+    ) -> None:
+        """Publish the shard, with ``strings`` as extra string datasets and ``attrs`` (an
+        archive's row names, and what the archive was)."""
+        for key, value in (attrs or {}).items():
+            self.file.attrs[key] = value
         for name, values in (strings or {}).items():
             self.file.create_dataset(
                 name, data=np.asarray(values, dtype=object).reshape(-1), dtype=STRING
@@ -388,8 +408,11 @@ class ArchiveSink:
 
     ARCHIVE_ROWS = 4096  # chunking guess: img2dataset writes 10,000 samples per tar
 
-    def __init__(self, work: WorkDir, dtype: str, compression: str = "none") -> None:
+    def __init__(
+        self, work: WorkDir, identities: list[str], dtype: str, compression: str = "none"
+    ) -> None:
         self.work = work
+        self.identities = identities  # by shard: each archive's URL, size and version
         self.dtype = dtype
         self.compression = compression
         self.open: dict[int, tuple[ShardWriter, list[str], list[str]]] = {}
@@ -423,7 +446,10 @@ class ArchiveSink:
         names.extend(piece.names)
         labels.extend(piece.labels)
         if piece.last:
-            writer.finish({schema.SHARD_NAMES: names, schema.SHARD_LABELS: labels})
+            writer.finish(
+                {schema.SHARD_NAMES: names, schema.SHARD_LABELS: labels},
+                {schema.SHARD_ARCHIVE: self.identities[shard]},
+            )
             del self.open[shard]
 
     def discard(self) -> None:

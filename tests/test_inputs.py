@@ -1,0 +1,568 @@
+"""Archive inputs: WebDataset tars and img2dataset parquet shards, local or behind a URL.
+
+One tar is one shard: its rows are ``<tar>/<member>`` in member order, and a tar either is
+published whole or not at all. Features equal those of the same images as loose files; resume,
+``--shard K/N`` + merge and torchrun give the single-process file; every bad member is in
+``failed/`` with its reason. Remote reads go to servers on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featx import extract
+from featx.config import ExtractConfig
+from featx.data.remote import Prefetcher, expand_braces
+from featx.errors import FeatxError, ResumeMismatch, UsageError
+from featx.store.merge import merge
+from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar
+from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file, run_featx
+
+CONFIG = SETTINGS_CONFIG
+
+
+def read(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        layer = next(iter(f["features"]))
+        return {
+            "paths": [p.decode() for p in f["paths"][:]],
+            "labels": f["labels"][:].tolist(),
+            "features": f["features"][layer][:],
+            "failed": dict(
+                zip(
+                    [p.decode() for p in f["failed/paths"][:]],
+                    [e.decode() for e in f["failed/errors"][:]],
+                    strict=True,
+                )
+            ),
+            "attrs": dict(f.attrs),
+        }
+
+
+@pytest.fixture(scope="module")
+def images(photo_arrays) -> list[bytes]:
+    return [jpeg(array) for array in crops(photo_arrays, 20)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, images) -> tuple[Path, list[str]]:
+    """20 images in 5 tars of 4, img2dataset style (.jpg, .cls, .json)."""
+    folder = tmp_path_factory.mktemp("tars")
+    names = webdataset(
+        folder, images, per_tar=4, labels=[["cat", "dog"][i % 3 == 0] for i in range(20)]
+    )
+    return folder, names
+
+
+@pytest.fixture(scope="module")
+def from_tars(shards, tmp_path_factory) -> Path:
+    """The file one process makes from the tar folder."""
+    out = tmp_path_factory.mktemp("ref") / "tars.h5"
+    extract(shards[0], out, CONFIG)
+    return out
+
+
+# --- what a tar gives -------------------------------------------------------------------------
+
+
+def test_features_from_tars_equal_features_from_the_same_images_as_loose_files(
+    shards, images, from_tars, tmp_path
+):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, data in enumerate(images):
+        (loose / f"{i:09d}.jpg").write_bytes(data)
+    extract(loose, tmp_path / "loose.h5", CONFIG)
+    tars, files = read(from_tars), read(tmp_path / "loose.h5")
+    assert tars["paths"] == shards[1]  # <tar>/<member>, member order, tar order
+    assert [p.split("/")[1] for p in tars["paths"]] == files["paths"]
+    np.testing.assert_array_equal(tars["features"], files["features"])
+    assert tars["attrs"]["source"] == str(shards[0])
+    assert tars["attrs"]["inputs"] == "tar"
+    assert not tars["failed"]
+
+
+def test_a_row_name_is_retrievable_with_tar_xOf(shards, from_tars, images):
+    name = read(from_tars)["paths"][13]  # e.g. 00003.tar/000000013.jpg
+    tar_name, member_name = name.split("/", 1)
+    data = subprocess.run(
+        ["tar", "-xOf", str(shards[0] / tar_name), member_name], capture_output=True, check=True
+    ).stdout
+    assert data == images[13]
+
+
+def test_cls_members_are_labels_kept_as_their_class_numbers(from_tars):
+    data = read(from_tars)
+    assert data["labels"] == [i % 2 for i in range(20)]
+    assert json.loads(data["attrs"]["class_names"]) == ["0", "1"]
+
+
+def test_json_field_labels_become_sorted_class_indices(shards, tmp_path):
+    extract(
+        shards[0],
+        tmp_path / "j.h5",
+        ExtractConfig(**{**CONFIG.__dict__, "label_from": "json:label"}),
+    )
+    data = read(tmp_path / "j.h5")
+    assert json.loads(data["attrs"]["class_names"]) == ["cat", "dog"]
+    assert data["labels"] == [1 if i % 3 == 0 else 0 for i in range(20)]
+
+
+def test_a_single_tar_and_a_brace_list_name_the_same_rows(shards, tmp_path):
+    folder = shards[0]
+    extract(folder / "00001.tar", tmp_path / "one.h5", CONFIG)
+    assert read(tmp_path / "one.h5")["paths"] == shards[1][4:8]
+    extract(f"{folder}/{{00001..00002}}.tar", tmp_path / "two.h5", CONFIG)
+    assert read(tmp_path / "two.h5")["paths"] == shards[1][4:12]
+
+
+def test_brace_expansion_keeps_zero_padding_and_lists():
+    assert expand_braces("s3://b/{00008..00011}.tar") == [
+        "s3://b/00008.tar",
+        "s3://b/00009.tar",
+        "s3://b/00010.tar",
+        "s3://b/00011.tar",
+    ]
+    assert expand_braces("d/{a,b}/{0..1}.tar") == [
+        "d/a/0.tar",
+        "d/a/1.tar",
+        "d/b/0.tar",
+        "d/b/1.tar",
+    ]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+# --- bad members: failed/, with a reason, never a silent skip -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_tar(tmp_path_factory, images) -> Path:
+    folder = tmp_path_factory.mktemp("bad")
+    good = images[0]
+    path = folder / "00000.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        member(tar, "good.jpg", good)
+        member(tar, "good.cls", b"1")
+        member(tar, "photo.v2.jpg", images[1])  # dotted: sample "photo.v2", not "photo"
+        member(tar, "photo.v2.cls", b"0")
+        member(tar, "a.jpg", images[2])
+        member(tar, "b.jpg", images[3])
+        member(tar, "a.cls", b"1")  # interleaved: a's member after b's
+        member(tar, "dup.jpg", images[4])
+        member(tar, "dup.jpg", images[5])  # duplicate key
+        member(tar, "two.jpg", images[6])
+        member(tar, "two.png", images[7])  # a second image in one sample
+        member(tar, "text.jpg", b"this is not a JPEG at all")  # non-image named like one
+        member(tar, "lonely.txt", b"a caption without an image")
+        member(tar, "link.jpg", kind=tarfile.SYMTYPE)
+        member(tar, "badcls.jpg", images[8])
+        member(tar, "badcls.cls", b"cat")
+        member(tar, "sub/", kind=tarfile.DIRTYPE)
+        member(tar, "sub/deep.jpg", images[9])
+    return folder
+
+
+def test_every_bad_member_is_in_failed_with_its_reason(bad_tar, tmp_path):
+    out = tmp_path / "bad.h5"
+    extract(bad_tar, out, ExtractConfig(**{**CONFIG.__dict__, "max_failures": "none"}))
+    data = read(out)
+    assert data["paths"] == [
+        "00000.tar/good.jpg",
+        "00000.tar/photo.v2.jpg",
+        "00000.tar/a.jpg",
+        "00000.tar/b.jpg",
+        "00000.tar/dup.jpg",
+        "00000.tar/two.jpg",
+        "00000.tar/sub/deep.jpg",
+    ]
+    assert data["labels"][:3] == [1, 0, -1]  # a.cls came too late to label a.jpg
+    failed = data["failed"]
+    assert failed["00000.tar/a.cls"].startswith("NotContiguous: member of sample 'a'")
+    assert failed["00000.tar/dup.jpg"].startswith("DuplicateMember")
+    assert failed["00000.tar/two.png"].startswith("SecondImage: sample 'two' already has 'two.jpg'")
+    assert failed["00000.tar/text.jpg"].startswith("UnidentifiedImageError")
+    assert failed["00000.tar/lonely"].startswith("NoImage: sample without an image (lonely.txt)")
+    assert failed["00000.tar/link.jpg"].startswith("NotAFile: a symbolic link member")
+    assert failed["00000.tar/badcls.jpg"].startswith("BadLabel: badcls.cls holds 'cat'")
+    assert len(failed) == 7
+
+
+# --- one tar = one shard: broken tars, resume, distribution --------------------------------------
+
+
+def _truncate(path: Path, keep: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+
+
+def test_a_truncated_tar_fails_its_shard_loudly_keeps_the_others_and_is_read_again_on_resume(
+    shards, from_tars, tmp_path
+):
+    folder = tmp_path / "tars"
+    shutil.copytree(shards[0], folder)
+    whole = (folder / "00002.tar").read_bytes()
+    _truncate(folder / "00002.tar", len(whole) // 2)
+    out = tmp_path / "feats.h5"
+    result = run_featx("extract", folder, "-o", out, *SETTINGS)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "00002.tar: truncated" in lines[0], result.stderr
+    assert "the 4 finished shard(s) are kept" in lines[0]
+    work = out.with_name(out.name + ".featx")
+    assert sorted(p.name for p in work.glob("shard-*.h5")) == [
+        f"shard-{i:06d}.h5" for i in (0, 1, 3, 4)
+    ]
+    assert not out.exists()
+    (folder / "00002.tar").write_bytes(whole)  # re-fetched
+    extract(folder, out, CONFIG)
+    data, reference = read(out), read(from_tars)
+    np.testing.assert_array_equal(data["features"], reference["features"])
+    assert data["paths"] == reference["paths"]
+
+
+def test_a_tar_cut_exactly_between_members_is_still_found_truncated(shards, tmp_path):
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    source = shards[0] / "00000.tar"
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+    cut = members[3].offset  # a header boundary: tarfile alone would end quietly here
+    (folder / "00000.tar").write_bytes(source.read_bytes()[:cut])
+    with pytest.raises(FeatxError, match="00000.tar: truncated"):
+        extract(folder, tmp_path / "f.h5", CONFIG)
+
+
+def test_a_finished_shard_whose_tar_changed_is_refused_on_resume(shards, tmp_path):
+    folder = tmp_path / "tars"
+    shutil.copytree(shards[0], folder)
+    _truncate(folder / "00004.tar", 1000)
+    out = tmp_path / "feats.h5"
+    with pytest.raises(FeatxError):
+        extract(folder, out, CONFIG)
+    write_tar(folder / "00000.tar", [("x.jpg", b"\xff\xd8\xff")])  # a finished tar, replaced
+    with pytest.raises(ResumeMismatch, match="shard-000000.h5 was made from"):
+        extract(folder, out, CONFIG)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_tar_then_resume_gives_the_identical_file(shards, from_tars, tmp_path):
+    out = tmp_path / "feats.h5"
+    work = out.with_name(out.name + ".featx")
+    process = subprocess.Popen(  # batches of 2: a tar of 4 takes two
+        [sys.executable, "-m", "featx", "extract", str(shards[0]), "-o", str(out), *SETTINGS],
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(work.glob("shard-*.h5")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    kept = sorted(p.name for p in work.glob("shard-*.h5"))
+    assert 1 <= len(kept) < 5 and not out.exists()
+    extract(shards[0], out, CONFIG)
+    assert_same_file(out, from_tars)
+
+
+def test_shard_parts_then_merge_give_the_single_process_file(shards, tmp_path):
+    config = {**CONFIG.__dict__, "label_from": "json:label"}
+    single = tmp_path / "single.h5"
+    extract(shards[0], single, ExtractConfig(**config))
+    out = tmp_path / "feats.h5"
+    for k in range(3):
+        extract(shards[0], out, ExtractConfig(**{**config, "shard": (k, 3)}))
+    merge(out)
+    a, b = read(out), read(single)
+    np.testing.assert_array_equal(a["features"], b["features"])
+    assert a["paths"] == b["paths"] and a["labels"] == b["labels"]
+    assert a["attrs"]["class_names"] == b["attrs"]["class_names"]
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_give_the_single_process_file(shards, from_tars, tmp_path):
+    out = tmp_path / "feats.h5"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "featx",
+            "extract",
+            str(shards[0]),
+            "-o",
+            str(out),
+            *SETTINGS,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_file(out, from_tars)
+
+
+# --- img2dataset's stats files and parquet shards ------------------------------------------------
+
+
+def test_with_stats_files_only_finished_tars_are_read_and_counts_checked(shards, tmp_path):
+    folder = tmp_path / "tars"
+    shutil.copytree(shards[0], folder)
+    for i in (0, 1, 2):
+        (folder / f"{i:05d}_stats.json").write_text(json.dumps({"count": 5, "successes": 4}))
+    extract(folder, tmp_path / "a.h5", CONFIG)  # 00003 and 00004: still being written
+    assert read(tmp_path / "a.h5")["paths"] == shards[1][:12]
+    (folder / "00001_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))
+    with pytest.raises(FeatxError, match="00001.tar: holds 4 samples, its stats file says 5"):
+        extract(folder, tmp_path / "b.h5", CONFIG)
+
+
+def test_img2dataset_parquet_shards_are_read_with_failed_downloads_in_failed(
+    images, tmp_path, from_tars
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for shard in range(2):
+        keys = [f"{k:09d}" for k in range(shard * 4, shard * 4 + 4)]
+        jpgs = [images[int(k)] for k in keys]
+        jpgs[1] = None  # a failed download
+        table = pa.table(
+            {
+                "key": keys,
+                "jpg": pa.array(jpgs, type=pa.binary()),
+                "status": ["success", "failed_to_download", "success", "success"],
+                "error_message": [None, "HTTP 404", None, None],
+                "cls": [int(k) % 2 for k in keys],
+            }
+        )
+        pq.write_table(table, folder / f"{shard:05d}.parquet")
+    extract(folder, tmp_path / "p.h5", CONFIG)
+    data, reference = read(tmp_path / "p.h5"), read(from_tars)
+    assert data["paths"] == [
+        f"{s:05d}.parquet/{k:09d}" for s, k in [(0, 0), (0, 2), (0, 3), (1, 4), (1, 6), (1, 7)]
+    ]
+    assert data["failed"] == {
+        "00000.parquet/000000001": "NoImage: failed_to_download (HTTP 404)",
+        "00001.parquet/000000005": "NoImage: failed_to_download (HTTP 404)",
+    }
+    # Not bit for bit: without the failed downloads the batches hold other images, and a CPU
+    # convolution's last bits depend on what shares its batch.
+    np.testing.assert_allclose(
+        data["features"], reference["features"][[0, 2, 3, 4, 6, 7]], rtol=1e-4, atol=1e-5
+    )
+    assert data["labels"] == [0, 0, 1, 0, 0, 1]
+
+
+# --- remote: fsspec over HTTP and S3 on 127.0.0.1 ------------------------------------------------
+
+
+def _same_rows(a: Path, b: Path) -> None:
+    """Same datasets bit for bit and same attributes, but where the data was read from."""
+    x, y = read(a), read(b)
+    assert x["paths"] == y["paths"] and x["labels"] == y["labels"] and x["failed"] == y["failed"]
+    np.testing.assert_array_equal(x["features"], y["features"])
+    moved = {"source", "files_sha256", "archives_sha256", "created"}
+    assert {k: str(v) for k, v in x["attrs"].items() if k not in moved} == {
+        k: str(v) for k, v in y["attrs"].items() if k not in moved
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(shards):
+    """``python -m http.server`` on 127.0.0.1 serving the tar folder."""
+    pytest.importorskip("aiohttp")
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(shards[0]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, (
+                "http.server did not start"
+            )
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait()
+
+
+def test_tars_over_http_give_the_local_file(served, from_tars, tmp_path):
+    extract(f"{served}/{{00000..00004}}.tar", tmp_path / "braces.h5", CONFIG)
+    _same_rows(tmp_path / "braces.h5", from_tars)
+    assert read(tmp_path / "braces.h5")["attrs"]["source"] == f"{served}/"
+    extract(f"{served}/", tmp_path / "folder.h5", CONFIG)  # the server's folder listing
+    _same_rows(tmp_path / "folder.h5", from_tars)
+
+
+def test_each_remote_tar_is_one_get_without_range_requests(shards, tmp_path):
+    pytest.importorskip("aiohttp")
+    with http_server(shards[0]) as (url, requests):
+        extract(f"{url}/{{00000..00004}}.tar", tmp_path / "f.h5", CONFIG)
+    gets = [(path, rng) for method, path, rng in requests if method == "GET"]
+    assert sorted(path for path, _ in gets if path.endswith(".tar")) == [
+        f"/{i:05d}.tar" for i in range(5)
+    ]
+    assert all(rng is None for _, rng in gets)
+
+
+def test_a_folder_of_images_over_http_gives_the_local_file(images, tmp_path):
+    pytest.importorskip("aiohttp")
+    loose = tmp_path / "loose"
+    for i, data in enumerate(images[:6]):
+        (loose / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        (loose / ("a" if i % 2 else "b") / f"{i:03d}.jpg").write_bytes(data)
+    extract(loose, tmp_path / "local.h5", CONFIG)
+    with http_server(loose) as (url, _):
+        extract(f"{url}/", tmp_path / "remote.h5", CONFIG)
+    _same_rows(tmp_path / "remote.h5", tmp_path / "local.h5")
+
+
+@pytest.fixture(scope="module")
+def s3(shards):
+    """moto's threaded S3 server on 127.0.0.1 holding the tars in s3://featx-test/laion/."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(
+        ip_address="127.0.0.1", port=_free_port(), verbose=False
+    )
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="featx-test")
+    for path in sorted(shards[0].glob("*.tar")):
+        client.upload_file(str(path), "featx-test", f"laion/{path.name}")
+    yield "s3://featx-test/laion"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_tars_over_s3_give_the_local_file(s3, from_tars, tmp_path):
+    extract(f"{s3}/", tmp_path / "s3.h5", CONFIG)
+    _same_rows(tmp_path / "s3.h5", from_tars)
+    extract(f"{s3}/{{00000..00004}}.tar", tmp_path / "braces.h5", CONFIG)
+    _same_rows(tmp_path / "braces.h5", from_tars)
+
+
+def test_a_missing_url_scheme_package_or_object_is_one_line(cli, tmp_path):
+    result = cli("extract", "memory://nothing/here/{0..1}.tar", "-o", tmp_path / "f.h5", *SETTINGS)
+    assert result.exit_code == 2
+    assert "memory://nothing/here/0.tar: no such file" in result.output
+
+
+# --- fetching ahead within a bounded scratch space ----------------------------------------------
+
+
+def test_the_next_archive_is_fetched_while_the_current_one_is_read(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for i in range(3):
+        fs.pipe(f"/prefetch/{i}.tar", bytes([i]) * 1000)
+        urls.append(f"memory:///prefetch/{i}.tar")
+    fetcher = Prefetcher(urls, [1000] * 3, tmp_path, budget=10_000)
+    try:
+        items = iter(fetcher)
+        first = next(items)
+        assert Path(first.path).read_bytes() == bytes([0]) * 1000
+        deadline = time.monotonic() + 10
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(list(tmp_path.iterdir())) == 2  # the next one, while the first is in use
+        fetcher.release(first)
+        assert not Path(first.path).exists()
+        second = next(items)
+        assert Path(second.path).read_bytes() == bytes([1]) * 1000
+    finally:
+        fetcher.close()
+
+
+def test_scratch_space_never_holds_more_than_its_budget(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for i in range(3):
+        fs.pipe(f"/budget/{i}.tar", bytes([i]) * 1000)
+        urls.append(f"memory:///budget/{i}.tar")
+    fetcher = Prefetcher(urls, [1000] * 3, tmp_path, budget=1500)  # room for one at a time
+    try:
+        for fetched in fetcher:
+            time.sleep(0.05)  # the fetch thread would run ahead here if it could
+            assert [p.name for p in tmp_path.iterdir()] == [Path(fetched.path).name]
+            fetcher.release(fetched)
+    finally:
+        fetcher.close()
+
+
+def test_archives_and_a_labels_csv_are_refused_together(shards, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.jpg,cat\n")
+    with pytest.raises(UsageError, match="--labels CSV applies to image folders"):
+        extract(
+            shards[0],
+            tmp_path / "f.h5",
+            ExtractConfig(**{**CONFIG.__dict__, "labels_csv": str(labels)}),
+        )
