@@ -566,3 +566,48 @@ def test_archives_and_a_labels_csv_are_refused_together(shards, tmp_path):
             tmp_path / "f.h5",
             ExtractConfig(**{**CONFIG.__dict__, "labels_csv": str(labels)}),
         )
+
+
+# --- the rest of featx takes archives too ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_decoder_that_kills_its_worker_costs_one_image_of_the_tar(images, tmp_path):
+    from tests.test_faults import CRASHING_DECODER, decoder_shim
+
+    killer = images[5][:-2] + b"featx-test:SIGKILL\xff\xd9"  # a JPEG whose decode kills
+    folder = tmp_path / "tars"
+    write_tar(
+        folder / "00000.tar",
+        [(f"{i:03d}.jpg", images[i]) for i in range(5)] + [("005.jpg", killer)],
+    )
+    out = tmp_path / "feats.h5"
+    args = [a for a in SETTINGS if a not in ("--workers", "0")] + [
+        "--workers",
+        "2",
+        "--batch-size",
+        "3",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "featx", "extract", str(folder), "-o", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=decoder_shim(tmp_path, CRASHING_DECODER),
+    )
+    assert done.returncode == 0, done.stderr
+    data = read(out)
+    assert data["paths"] == [f"00000.tar/{i:03d}.jpg" for i in range(5)]
+    assert data["failed"] == {
+        "00000.tar/005.jpg": "DecoderCrashed: the process decoding this file was killed by SIGKILL"
+    }
+
+
+def test_train_head_on_tar_features_then_predict_on_the_tars(shards, from_tars, cli, tmp_path):
+    head = tmp_path / "t.head"
+    assert cli("train-head", from_tars, "-o", head, "-q").exit_code == 0
+    result = cli("predict", shards[0], "--head", head, "-o", tmp_path / "p.csv", "-q")
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0].startswith("path,predicted_class")
+    assert [row.split(",")[0] for row in rows[1:]] == shards[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated
 
@@ -127,7 +129,10 @@ def _check_before_torch(
     """Usage errors that need no model, before torch loads: they answer at once."""
     from featx.store.durable import check_output
 
-    if not source.exists():
+    from featx.data.remote import is_url
+
+    named = os.fspath(source)
+    if not source.exists() and not is_url(named) and "{" not in named:  # URLs: listed later
         raise UsageError(f"{source}: no such file or folder")
     if head is not None and not head.is_file():
         raise UsageError(f"head {head}: no such file")
@@ -144,7 +149,13 @@ def _report_failures(failed: list[dict[str, str]], quiet: bool) -> None:
 @app.command()
 @reports_errors
 def predict(
-    source: Annotated[str, typer.Argument(help="Image folder, or a featx HDF5 features file.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder, tars or parquet shards (as for extract), or a featx HDF5 "
+            "features file."
+        ),
+    ],
     head: HeadFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
     top_k: Annotated[

@@ -65,18 +65,21 @@ def features_of(
     finished shards there, so running the same command again resumes it."""
     from featx.pipeline import extract
 
+    from featx.data.archives import is_archive_source
+
     path = Path(source)
-    if path.is_file():
+    archives = is_archive_source(os.fspath(source))  # tars, parquet shards, a URL
+    if path.is_file() and not archives:
         yield path
         return
-    if not path.is_dir():
+    if not path.is_dir() and not archives:
         raise UsageError(f"source {source}: no such file or folder")
     # overwrite: a leftover file, or an unfinished run of other settings, is replaced; an
     # unfinished run of these settings is resumed.
     settings = extraction_config(head, config).replace(overwrite=True, quiet=config.quiet)
     scratch = scratch_features(out)
     try:
-        extract(path, scratch, settings, label=f"features of {path.name or source}")
+        extract(os.fspath(source), scratch, settings, label=f"features of {path.name or source}")
         with FeatureFile(scratch) as data:
             changes = schema.differences(head.extraction, data.extraction(head.layer))
         if changes:  # e.g. another torchvision version preprocesses differently
