@@ -611,3 +611,19 @@ def test_train_head_on_tar_features_then_predict_on_the_tars(shards, from_tars, 
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0].startswith("path,predicted_class")
     assert [row.split(",")[0] for row in rows[1:]] == shards[1]
+
+
+def test_remote_stats_files_are_found_in_the_listing_and_checked_when_their_tar_is_read(
+    s3, shards, tmp_path
+):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(shards[0] / "00000.tar"), "featx-test/stats/00000.tar")
+    fs.put(str(shards[0] / "00001.tar"), "featx-test/stats/00001.tar")  # no stats: unfinished
+    fs.pipe("featx-test/stats/00000_stats.json", json.dumps({"successes": 4}).encode())
+    extract("s3://featx-test/stats/", tmp_path / "a.h5", CONFIG)
+    assert read(tmp_path / "a.h5")["paths"] == shards[1][:4]
+    fs.pipe("featx-test/stats/00000_stats.json", json.dumps({"successes": 3}).encode())
+    with pytest.raises(FeatxError, match="00000.tar: holds 4 samples, its stats file says 3"):
+        extract("s3://featx-test/stats/", tmp_path / "b.h5", CONFIG)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Annotated
 
@@ -127,9 +126,8 @@ def _check_before_torch(
     source: Path, output: Path, overwrite: bool, head: Path | None = None
 ) -> None:
     """Usage errors that need no model, before torch loads: they answer at once."""
-    from featx.store.durable import check_output
-
     from featx.data.remote import is_url
+    from featx.store.durable import check_output
 
     named = os.fspath(source)
     if not source.exists() and not is_url(named) and "{" not in named:  # URLs: listed later

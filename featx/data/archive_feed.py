@@ -24,6 +24,7 @@ from featx.data.gpu_decode import prepare_bytes
 from featx.data.parquet_samples import parquet_samples
 from featx.data.remote import Prefetcher
 from featx.data.tar_samples import BrokenArchive, tar_samples
+from featx.errors import FeatxError
 from featx.safe_text import stored_name
 
 
@@ -103,10 +104,14 @@ def archive_batches(
             continue
         finally:
             fetcher.release(fetched)
-        if archive.expected is not None and samples != archive.expected:
+        try:
+            expected = archive.counted()
+        except FeatxError as error:  # a stats file that cannot be fetched or read
+            yield BatchSpec([], ShardPiece(shard, last=True, broken=str(error)))
+            continue
+        if expected is not None and samples != expected:
             broken = (
-                f"holds {samples} samples, its stats file says {archive.expected} "
-                "(img2dataset's successes)"
+                f"holds {samples} samples, its stats file says {expected} (img2dataset's successes)"
             )
             yield BatchSpec([], ShardPiece(shard, last=True, broken=broken))
             continue

@@ -33,7 +33,12 @@ class Archive:
     url: str
     size: int
     version: str
-    expected: int | None = None  # samples img2dataset's stats file says it holds
+    expected: int | None = None  # samples img2dataset's stats file says it holds (read now)
+    stats: str | None = None  # a remote stats file, read when the archive is: see counted()
+
+    def counted(self) -> int | None:
+        """The samples its stats file says it holds (None without one)."""
+        return self.expected if self.stats is None else read_stats(self.stats)
 
     @property
     def identity(self) -> str:
@@ -124,8 +129,9 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     """The archives ``source`` names, in sorted order (a brace list keeps its own order)."""
     check_label_from(label_from)
     names = remote.expand_braces(source)
+    listed: set[str] | None = None  # a remote folder's listing: stats files found by name
     if len(names) == 1 and not names[0].endswith(ARCHIVE_SUFFIXES):
-        root, found = _folder(names[0])
+        root, found, listed = _folder(names[0])
     else:
         wrong = [n for n in names if not n.endswith(ARCHIVE_SUFFIXES)]
         if wrong:
@@ -135,7 +141,7 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     kinds = {os.path.splitext(name)[1] for name, _, _ in found}
     if len(kinds) > 1:
         raise UsageError(f"{source}: both .tar and .parquet archives; name one kind")
-    archives, without = _with_stats(root, found)
+    archives, without = _with_stats(root, found, listed)
     if not archives:
         raise UsageError(f"source {source}: no finished archives (no _stats.json for any)")
     return ArchiveList(root, archives, label_from, tuple(without))
@@ -147,22 +153,24 @@ def check_label_from(label_from: str) -> None:
     raise UsageError(f"--label-from {label_from!r}: expected {LABEL_SOURCES}")
 
 
-def _folder(folder: str) -> tuple[str, list[tuple[str, int, str]]]:
-    """(root, [(url, size, version)]) of the archives at a folder's top level."""
+def _folder(folder: str) -> tuple[str, list[tuple[str, int, str]], set[str] | None]:
+    """(root, [(url, size, version)], remote listing) of the archives at a folder's top level."""
     root = folder.rstrip("/") + "/"
     if remote.is_url(folder):
         listed = _remote_entries(folder)
         chosen = _archives_in(sorted(listed))
         if not chosen:
             raise UsageError(f"source {folder}: no .tar or .parquet archives in it")
-        return root, [(root + name, _size(listed[name]), _version(listed[name])) for name in chosen]
+        found = [(root + name, _size(listed[name]), _version(listed[name])) for name in chosen]
+        return root, found, set(listed)
     path = remote.local_path(folder)
     if not os.path.isdir(path):
         raise UsageError(f"source {folder}: no such file or folder")
     chosen = _archives_in(sorted(_listdir(path)))
     if not chosen:
         raise UsageError(f"source {folder}: no .tar or .parquet archives in it")
-    return root, [(os.path.join(path, name), *_stat(os.path.join(path, name))) for name in chosen]
+    found = [(os.path.join(path, name), *_stat(os.path.join(path, name))) for name in chosen]
+    return root, found, None
 
 
 def _archives_in(names: list[str]) -> list[str]:
@@ -221,40 +229,53 @@ def _basename(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _with_stats(root: str, found: list[tuple[str, int, str]]) -> tuple[list[Archive], list[str]]:
-    """Archives with their stats counts; where any stats file exists, those without one are
-    left out (returned by name)."""
-    stats = {url: _read_stats(_stats_url(url)) for url, _, _ in found}
-    any_stats = any(count is not None for count in stats.values())
+def _with_stats(
+    root: str, found: list[tuple[str, int, str]], listed: set[str] | None
+) -> tuple[list[Archive], list[str]]:
+    """Archives with their stats files; where any stats file exists, those without one are
+    left out (returned by name). Local stats files are read now; remote ones when their archive
+    is (one request each, not thousands before the first image)."""
+    has = {url: _has_stats(_stats_url(url), listed) for url, _, _ in found}
     archives, without = [], []
     for url, size, version in found:
         name = url[len(root) :] if url.startswith(root) else _basename(url)
-        if any_stats and stats[url] is None:
+        stats = _stats_url(url)
+        if any(has.values()) and not has[url]:
             without.append(name)
-            continue
-        archives.append(Archive(name, url, size, version, stats[url]))
+        elif not has[url]:
+            archives.append(Archive(name, url, size, version))
+        elif remote.is_url(stats):
+            archives.append(Archive(name, url, size, version, stats=stats))
+        else:
+            archives.append(Archive(name, url, size, version, expected=read_stats(stats)))
     return archives, without
+
+
+def _has_stats(url: str, listed: set[str] | None) -> bool:
+    if listed is not None:
+        return _basename(url) in listed
+    if remote.is_url(url):
+        fs, path = remote.filesystem(url)
+        try:
+            return bool(fs.exists(path))
+        except Exception as error:
+            raise remote.fetch_error(url, error) from None
+    return os.path.isfile(remote.local_path(url))
 
 
 def _stats_url(url: str) -> str:
     return os.path.splitext(url)[0] + "_stats.json"
 
 
-def _read_stats(url: str) -> int | None:
-    """The number of samples img2dataset wrote (``successes``), or None without a stats file."""
+def read_stats(url: str) -> int:
+    """The number of samples img2dataset wrote (``successes``) by its stats file at ``url``."""
     try:
         if remote.is_url(url):
-            fs, path = remote.filesystem(url)
-            if not fs.exists(path):
-                return None
             data = remote.read_remote(url, MAX_STATS_BYTES)
         else:
-            path = remote.local_path(url)
-            if not os.path.isfile(path):
-                return None
             from featx.inputs import read_input
 
-            data = read_input(path, "stats file", MAX_STATS_BYTES)
+            data = read_input(remote.local_path(url), "stats file", MAX_STATS_BYTES)
         stats = json.loads(data)
         count = stats["successes"]
         if type(count) is not int or count < 0:

@@ -63,9 +63,8 @@ def features_of(
     """A features file for ``source``: itself, or extracted from an image folder into
     :func:`scratch_features` of ``out``, removed once used. An interrupted extraction keeps its
     finished shards there, so running the same command again resumes it."""
-    from featx.pipeline import extract
-
     from featx.data.archives import is_archive_source
+    from featx.pipeline import extract
 
     path = Path(source)
     archives = is_archive_source(os.fspath(source))  # tars, parquet shards, a URL
