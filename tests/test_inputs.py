@@ -452,9 +452,11 @@ def test_a_folder_of_images_over_http_gives_the_local_file(images, tmp_path):
         (loose / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
         (loose / ("a" if i % 2 else "b") / f"{i:03d}.jpg").write_bytes(data)
     extract(loose, tmp_path / "local.h5", CONFIG)
-    with http_server(loose) as (url, _):
+    with http_server(loose) as (url, requests):
         extract(f"{url}/", tmp_path / "remote.h5", CONFIG)
     _same_rows(tmp_path / "remote.h5", tmp_path / "local.h5")
+    per_image = sorted((method, path) for method, path, _ in requests if path.endswith(".jpg"))
+    assert per_image == sorted(("GET", f"/{'a' if i % 2 else 'b'}/{i:03d}.jpg") for i in range(6))
 
 
 @pytest.fixture(scope="module")
@@ -627,3 +629,17 @@ def test_remote_stats_files_are_found_in_the_listing_and_checked_when_their_tar_
     fs.pipe("featx-test/stats/00000_stats.json", json.dumps({"successes": 3}).encode())
     with pytest.raises(FeatxError, match="00000.tar: holds 4 samples, its stats file says 3"):
         extract("s3://featx-test/stats/", tmp_path / "b.h5", CONFIG)
+
+
+def test_a_folder_of_images_on_s3_gives_the_local_file(s3, images, tmp_path):
+    import s3fs
+
+    loose = tmp_path / "loose"
+    for i, data in enumerate(images[:4]):
+        (loose / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        (loose / "ab"[i % 2] / f"{i:03d}.jpg").write_bytes(data)
+    s3fs.S3FileSystem().put(str(loose) + "/", "featx-test/photos/", recursive=True)
+    extract(loose, tmp_path / "local.h5", CONFIG)
+    extract("s3://featx-test/photos/", tmp_path / "s3.h5", CONFIG)
+    _same_rows(tmp_path / "s3.h5", tmp_path / "local.h5")
+    assert read(tmp_path / "s3.h5")["labels"] == [0, 0, 1, 1]

@@ -221,13 +221,22 @@ def _one_line(error: BaseException) -> str:
 
 
 def read_remote(url: str, max_bytes: int) -> bytes:
-    """A remote file's bytes in one GET, refused above ``max_bytes``."""
+    """A remote file's bytes, refused above ``max_bytes`` before more is read.
+
+    HTTP: one streamed GET, read up to the limit (a size hint keeps fsspec from sending a HEAD
+    first). Object stores: the listing's size is checked, then one GET.
+    """
     fs, path = filesystem(url)
-    size = fs.size(path)
-    if size is not None and size > max_bytes:
-        raise ValueError(f"file of {size} bytes, over the --max-file-bytes limit of {max_bytes}")
-    with fs.open(path, "rb", block_size=0) if _is_http(fs) else fs.open(path, "rb") as handle:
-        data: bytes = handle.read(max_bytes + 1)
+    if _is_http(fs):
+        with fs.open(path, "rb", block_size=0, size=max_bytes + 1) as handle:
+            data: bytes = handle.read(max_bytes + 1)
+    else:
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise ValueError(
+                f"file of {size} bytes, over the --max-file-bytes limit of {max_bytes}"
+            )
+        data = fs.cat_file(path)
     if len(data) > max_bytes:
         raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
     return data
