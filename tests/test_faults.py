@@ -646,9 +646,8 @@ def test_sigkill_at_chosen_and_random_moments_then_a_final_run_gives_the_same_fi
 ):
     out = tmp_path / "feats.h5"
     work = out.with_name(out.name + ".featx")
-    shards = 24  # 48 photos, 2 a shard: 8 kills, each after at most 2 more shards, leave work
-    moments = ["start-up", "published", "writing", "writing", "start-up", "published", "writing"]
-    moments += ["writing"]
+    shards = 24  # 48 photos, 2 a shard: 5 kills, each after at most 2 more shards, leave work
+    moments = ["start-up", "published", "writing", "writing", "published"]
     rng = random.Random(20)
     for moment in moments:
         kill_at(moment, featx_process(many_photos, out, "--shard-size", "2"), out, rng)
@@ -776,9 +775,11 @@ def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
     out = tmp_path / "feats.h5"
     command = [sys.executable, "-m", "featx", "extract", str(many_photos), "-o", str(out)]
     command += SETTINGS
-    # The first run reads as from a slow disk, so that it is still writing when the second one
-    # has started up; HDF5's own locking is off for both.
-    slow = decoder_shim(tmp_path, "time.sleep(0.3)")
+    # The first run reads as from a slow disk until the second one has been refused, so that it
+    # is still writing then; HDF5's own locking is off for both.
+    flag = tmp_path / "slow"
+    flag.touch()
+    slow = decoder_shim(tmp_path, f"if os.path.exists({str(flag)!r}): time.sleep(0.3)")
     first = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -795,6 +796,7 @@ def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
         env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"},
     )
     assert first.poll() is None, "the first run was still writing"
+    flag.unlink()
     assert second.returncode == 1
     assert second.stderr.startswith(f"featx: error: output {out} is being written by featx pid")
     assert len(second.stderr.strip().splitlines()) == 1

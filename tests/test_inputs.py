@@ -29,7 +29,7 @@ from featx.data.remote import Prefetcher, expand_braces
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store.merge import merge
 from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar
-from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file, run_featx
+from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
 
 CONFIG = SETTINGS_CONFIG
 
@@ -209,15 +209,15 @@ def _truncate(path: Path, keep: int) -> None:
 
 
 def test_a_truncated_tar_fails_its_shard_loudly_keeps_the_others_and_is_read_again_on_resume(
-    shards, from_tars, tmp_path
+    shards, from_tars, tmp_path, cli
 ):
     folder = tmp_path / "tars"
     shutil.copytree(shards[0], folder)
     whole = (folder / "00002.tar").read_bytes()
     _truncate(folder / "00002.tar", len(whole) // 2)
     out = tmp_path / "feats.h5"
-    result = run_featx("extract", folder, "-o", out, *SETTINGS)
-    assert result.returncode == 1
+    result = cli("extract", folder, "-o", out, *SETTINGS)
+    assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "00002.tar: truncated" in lines[0], result.stderr
     assert "the 4 finished shard(s) are kept" in lines[0]
