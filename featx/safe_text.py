@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 
 _BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F)}
 
@@ -64,3 +65,8 @@ def csv_cell(text: str) -> str:
     """``text`` with a leading ``'`` when a spreadsheet would read it as a formula (OWASP's
     advice for CSV injection): ``=HYPERLINK(...)`` is shown, never run."""
     return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def shortlist(names: Sequence[str], limit: int) -> str:
+    """``a, b, c, …``: the first ``limit`` names, and an ellipsis when there are more."""
+    return ", ".join(names[:limit]) + (", …" if len(names) > limit else "")

@@ -516,15 +516,18 @@ def test_a_missing_url_scheme_package_or_object_is_one_line(cli, tmp_path):
 # --- fetching ahead within a bounded scratch space ----------------------------------------------
 
 
-def test_the_next_archive_is_fetched_while_the_current_one_is_read(tmp_path):
+def in_memory(folder: str, count: int) -> list[str]:
+    """``count`` archives of 1000 bytes (archive i: the byte i) in fsspec's memory filesystem."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    urls = []
-    for i in range(3):
-        fs.pipe(f"/prefetch/{i}.tar", bytes([i]) * 1000)
-        urls.append(f"memory:///prefetch/{i}.tar")
-    fetcher = Prefetcher(urls, [1000] * 3, tmp_path, budget=10_000)
+    for i in range(count):
+        fs.pipe(f"/{folder}/{i}.tar", bytes([i]) * 1000)
+    return [f"memory:///{folder}/{i}.tar" for i in range(count)]
+
+
+def test_the_next_archive_is_fetched_while_the_current_one_is_read(tmp_path):
+    fetcher = Prefetcher(in_memory("prefetch", 3), [1000] * 3, tmp_path, budget=10_000)
     try:
         items = iter(fetcher)
         first = next(items)
@@ -542,13 +545,7 @@ def test_the_next_archive_is_fetched_while_the_current_one_is_read(tmp_path):
 
 
 def test_scratch_space_never_holds_more_than_its_budget(tmp_path):
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-    urls = []
-    for i in range(3):
-        fs.pipe(f"/budget/{i}.tar", bytes([i]) * 1000)
-        urls.append(f"memory:///budget/{i}.tar")
+    urls = in_memory("budget", 3)
     fetcher = Prefetcher(urls, [1000] * 3, tmp_path, budget=1500)  # room for one at a time
     try:
         for fetched in fetcher:

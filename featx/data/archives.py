@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from featx.data import remote
 from featx.errors import UsageError
+from featx.safe_text import shortlist
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
 MAX_STATS_BYTES = 1 << 20
@@ -95,7 +96,7 @@ class ArchiveList:
     def layout_warning(self) -> str | None:
         if not self.without_stats:
             return None
-        names = ", ".join(self.without_stats[:3]) + (", …" if len(self.without_stats) > 3 else "")
+        names = shortlist(self.without_stats, 3)
         return (
             f"{len(self.without_stats)} archive(s) have no _stats.json beside them ({names}): "
             "img2dataset writes it last, so they are skipped as unfinished"

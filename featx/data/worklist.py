@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from featx.data import remote
 from featx.errors import UsageError
 from featx.inputs import MAX_LIST_BYTES, read_input
-from featx.safe_text import stored_name
+from featx.safe_text import shortlist, stored_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -63,7 +63,7 @@ class ImageList:
         unlabelled = sum(1 for label in self.labels if label < 0)
         if not self.class_names:
             return f"{count:,} unlabelled image{'s' * (count != 1)}"
-        shown = ", ".join(self.class_names[:8]) + (", …" if len(self.class_names) > 8 else "")
+        shown = shortlist(self.class_names, 8)
         kinds = f"{len(self.class_names)} class{'es' * (len(self.class_names) != 1)}"
         extra = f", {unlabelled:,} unlabelled" if unlabelled else ""
         return f"{count:,} image{'s' * (count != 1)} in {kinds} ({shown}){extra}"
@@ -72,7 +72,7 @@ class ImageList:
         """Why a folder with subfolders was not read as class folders, and the way out."""
         if not self.stray:
             return None
-        names = ", ".join(self.stray[:3]) + (", …" if len(self.stray) > 3 else "")
+        names = shortlist(self.stray, 3)
         return (
             f"{self.root}: {len(self.stray)} image file(s) at the top level ({names}) next to "
             f"subfolders, so the subfolders are not used as classes and every image is "
