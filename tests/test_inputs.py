@@ -640,3 +640,33 @@ def test_a_folder_of_images_on_s3_gives_the_local_file(s3, images, tmp_path):
     extract("s3://featx-test/photos/", tmp_path / "s3.h5", CONFIG)
     _same_rows(tmp_path / "s3.h5", tmp_path / "local.h5")
     assert read(tmp_path / "s3.h5")["labels"] == [0, 0, 1, 1]
+
+
+def test_a_server_sending_more_than_it_listed_fails_that_archive_and_never_fills_the_disk(
+    tmp_path,
+):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/grown/0.tar", b"x" * 5000)  # the listing said 1000
+    fetcher = Prefetcher(["memory:///grown/0.tar"], [1000], tmp_path)
+    try:
+        (fetched,) = list(fetcher)
+    finally:
+        fetcher.close()
+    assert fetched.path is None
+    assert "sent more than the 1000 bytes it listed" in fetched.error
+    assert not list(tmp_path.iterdir())
+
+
+def test_images_or_subfolders_beside_the_tars_are_named_as_not_read(shards, tmp_path, cli):
+    folder = tmp_path / "tars"
+    shutil.copytree(shards[0], folder)
+    (folder / "extra").mkdir()
+    (folder / "stray.jpg").write_bytes(b"\xff\xd8\xff")
+    result = cli("extract", folder, "-o", tmp_path / "f.h5", *[a for a in SETTINGS if a != "-q"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "2 subfolder(s) or image file(s) beside the archives (extra, stray.jpg) are not read"
+        in (result.stderr)
+    )

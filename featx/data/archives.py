@@ -55,6 +55,7 @@ class ArchiveList:
     archives: list[Archive]
     label_from: str = "cls"  # cls | json:FIELD | none
     without_stats: tuple[str, ...] = ()  # archives skipped: no stats file (not finished)
+    not_read: tuple[str, ...] = ()  # subfolders and image files beside a folder's archives
 
     def __len__(self) -> int:
         return len(self.archives)
@@ -94,13 +95,21 @@ class ArchiveList:
         return text + f"; labels: {self.label_from}"
 
     def layout_warning(self) -> str | None:
-        if not self.without_stats:
-            return None
-        names = shortlist(self.without_stats, 3)
-        return (
-            f"{len(self.without_stats)} archive(s) have no _stats.json beside them ({names}): "
-            "img2dataset writes it last, so they are skipped as unfinished"
-        )
+        """What of the source is not read, and why."""
+        notes = []
+        if self.without_stats:
+            notes.append(
+                f"{len(self.without_stats)} archive(s) have no _stats.json beside them "
+                f"({shortlist(self.without_stats, 3)}): img2dataset writes it last, so they are "
+                "skipped as unfinished"
+            )
+        if self.not_read:
+            notes.append(
+                f"{self.root}: {len(self.not_read)} subfolder(s) or image file(s) beside the "
+                f"archives ({shortlist(self.not_read, 3)}) are not read: a folder is read as "
+                "archives or as images, not both"
+            )
+        return "; ".join(notes) or None
 
 
 def is_archive_source(source: str) -> bool:
@@ -145,7 +154,18 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     archives, without = _with_stats(root, found, listed)
     if not archives:
         raise UsageError(f"source {source}: no finished archives (no _stats.json for any)")
-    return ArchiveList(root, archives, label_from, tuple(without))
+    return ArchiveList(root, archives, label_from, tuple(without), _not_read(names[0]))
+
+
+def _not_read(source: str) -> tuple[str, ...]:
+    """The subfolders and image files at a local archive folder's top level."""
+    path = remote.local_path(source)
+    if remote.is_url(source) or not os.path.isdir(path):
+        return ()
+    from featx.data.worklist import is_image_name
+
+    names = sorted(n for n in _listdir(path) if not n.startswith("."))
+    return tuple(n for n in names if is_image_name(n) or os.path.isdir(os.path.join(path, n)))
 
 
 def check_label_from(label_from: str) -> None:

@@ -199,13 +199,16 @@ class Prefetcher:
             fs, path = filesystem(url)
             # O_EXCL | O_NOFOLLOW: a name planted in the scratch folder is never written through.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with open(fd, "wb") as handle:
+            # Never more than the listing said (or the whole budget, where it said nothing): a
+            # server that streams without end must not fill the disk.
+            limit = size if size >= 0 else self.budget
+            with open(fd, "wb") as file, _Bounded(file, limit) as handle:
                 if _is_http(fs):
                     fs.get_file(path, handle)  # one streamed GET, no range requests
                 else:  # object stores: large sequential reads
                     with fs.open(path, "rb", block_size=COPY_BLOCK) as source:
                         shutil.copyfileobj(source, handle, COPY_BLOCK)
-                got = handle.tell()
+                got = handle.written
             if size >= 0 and got != size:
                 raise OSError(f"fetched {got} bytes, the listing said {size}")
             return Fetched(index, str(target))
@@ -213,6 +216,34 @@ class Prefetcher:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             return Fetched(index, None, f"cannot fetch {url}: {_one_line(error)}")
+
+
+class _Bounded:
+    """A file to write that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, file: Any, limit: int) -> None:
+        self.file, self.limit, self.written = file, limit, 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise OSError(f"the server sent more than the {self.limit} bytes it listed")
+        return int(self.file.write(data))
+
+    def tell(self) -> int:
+        return self.written
+
+    def read(self, size: int = -1) -> bytes:  # fsspec takes an object with read/close/tell
+        raise OSError("not readable")  # for a file, not a path
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> _Bounded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _one_line(error: BaseException) -> str:
