@@ -437,24 +437,17 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
     # An empty part (more parts than shards) still sits at its place in the work list.
     first = min(shards.start * work.shard_size, work.total)
     rows = (first, work.shard_range(shards[-1])[1]) if shards else (first, first)
-    unwritten = [shard for shard in (shards if job.leader else ran.mine) if not work.is_done(shard)]
+    scope = shards if job.leader else ran.mine
+    unwritten = [shard for shard in scope if not work.is_done(shard)]
     if unwritten:
-        raise FeatxError(broken_message(plan, work, unwritten, ran.broken))
+        raise FeatxError(broken_message(plan, work, scope, unwritten, ran.broken))
     if job.leader:
         attrs = file_attributes(plan)
         if job.writes_part:
             attrs["part"] = f"{job.part}/{job.parts}"
         try:
-            written = assemble(
-                work,
-                shards,
-                _row_table(plan, work, shards, attrs),
-                attrs,
-                *(
-                    plan.target,
-                    rows,
-                ),
-            )
+            row_table = _row_table(plan, work, shards, attrs)
+            written = assemble(work, shards, row_table, attrs, plan.target, rows)
         except OSError as error:
             raise work.write_error(error) from None
         work.remove()
@@ -497,8 +490,10 @@ def _row_table(plan: Plan, work: WorkDir, shards: range, attrs: dict[str, Any]) 
     return WorkListRows(work, paths, plan.images.labels)
 
 
-def broken_message(plan: Plan, work: WorkDir, unwritten: list[int], broken: dict[int, str]) -> str:
-    """Which archives could not be read (their shards are not written), and what to do."""
+def broken_message(
+    plan: Plan, work: WorkDir, scope: range, unwritten: list[int], broken: dict[int, str]
+) -> str:
+    """Which archives could not be used (their shards are not written), and what to do."""
     names = plan.images.archives if isinstance(plan.images, ArchiveList) else None
     reasons = [
         f"{names[s].name if names else f'shard {s}'}: "
@@ -506,11 +501,11 @@ def broken_message(plan: Plan, work: WorkDir, unwritten: list[int], broken: dict
         for s in unwritten
     ]
     shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
-    done = work.shard_count - len(unwritten)
+    done = len(scope) - len(unwritten)
     return (
-        f"{len(unwritten)} archive(s) could not be read whole, so their shards were not "
-        f"written ({shown}); the {done} finished shard(s) are kept in {work.path}: replace or "
-        "re-fetch the broken archives and run the same command to resume"
+        f"{len(unwritten)} archive(s) could not be used, so their shards were not written "
+        f"({shown}); the {done} finished shard(s) are kept in {work.path}: fix, replace or "
+        "re-fetch those archives and run the same command to resume"
     )
 
 

@@ -670,3 +670,101 @@ def test_images_or_subfolders_beside_the_tars_are_named_as_not_read(shards, tmp_
         "2 subfolder(s) or image file(s) beside the archives (extra, stray.jpg) are not read"
         in (result.stderr)
     )
+
+
+# --- what an archive may not hide ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("appended", "data after the end-of-archive marker"),
+        ("zero tail", "a zero-filled tail hiding members"),
+        ("bad pax header", "unreadable member header"),
+    ],
+)
+def test_a_tar_that_hides_or_garbles_members_fails_its_shard(images, tmp_path, damage, reason):
+    from featx.data.tar_samples import BrokenArchive, tar_samples
+
+    path = write_tar(tmp_path / "a.tar", [("a.jpg", images[0]), ("b.jpg", images[1])])
+    whole = path.read_bytes()
+    if damage == "appended":  # cat a.tar b.tar: tarfile would stop at a's end marker
+        path.write_bytes(whole + write_tar(tmp_path / "b.tar", [("c.jpg", images[2])]).read_bytes())
+    elif damage == "zero tail":  # b.jpg's blocks zeroed, as after a crash into a preallocated file
+        with tarfile.open(path) as tar:
+            cut = tar.getmember("b.jpg").offset
+        path.write_bytes(whole[:cut] + bytes(len(whole) - cut + 100_000))
+    else:
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            member(tar, "a.jpg", images[0])
+            info = tarfile.TarInfo("s.jpg")
+            info.pax_headers = {"GNU.sparse.map": "a,b", "GNU.sparse.size": "10"}
+            tar.addfile(info, None)
+    with pytest.raises(BrokenArchive, match=reason):
+        list(tar_samples(str(path), "cls", 1 << 30))
+
+
+def test_json_labels_number_classes_alike_in_every_process(tmp_path, images):
+    folder = tmp_path / "tars"
+    for t, labels in enumerate([[10, 2], ["cat", 2]]):
+        members = []
+        for i, label in enumerate(labels):
+            members += [
+                (f"{t}{i}.jpg", images[2 * t + i]),
+                (f"{t}{i}.json", json.dumps({"y": label}).encode()),
+            ]
+        write_tar(folder / f"{t:05d}.tar", members)
+    config = {**CONFIG.__dict__, "label_from": "json:y"}
+    extract(folder, tmp_path / "one.h5", ExtractConfig(**config))
+    for k in range(2):
+        extract(folder, tmp_path / "p.h5", ExtractConfig(**{**config, "shard": (k, 2)}))
+    merge(tmp_path / "p.h5")
+    for out in ("one.h5", "p.h5"):
+        data = read(tmp_path / out)
+        assert json.loads(data["attrs"]["class_names"]) == ["2", "10", "cat"]  # numbers first
+        assert data["labels"] == [1, 0, 2, 0]
+
+
+def test_a_class_number_past_the_limit_is_a_bad_label(tmp_path, images):
+    from featx.data.tar_samples import tar_samples
+
+    path = write_tar(tmp_path / "a.tar", [("a.jpg", images[0]), ("a.cls", b"9" * 30)])
+    (sample,) = tar_samples(str(path), "cls", 1 << 30)
+    assert sample.error.startswith("BadLabel: a.cls holds '999") and sample.image is None
+
+
+def test_a_brace_list_naming_an_archive_twice_is_refused():
+    with pytest.raises(UsageError, match="names the same item twice"):
+        expand_braces("d/{0,1,0}.tar")
+
+
+def test_archives_listed_over_http_carry_their_size_and_modification_time(served):
+    from featx.data.archives import list_archives
+
+    archives = list_archives(f"{served}/").archives
+    assert [a.name for a in archives] == [f"{i:05d}.tar" for i in range(5)]
+    assert all(a.size > 0 and "mtime=" in a.version for a in archives)
+
+
+def test_closing_the_prefetcher_leaves_no_scratch_copy(tmp_path):
+    fetcher = Prefetcher(in_memory("close", 3), [1000] * 3, tmp_path)
+    first = next(iter(fetcher))
+    assert Path(first.path).exists()
+    fetcher.close()  # a run that stops with archives fetched and one in use
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_parquet_shard_with_failed_downloads_matches_its_stats_file(images, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    jpgs = [images[0], None, images[2]]
+    pq.write_table(
+        pa.table({"key": ["a", "b", "c"], "jpg": pa.array(jpgs, pa.binary())}),
+        folder / "00000.parquet",
+    )
+    (folder / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
+    extract(folder, tmp_path / "p.h5", CONFIG)
+    assert read(tmp_path / "p.h5")["paths"] == ["00000.parquet/a", "00000.parquet/c"]

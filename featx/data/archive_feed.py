@@ -93,7 +93,7 @@ def archive_batches(
         samples = 0  # samples (not member-level failures), for the stats file's count
         try:
             for sample in read(fetched.path, archives.label_from, max_bytes):
-                samples += not sample.extra
+                samples += not sample.uncounted
                 pending.append(sample)
                 if len(pending) == batch_size:
                     yield _spec(shard, row, pending, last=False)

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 
 from featx.data import remote
-from featx.errors import UsageError
+from featx.errors import FeatxError, UsageError
 from featx.safe_text import shortlist
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
@@ -44,7 +44,7 @@ class Archive:
     @property
     def identity(self) -> str:
         """What its shard was made from: a resume checks it for each finished shard."""
-        return f"{self.url} size={self.size} {self.version}".strip()
+        return f"{self.name} size={self.size} {self.version}".strip()
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,15 @@ class ArchiveList:
         return "parquet" if self.archives[0].name.endswith(".parquet") else "tar"
 
     def digest(self) -> str:
-        """sha256 over the archives' URLs and the label source: the fingerprint's work list.
-        Sizes and ETags (or mtimes) are checked per shard instead (``identity``), so an archive
-        re-fetched after it broke is read on resume while the finished shards are kept."""
-        digest = hashlib.sha256(f"labels={self.label_from}\n".encode())
+        """sha256 over the archives' names (and the root, for a URL) and the label source: the
+        fingerprint's work list. A local root is left out, as for image folders: parts made
+        where the data is mounted elsewhere still merge. Sizes and ETags (or mtimes) are checked
+        per shard instead (``Archive.identity``), so an archive re-fetched after it broke is read
+        on resume while the finished shards are kept."""
+        root = self.root if remote.is_url(self.root) else ""
+        digest = hashlib.sha256(f"labels={self.label_from}\nroot={root}\n".encode())
         for archive in self.archives:
-            digest.update(f"{archive.url}\n".encode())
+            digest.update(f"{archive.name}\n".encode())
         return digest.hexdigest()
 
     def content_digest(self) -> str:
@@ -115,7 +118,7 @@ class ArchiveList:
 def is_archive_source(source: str) -> bool:
     """Whether ``source`` names archives rather than an image folder: an archive file, a brace
     list, or a folder (local or a URL) whose top level holds archives."""
-    if "{" in source or source.endswith(ARCHIVE_SUFFIXES):
+    if len(remote.expand_braces(source)) > 1 or source.endswith(ARCHIVE_SUFFIXES):
         return True
     if remote.is_url(source):
         return bool(_archives_in(sorted(_remote_entries(source))))
@@ -127,6 +130,7 @@ def _remote_entries(folder: str) -> dict[str, dict]:
     """The files at the top level of a remote folder: name → fsspec info."""
     fs, path = remote.filesystem(folder)
     try:
+        fs.invalidate_cache(path)  # fsspec keeps listings per process: read it as it is now
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         raise UsageError(f"source {folder}: no such file or folder") from None
@@ -139,7 +143,7 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     """The archives ``source`` names, in sorted order (a brace list keeps its own order)."""
     check_label_from(label_from)
     names = remote.expand_braces(source)
-    listed: set[str] | None = None  # a remote folder's listing: stats files found by name
+    listed: set[str] | None = None  # URLs of remote files known to exist (stats files)
     if len(names) == 1 and not names[0].endswith(ARCHIVE_SUFFIXES):
         root, found, listed = _folder(names[0])
     else:
@@ -147,7 +151,7 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
         if wrong:
             raise UsageError(f"{wrong[0]}: not a .tar or .parquet file")
         root = remote.common_root(names)
-        found = [(name, *_stat(name)) for name in names]
+        found, listed = _stat_all(names)
     kinds = {os.path.splitext(name)[1] for name, _, _ in found}
     if len(kinds) > 1:
         raise UsageError(f"{source}: both .tar and .parquet archives; name one kind")
@@ -182,8 +186,8 @@ def _folder(folder: str) -> tuple[str, list[tuple[str, int, str]], set[str] | No
         chosen = _archives_in(sorted(listed))
         if not chosen:
             raise UsageError(f"source {folder}: no .tar or .parquet archives in it")
-        found = [(root + name, _size(listed[name]), _version(listed[name])) for name in chosen]
-        return root, found, set(listed)
+        found = [(root + name, *_known(root + name, listed[name])) for name in chosen]
+        return root, found, {root + name for name in listed}
     path = remote.local_path(folder)
     if not os.path.isdir(path):
         raise UsageError(f"source {folder}: no such file or folder")
@@ -230,6 +234,30 @@ def _stat(url: str) -> tuple[int, str]:
     return info.st_size, f"mtime={info.st_mtime_ns}"
 
 
+def _stat_all(urls: list[str]) -> tuple[list[tuple[str, int, str]], set[str] | None]:
+    """(url, size, version) of each archive, and the remote files seen: one listing per remote
+    folder rather than a request per archive (where the folder can be listed)."""
+    if not all(remote.is_url(url) for url in urls):
+        return [(url, *_stat(url)) for url in urls], None
+    seen: dict[str, dict] = {}
+    for folder in dict.fromkeys(url.rsplit("/", 1)[0] + "/" for url in urls):
+        try:
+            entries = _remote_entries(folder)
+        except FeatxError:
+            continue  # not listable (an HTTP server without an index page): ask per archive
+        seen.update({folder + name: info for name, info in entries.items()})
+    found = [(url, *(_known(url, seen[url]) if url in seen else _stat(url))) for url in urls]
+    return found, set(seen) if seen else None
+
+
+def _known(url: str, info: dict) -> tuple[int, str]:
+    """(size, version) from a listing; a listing without them (an HTTP index page) is completed
+    by asking for the one file."""
+    if info.get("size") is None or not _version(info):
+        return _stat(url)
+    return _size(info), _version(info)
+
+
 def _size(info: dict) -> int:
     size = info.get("size")
     return int(size) if size is not None else -1
@@ -274,7 +302,7 @@ def _with_stats(
 
 def _has_stats(url: str, listed: set[str] | None) -> bool:
     if listed is not None:
-        return _basename(url) in listed
+        return url in listed
     if remote.is_url(url):
         fs, path = remote.filesystem(url)
         try:
@@ -321,4 +349,6 @@ class Sample:
     label: int | str | None = None
     error: str = ""
     members: list[str] = field(default_factory=list)
-    extra: bool = False  # a member failing on its own (a duplicate, a second image): not a sample
+    # Not one of the samples img2dataset's stats count as successes: a tar member failing on
+    # its own (a duplicate, a second image), a parquet row whose download failed.
+    uncounted: bool = False

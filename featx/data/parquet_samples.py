@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from featx.data.archives import Sample
-from featx.data.tar_samples import BrokenArchive, json_field
+from featx.data.tar_samples import MAX_CLASS, BrokenArchive, json_field
 from featx.errors import UsageError
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
@@ -69,7 +69,8 @@ def _sample(
     if data is None:
         status = columns.get("status", [None] * (i + 1))[i] or "no image"
         reason = columns.get("error_message", [None] * (i + 1))[i]
-        return Sample(name, None, error=f"NoImage: {status}" + (f" ({reason})" if reason else ""))
+        error = f"NoImage: {status}" + (f" ({reason})" if reason else "")
+        return Sample(name, None, error=error, uncounted=True)  # img2dataset's failures
     if len(data) > max_bytes:
         return Sample(
             name,
@@ -90,7 +91,7 @@ def _label(
     if label_from == "cls":
         if value is None:
             return None, ""
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CLASS:
             return None, f"BadLabel: cls is {value!r}, not a class number (0, 1, …)"
         return value, ""
     field = label_from[5:]

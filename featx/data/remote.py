@@ -88,7 +88,14 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         return [pattern[: match.end()] + name for name in expand_braces(pattern[match.end() :])]
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+    names: list[str] = []
+    for choice in choices:
+        names += expand_braces(head + choice + tail)
+        if len(names) > MAX_EXPANDED:
+            raise UsageError(f"{pattern}: names more than {MAX_EXPANDED} items")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{pattern}: names the same item twice")
+    return names
 
 
 def common_root(names: list[str]) -> str:
@@ -141,9 +148,15 @@ class Prefetcher:
         self.thread.start()
 
     def __iter__(self) -> Iterator[Fetched]:
-        for _ in self.urls:
-            item = self.ready.get()
-            yield item
+        for index in range(len(self.urls)):
+            while True:
+                try:
+                    yield self.ready.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self.thread.is_alive():  # it died: say so, never wait for ever
+                        yield Fetched(index, None, "the fetch thread stopped unexpectedly")
+                        break
 
     def release(self, fetched: Fetched) -> None:
         """The reader is done with an archive: its scratch copy is removed."""
@@ -153,18 +166,28 @@ class Prefetcher:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fetched.path)
         with self.space:
-            self.held -= self.sizes[fetched.index]
+            self.held -= self._counted_size(fetched.index)
             self.count -= 1
             self.space.notify_all()
 
     def close(self) -> None:
+        """Stop fetching (a download in progress stops at its next chunk) and remove every
+        scratch copy, handed over or not: a stopped or failed run leaves none behind."""
         self.stopping.set()
         with self.space:
             self.space.notify_all()
         with contextlib.suppress(queue.Empty):
             while True:
                 self.ready.get_nowait()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=30)
+        for leftover in self.scratch.glob("fetch-*"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    def _counted_size(self, index: int) -> int:
+        """An archive's share of the budget: its size, or all of it when the size is unknown."""
+        size = self.sizes[index]
+        return size if size >= 0 else self.budget
 
     def _fetch_all(self) -> None:
         for index, url in enumerate(self.urls):
@@ -173,7 +196,7 @@ class Prefetcher:
             if not is_url(url):
                 fetched = Fetched(index, local_path(url))
             else:
-                size = self.sizes[index]
+                size = self._counted_size(index)
                 with self.space:  # wait until the scratch space allows it (or nothing is held)
                     while self.count and (self.held + size > self.budget or self.count > AHEAD):
                         if self.stopping.is_set():
@@ -181,7 +204,7 @@ class Prefetcher:
                         self.space.wait(0.5)
                     self.held += size
                     self.count += 1
-                fetched = self._download(index, url, size)
+                fetched = self._download(index, url, self.sizes[index])
                 if fetched.path is None:
                     with self.space:
                         self.held -= size
@@ -202,7 +225,7 @@ class Prefetcher:
             # Never more than the listing said (or the whole budget, where it said nothing): a
             # server that streams without end must not fill the disk.
             limit = size if size >= 0 else self.budget
-            with open(fd, "wb") as file, _Bounded(file, limit) as handle:
+            with open(fd, "wb") as file, _Bounded(file, limit, self.stopping) as handle:
                 if _is_http(fs):
                     fs.get_file(path, handle)  # one streamed GET, no range requests
                 else:  # object stores: large sequential reads
@@ -221,10 +244,12 @@ class Prefetcher:
 class _Bounded:
     """A file to write that refuses to grow past ``limit`` bytes."""
 
-    def __init__(self, file: Any, limit: int) -> None:
-        self.file, self.limit, self.written = file, limit, 0
+    def __init__(self, file: Any, limit: int, stopping: threading.Event) -> None:
+        self.file, self.limit, self.written, self.stopping = file, limit, 0, stopping
 
     def write(self, data: bytes) -> int:
+        if self.stopping.is_set():
+            raise OSError("stopped")
         self.written += len(data)
         if self.written > self.limit:
             raise OSError(f"the server sent more than the {self.limit} bytes it listed")
@@ -255,19 +280,14 @@ def read_remote(url: str, max_bytes: int) -> bytes:
     """A remote file's bytes, refused above ``max_bytes`` before more is read.
 
     HTTP: one streamed GET, read up to the limit (a size hint keeps fsspec from sending a HEAD
-    first). Object stores: the listing's size is checked, then one GET.
+    first). Object stores: one GET of at most the limit plus one byte.
     """
     fs, path = filesystem(url)
     if _is_http(fs):
         with fs.open(path, "rb", block_size=0, size=max_bytes + 1) as handle:
             data: bytes = handle.read(max_bytes + 1)
-    else:
-        size = fs.size(path)
-        if size is not None and size > max_bytes:
-            raise ValueError(
-                f"file of {size} bytes, over the --max-file-bytes limit of {max_bytes}"
-            )
-        data = fs.cat_file(path)
+    else:  # object stores answer range requests: one bounded GET
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
     return data

@@ -22,7 +22,14 @@ from featx.data.archives import Sample
 from featx.data.worklist import IMAGE_SUFFIXES
 
 MAX_LABEL_BYTES = 1 << 20  # a .cls or .json member read for the label
+MAX_CLASS = 1 << 20  # a class number above this is a broken label, not a million-class set
 BLOCK = tarfile.BLOCKSIZE
+# After the end-of-archive blocks, a writer pads to its record size (tarfile and GNU tar: 10
+# KiB; up to 64 KiB with tar -b 128). A longer run of zeros is a zero-filled tail (a crash into
+# a preallocated file) hiding lost members.
+MAX_END_PADDING = 2 * BLOCK + (64 << 10)
+# What tarfile raises on a malformed header besides TarError (a bad pax sparse map: ValueError).
+TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError)
 
 
 class BrokenArchive(Exception):
@@ -47,7 +54,7 @@ def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
         size = os.fstat(handle.fileno()).st_size
         try:
             tar = tarfile.open(fileobj=handle, mode="r:")
-        except tarfile.TarError as error:
+        except TAR_ERRORS as error:
             raise BrokenArchive(f"not a tar archive ({error})") from None
         with tar:
             yield from _grouped(tar, label_from, max_bytes)
@@ -60,8 +67,8 @@ def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[
     while True:
         try:
             member = tar.next()
-        except tarfile.TarError as error:
-            raise BrokenArchive(str(error)) from None
+        except TAR_ERRORS as error:
+            raise BrokenArchive(f"unreadable member header ({error})") from None
         if member is None:
             break
         tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header; a million-member tar need not
@@ -78,7 +85,7 @@ def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[
                 None,
                 error=f"NotContiguous: member of sample {key!r}, which ended at "
                 f"{finished[key]!r}: a sample's members must be next to each other in the tar",
-                extra=True,
+                uncounted=True,
             )
             continue
         group = group or _Group(key, member.name, label_from)
@@ -99,6 +106,14 @@ def _check_end(handle: IO[bytes], offset: int, size: int) -> None:
         )
     if block.count(0) != BLOCK:
         raise BrokenArchive(f"corrupt or unreadable member header at byte {offset}")
+    if size - offset > MAX_END_PADDING:
+        raise BrokenArchive(
+            f"{size - offset} bytes after its last member at byte {offset}, more than an end "
+            "marker and padding: a second tar appended, or a zero-filled tail hiding members"
+        )
+    while chunk := handle.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise BrokenArchive(f"data after the end-of-archive marker at byte {offset}")
 
 
 class _Group:
@@ -116,7 +131,7 @@ class _Group:
         name = member.name
         if name in self.names:
             self.extra.append(
-                Sample(name, None, error="DuplicateMember: the same name again", extra=True)
+                Sample(name, None, error="DuplicateMember: the same name again", uncounted=True)
             )
             return
         self.names.append(name)
@@ -127,7 +142,7 @@ class _Group:
                         name,
                         None,
                         error=f"SecondImage: sample {self.key!r} already has {self.image[0]!r}",
-                        extra=True,
+                        uncounted=True,
                     )
                 )
             elif not member.isreg():
@@ -172,7 +187,7 @@ def _read(tar: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
         return b""
     try:
         return bytes(handle.read(limit if limit is not None else member.size))
-    except tarfile.TarError as error:
+    except TAR_ERRORS as error:
         raise BrokenArchive(f"truncated: member {member.name} is cut short ({error})") from None
 
 
@@ -181,12 +196,14 @@ def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
     if not member.isreg() or member.size > 64:
         return None, f"BadLabel: {member.name} is not a short file holding an integer class"
     text = _read(tar, member).decode("ascii", "replace").strip()
-    if not text.isdigit():
-        return None, f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0, 1, …)"
+    if not text.isdigit() or int(text) > MAX_CLASS:
+        return None, (
+            f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0 to {MAX_CLASS})"
+        )
     return int(text), ""
 
 
-def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[int | str | None, str]:
+def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[str | None, str]:
     """(the label at ``field`` of a ``.json`` member, dots naming nested keys, or the error);
     a missing field leaves the sample unlabelled."""
     if not member.isreg() or member.size > MAX_LABEL_BYTES:
@@ -198,7 +215,9 @@ def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[int | st
     return json_field(value, field, member.name)
 
 
-def json_field(value: Any, field: str, where: str) -> tuple[int | str | None, str]:
+def json_field(value: Any, field: str, where: str) -> tuple[str | None, str]:
+    """The label at ``field`` (dots: nested keys) as a class name: a string or an integer's
+    digits, so that every process names classes alike (assembly numbers them in sorted order)."""
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
             return None, ""
@@ -210,4 +229,4 @@ def json_field(value: Any, field: str, where: str) -> tuple[int | str | None, st
             None,
             f"BadLabel: {where}: {field} is {type(value).__name__}, not a string or integer",
         )
-    return value, ""
+    return str(value), ""

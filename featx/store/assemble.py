@@ -78,7 +78,7 @@ def archive_classes(work: WorkDir, shards: range) -> tuple[list[str], dict[str, 
     if values and all(isinstance(v, int) for v in values.values()):
         top = max(values.values())
         return [str(i) for i in range(top + 1)], {k: int(v) for k, v in values.items()}
-    names = sorted({str(v) for v in values.values()})
+    names = sorted({str(v) for v in values.values()}, key=schema.class_order)
     index = {name: i for i, name in enumerate(names)}
     return names, {k: index[str(v)] for k, v in values.items()}
 

@@ -142,7 +142,7 @@ def merged_classes(per_part: list[list[str]]) -> list[str]:
     names = {name for part in per_part for name in part}
     if all(part == [str(i) for i in range(len(part))] for part in per_part):
         return [str(i) for i in range(max((len(part) for part in per_part), default=0))]
-    return sorted(names)
+    return sorted(names, key=schema.class_order)
 
 
 def _relabel(labels: np.ndarray, old: list[str], new: list[str]) -> np.ndarray:

@@ -74,6 +74,12 @@ def find_parts(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.part-*-of-*{out.suffix}"))
 
 
+def class_order(name: str) -> tuple[int, int, str]:
+    """How an archive's class names are numbered, the same in every process and in a merge:
+    numbers in numeric order first (``2`` before ``10``), then other names in sorted order."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old → new`` for each value that differs, one line per leaf of nested dicts
     (``transform.crop: 224 → 64``), so a message names what changed and nothing else.
