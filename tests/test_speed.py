@@ -15,7 +15,7 @@ from featx import ExtractConfig, FeatureFile, extract
 from featx.data.decode import DecodePolicy, decode_bytes, load_image
 from featx.data.gpu_decode import gpu_decodable
 
-PLAIN = ExtractConfig(
+PLAIN = ExtractConfig(  # on the CPU also on a GPU machine: fp32 there, so results compare tightly
     model="resnet18",
     weights="none",
     image_size=64,
@@ -23,6 +23,7 @@ PLAIN = ExtractConfig(
     progress=False,
     batch_size=2,
     shard_size=3,
+    device="cpu",
 )
 
 
