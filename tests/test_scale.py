@@ -37,8 +37,6 @@ def torchrun(many_photos: Path, out: Path, nproc: int = 2) -> subprocess.Popen:
             "-o",
             str(out),
             *SETTINGS,
-            "--device",
-            "cpu",  # CPU ranks also on a machine with fewer GPUs than ranks
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
