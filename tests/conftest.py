@@ -137,6 +137,8 @@ SETTINGS = [
     "4",
     "--batch-size",
     "2",
+    "--device",  # also on a GPU machine: the CPU tests' files compare bit for bit, whatever
+    "cpu",  # the number of processes (two torchrun ranks on one GPU are refused, as designed)
     "-q",
 ]
 SETTINGS_CONFIG = ExtractConfig(  # SETTINGS, as a library call
@@ -146,6 +148,7 @@ SETTINGS_CONFIG = ExtractConfig(  # SETTINGS, as a library call
     workers=0,
     shard_size=4,
     batch_size=2,
+    device="cpu",
     progress=False,
 )
 
