@@ -23,6 +23,11 @@ from featx import ExtractConfig
 from featx.cli import app
 
 os.environ.setdefault("FEATX_OFFLINE", "1")  # belt and braces: no test may download
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test process (and the featx processes it starts): the xdist workers share
+    # the cores, and two threads each would only contend for them.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 # featx resizes in uint8 with fixed-point weights (decode.RESIZE); torchvision's transforms()
 # resizes in float and rounds. Pixels then differ by at most one grey level (1/255) on 7-18% of
 # them, which moves a seeded random resnet18's features by at most 2.5e-3 of their largest
