@@ -20,15 +20,13 @@ import torch
 
 from featx import __version__
 from featx.config import ExtractConfig, available_cores, too_many_failures
-from featx.data.archive_feed import EncodedDataset, archive_batches
 from featx.data.archives import ArchiveList
 from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
 from featx.data.gpu_decode import DecodeStream, on_device
-from featx.data.loader import ImageDataset, decoded_batches
-from featx.data.remote import Prefetcher
+from featx.data.loader import decoded_batches
 from featx.data.worklist import ImageList, printable
-from featx.errors import FeatxError, Interrupted, ResumeMismatch, TooManyFailures, UsageError
+from featx.errors import FeatxError, Interrupted, TooManyFailures, UsageError
 from featx.models import Backbone, CutModel, describe_layers, load_backbone
 from featx.models.pooling import pooled_shape
 from featx.preflight import preflight
@@ -37,24 +35,11 @@ from featx.runtime.background import BackgroundWriter
 from featx.runtime.distributed import Job, job_for
 from featx.runtime.progress import note, progress_bar, show_progress
 from featx.runtime.signals import StopSignals, signal_name
+from featx.sources import WorkSource, source_of
 from featx.store import schema
-from featx.store.assemble import (
-    ArchiveRows,
-    RowTable,
-    WorkListRows,
-    archive_classes,
-    assemble,
-    count_rows,
-)
+from featx.store.assemble import assemble, count_rows
 from featx.store.durable import refuse_existing
-from featx.store.shards import (
-    ArchiveSink,
-    ShardRows,
-    ShardSink,
-    WorkDir,
-    changed_archives,
-    open_work_dir,
-)
+from featx.store.shards import ShardRows, WorkDir, open_work_dir
 
 
 @dataclass(frozen=True)
@@ -83,7 +68,7 @@ class Plan:
     """A run, decided and checked before any image is read."""
 
     config: ExtractConfig
-    images: ImageList | ArchiveList  # files (shards of shard_size) or archives (one shard each)
+    source: WorkSource  # files (shards of --shard-size) or archives (one shard each)
     target: Path  # the output, or this part's file with --shard K/N
     job: Job
     backbone: Backbone
@@ -132,17 +117,16 @@ def extract(
             refuse_existing(plan.target, config.overwrite)  # another run may have finished it
         work = plan.job.leader_first(
             lambda overwrite: open_work_dir(
-                plan.target, plan.fingerprint, _shard_size(plan), len(plan.images), overwrite
+                plan.target,
+                plan.fingerprint,
+                plan.source.shard_size(config),
+                len(plan.source.images),
+                overwrite,
             ),
             config.overwrite,
         )
         ran = run(plan, work)
         return finish(plan, work, ran, started)
-
-
-def _shard_size(plan: Plan) -> int:
-    """Files per shard; an archive is one shard whatever it holds."""
-    return 1 if isinstance(plan.images, ArchiveList) else plan.config.shard_size
 
 
 def make_plan(
@@ -186,7 +170,7 @@ def make_plan(
     )
     return Plan(
         config,
-        images,
+        source_of(images),
         target,
         job,
         backbone,
@@ -219,15 +203,15 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     config = plan.config
     mine = plan.job.my_shards(work.shard_count)
     todo = [shard for shard in mine if not work.is_done(shard)]
-    if isinstance(plan.images, ArchiveList):
-        _refuse_changed_archives(plan.images, work, [s for s in mine if s not in todo])
+    plan.source.check_resume(work, [shard for shard in mine if shard not in todo])
     model: torch.nn.Module = CutModel(plan.backbone, plan.layers, config.pool)
     model = model.to(plan.device).eval()
     if config.compile:
         model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
     size = plan.feed.batch_size
     pad_to = size if config.compile else None  # one shape: no recompiles
-    dataset, batches, sink, fetcher = _work_for(plan, work, todo, size)
+    feed = plan.source.feed(work, todo, size, plan.policy, config)
+    sink = feed.sink
     # The writer thread waits for each batch's device→host copy, so the loop never does.
     writer = BackgroundWriter(
         lambda pending: sink.write(pending.rows(), pending.tag),
@@ -236,14 +220,14 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     if plan.job.leader and len(todo) < len(mine):
         done, of = _kept(plan, work)
         note(
-            f"resuming: {done:,} of {of:,} {_unit(plan)} already done ({work.path})",
+            f"resuming: {done:,} of {of:,} {plan.source.unit} already done ({work.path})",
             config.quiet,
         )
-    total, before = _progress_total(plan, work, mine, todo)
+    total, before = plan.source.progress(work, mine, todo)
     progress = progress_bar(total, before, show_progress(config.progress), desc=plan.label)
     loaded = decoded_batches(
-        dataset,
-        batches,
+        feed.dataset,
+        feed.batches,
         plan.feed.workers,
         pin_memory=plan.device.type == "cuda",
         prefetch=plan.feed.prefetch,
@@ -258,7 +242,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
             signals,
             torch.inference_mode(),
             contextlib.closing(loaded),
-            contextlib.closing(fetcher) if fetcher else contextlib.nullcontext(),
+            contextlib.closing(feed.fetcher) if feed.fetcher else contextlib.nullcontext(),
             devices.exact_fp32(plan.precision, plan.device),
             devices.out_of_memory_hint(size, str(work.path)),
         ):
@@ -295,57 +279,6 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     )
 
 
-def _work_for(
-    plan: Plan, work: WorkDir, todo: list[int], size: int
-) -> tuple[Any, Any, ShardSink | ArchiveSink, Prefetcher | None]:
-    """(dataset, batches, sink, fetcher) of this process's unfinished shards: batches of file
-    rows cut from the work list, or of samples read from archives as they stream in."""
-    config = plan.config
-    if isinstance(plan.images, ArchiveList):
-        archives = [plan.images.archives[shard] for shard in todo]
-        fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
-        batches = archive_batches(plan.images, todo, size, fetcher, plan.policy.max_file_bytes)
-        identities = [archive.identity for archive in plan.images.archives]
-        sink: ShardSink | ArchiveSink = ArchiveSink(
-            work, identities, config.dtype, config.compression
-        )
-        return EncodedDataset(plan.policy), batches, sink, fetcher
-    file_batches = [
-        list(range(start, min(start + size, stop)))
-        for shard in todo
-        for first, stop in [work.shard_range(shard)]
-        for start in range(first, stop, size)
-    ]
-    sink = ShardSink(work, config.dtype, config.compression)
-    return ImageDataset(plan.images, plan.policy), file_batches, sink, None
-
-
-def _refuse_changed_archives(archives: ArchiveList, work: WorkDir, done: list[int]) -> None:
-    changed = changed_archives(work, done, [a.identity for a in archives.archives])
-    if changed:
-        raise ResumeMismatch(
-            f"archives changed since their shards were written ({'; '.join(changed[:3])}"
-            f"{'; …' if len(changed) > 3 else ''}): remove those shard files to compute them "
-            "again, or pass --overwrite to start over"
-        )
-
-
-def _unit(plan: Plan) -> str:
-    return f"{plan.images.kind} shards" if isinstance(plan.images, ArchiveList) else "images"
-
-
-def _progress_total(
-    plan: Plan, work: WorkDir, mine: range, todo: list[int]
-) -> tuple[int | None, int]:
-    """(images in this process's shards, of them done before) for the progress bar; an
-    archive's count is known only from img2dataset's stats files."""
-    if isinstance(plan.images, ArchiveList):
-        total = plan.images.expected_images(mine)
-        rest = plan.images.expected_images(todo)
-        return total, (total - rest) if total is not None and rest is not None else 0
-    return work.files_in(mine), work.files_in(mine) - work.files_in(todo)
-
-
 STOPPING = "featx: stopping after this batch… (press Ctrl-C again to stop at once)\n"
 
 
@@ -356,9 +289,10 @@ def _scope(plan: Plan, work: WorkDir) -> range:
 
 
 def _kept(plan: Plan, work: WorkDir) -> tuple[int, int]:
-    """(images in finished shards, images in all) of the output's shards."""
+    """(units in finished shards, units in all) of the output's shards: images, or archives."""
     shards = _scope(plan, work)
-    return work.files_in([s for s in shards if work.is_done(s)]), work.files_in(shards)
+    count = plan.source.count
+    return count(work, [s for s in shards if work.is_done(s)]), count(work, shards)
 
 
 def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
@@ -367,25 +301,13 @@ def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
     if not kept:
         return (
             f"interrupted by {signal_name(signum)} before the first shard of "
-            f"{_shard_words(plan, work)} was finished: nothing is kept, and the same command "
-            f"starts again from the beginning{_resume_unit_hint(plan)}"
+            f"{plan.source.shard_words(work)} was finished: nothing is kept, and the same "
+            f"command starts again from the beginning ({plan.source.resume_unit})"
         )
     return (
-        f"interrupted by {signal_name(signum)}: {kept:,} of {total:,} {_unit(plan)} are kept "
+        f"interrupted by {signal_name(signum)}: {kept:,} of {total:,} {plan.source.unit} are kept "
         f"in {work.path} (finished shards); run the same command again to resume"
     )
-
-
-def _shard_words(plan: Plan, work: WorkDir) -> str:
-    if isinstance(plan.images, ArchiveList):
-        return f"one {plan.images.kind} archive"
-    return f"{work.shard_size:,} images"
-
-
-def _resume_unit_hint(plan: Plan) -> str:
-    if isinstance(plan.images, ArchiveList):
-        return " (each archive is a unit of resume)"
-    return " (--shard-size sets the unit of resume)"
 
 
 def compute(
@@ -446,17 +368,14 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
         if job.writes_part:
             attrs["part"] = f"{job.part}/{job.parts}"
         try:
-            row_table = _row_table(plan, work, shards, attrs)
+            row_table = plan.source.rows(work, shards, attrs)
             written = assemble(work, shards, row_table, attrs, plan.target, rows)
         except OSError as error:
             raise work.write_error(error) from None
         work.remove()
         counts = (written.rows, written.failed)
     elapsed = time.perf_counter() - started
-    if isinstance(plan.images, ArchiveList):
-        total = sum(counts)  # an archive's samples are counted as it is read
-    else:
-        total = rows[1] - rows[0] if job.leader else work.files_in(ran.mine)
+    total = sum(counts)  # every file (archive sample) is a row or a failure
     summary = ExtractResult(
         output=str(plan.target),
         images=counts[0],
@@ -480,23 +399,12 @@ def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult
     return summary
 
 
-def _row_table(plan: Plan, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
-    """How the shards' rows are named and labelled; for archives, the class names are decided
-    now, from every shard's labels (and recorded in ``attrs``)."""
-    if isinstance(plan.images, ArchiveList):
-        attrs["class_names"], classes = archive_classes(work, shards)
-        return ArchiveRows([a.name for a in plan.images.archives], classes)
-    paths = [printable(path) for path in plan.images.paths]
-    return WorkListRows(work, paths, plan.images.labels)
-
-
 def broken_message(
     plan: Plan, work: WorkDir, scope: range, unwritten: list[int], broken: dict[int, str]
 ) -> str:
     """Which archives could not be used (their shards are not written), and what to do."""
-    names = plan.images.archives if isinstance(plan.images, ArchiveList) else None
     reasons = [
-        f"{names[s].name if names else f'shard {s}'}: "
+        f"{plan.source.shard_name(s)}: "
         + broken.get(s, "not written (see the error of the process that read it)")
         for s in unwritten
     ]
@@ -524,17 +432,10 @@ def file_attributes(plan: Plan) -> dict[str, Any]:
 
     attrs: dict[str, Any] = {
         "featx_schema": schema.SCHEMA_VERSION,
-        # Archives: decided at assembly, from every shard's labels (_row_table).
-        "class_names": getattr(plan.images, "class_names", []),
+        **plan.source.attributes(),  # inputs, class_names (archives': decided at assembly)
         **plan.fingerprint,
         "compression": plan.config.compression,
-        "source": _source(plan.images),
-        "inputs": plan.images.kind if isinstance(plan.images, ArchiveList) else "files",
-        **(
-            {"archives_sha256": plan.images.content_digest()}
-            if isinstance(plan.images, ArchiveList)
-            else {}
-        ),
+        "source": _source(plan.source.images),
         "featx_version": __version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,

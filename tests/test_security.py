@@ -127,7 +127,7 @@ def plant_run(tiny: Path, out: Path, value: float) -> Path:
 
     config = ExtractConfig(model="resnet18", weights="none", image_size=32)  # as TINY
     plan = make_plan(str(tiny), out, config)
-    work = open_work_dir(out, plan.fingerprint, config.shard_size, len(plan.images), False)
+    work = open_work_dir(out, plan.fingerprint, config.shard_size, len(plan.source.images), False)
     writer = ShardWriter(work, 0, "float32")
     dim = plan.fingerprint["shapes"]["flatten"][0]
     writer.append(ShardRows([0, 1], {"flatten": np.full((2, dim), value, np.float32)}))
