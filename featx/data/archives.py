@@ -129,13 +129,9 @@ def is_archive_source(source: str) -> bool:
 def _remote_entries(folder: str) -> dict[str, dict]:
     """The files at the top level of a remote folder: name → fsspec info."""
     fs, path = remote.filesystem(folder)
-    try:
+    with remote.asking(folder, "no such file or folder"):
         fs.invalidate_cache(path)  # fsspec keeps listings per process: read it as it is now
         entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        raise UsageError(f"source {folder}: no such file or folder") from None
-    except Exception as error:
-        raise remote.fetch_error(folder, error) from None
     return {_basename(e["name"]): e for e in entries if e.get("type") != "directory"}
 
 
@@ -217,12 +213,8 @@ def _stat(url: str) -> tuple[int, str]:
     """(size, version) of one archive; a missing one is a usage error."""
     if remote.is_url(url):
         fs, path = remote.filesystem(url)
-        try:
+        with remote.asking(url, "no such file"):
             info = fs.info(path)
-        except FileNotFoundError:
-            raise UsageError(f"{url}: no such file") from None
-        except Exception as error:
-            raise remote.fetch_error(url, error) from None
         return _size(info), _version(info)
     path = remote.local_path(url)
     try:
@@ -305,10 +297,8 @@ def _has_stats(url: str, listed: set[str] | None) -> bool:
         return url in listed
     if remote.is_url(url):
         fs, path = remote.filesystem(url)
-        try:
+        with remote.asking(url, "no such file"):
             return bool(fs.exists(path))
-        except Exception as error:
-            raise remote.fetch_error(url, error) from None
     return os.path.isfile(remote.local_path(url))
 
 

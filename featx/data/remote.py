@@ -300,3 +300,17 @@ def _is_http(fs: Any) -> bool:
 
 def fetch_error(url: str, error: BaseException) -> FeatxError:
     return FeatxError(f"{url}: {_one_line(error)}")
+
+
+@contextlib.contextmanager
+def asking(url: str, missing: str) -> Iterator[None]:
+    """A listing or stat of ``url`` with its errors in one line: ``missing`` (a usage error)
+    when it is not there, the store's own error otherwise."""
+    try:
+        yield
+    except FeatxError:
+        raise
+    except FileNotFoundError:
+        raise UsageError(f"{url}: {missing}") from None
+    except Exception as error:  # network, credentials, the server's answer
+        raise fetch_error(url, error) from None

@@ -159,12 +159,8 @@ def scan_remote_folder(url: str) -> ImageList:
     then one GET per image as it is decoded."""
     fs, base = remote.filesystem(url)
     base = base.rstrip("/")
-    try:
+    with remote.asking(url, "no such folder"):
         found = fs.find(base)
-    except FileNotFoundError:
-        raise UsageError(f"source {url}: no such folder") from None
-    except Exception as error:
-        raise remote.fetch_error(url, error) from None
     relative = sorted(
         path[len(base) :].lstrip("/")
         for path in found
