@@ -4,11 +4,15 @@ Each stage alone, then the whole run; every figure is taken after a warm-up over
 ``min_seconds`` (1 s) of timed work, with the device synchronised at both ends:
 
 * decode per worker: what one DataLoader worker does (read, check, decode, resize, crop,
-  collate) on one thread; times the workers, the decode ceiling;
+  collate) on one thread;
+* the decode ceiling: the real DataLoader workers together, timed after their first batch
+  over 10 batches per worker (parallel workers share caches, memory bandwidth and the cores
+  that the per-worker figure times alone);
 * GPU decode (``--decode gpu``): nvJPEG + resize on the device alone, its own stage;
 * model: the cut model on pre-made uint8 batches (same batch, precision, channels_last);
 * end to end: a real run into a temporary file, timed from its first finished batch (worker
-  start-up and ``--compile`` excluded), over enough images for ``min_seconds``;
+  start-up and ``--compile`` excluded), over enough images for ``min_seconds`` and at least
+  10 batches per worker (the images repeated as needed), with the writer's share of its time;
 * peak RSS of the process, and peak GPU memory on CUDA.
 
 The bottleneck is the slowest ceiling; when end to end falls well short of it, the pipeline
@@ -28,8 +32,10 @@ from typing import Any
 import torch
 
 from featx.config import ExtractConfig, available_cores
+from featx.data.batch import Batch
 from featx.data.gpu_decode import DecodeStream, on_device
-from featx.data.loader import ImageDataset, collate
+from featx.data.loader import SampleDataset, collate, decoded_batches, file_items
+from featx.data.work import ShardPiece, WorkBatch
 from featx.data.worklist import ImageList, scan_folder
 from featx.errors import UsageError
 from featx.models import CutModel, load_backbone
@@ -61,8 +67,9 @@ def bench(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    dataset = ImageDataset(images, policy)
-    decode_rate, decoded = _per_worker(dataset, feed.batch_size, min_seconds)
+    dataset = SampleDataset(policy)
+    decode_rate, decoded = _per_worker(dataset, images, feed.batch_size, min_seconds)
+    decode_ceiling = _parallel_decode(dataset, images, feed)
     gpu_decode_rate = None
     if config.decode == "gpu":
         stream = DecodeStream(device)
@@ -80,18 +87,21 @@ def bench(
         with devices.exact_fp32(precision, device):
             model_rate = _rate(lambda: model(batch), feed.batch_size, device, min_seconds)
 
-    decode_ceiling = decode_rate * max(1, feed.workers)
     ceilings = {"decode": decode_ceiling, "model": model_rate}
     if gpu_decode_rate is not None:
         ceilings["gpu decode"] = gpu_decode_rate
     slowest = min(ceilings.values())
-    # Enough images for min_seconds at the slowest ceiling, plus the untimed first batch.
-    wanted = math.ceil(slowest * min_seconds * 1.2) + feed.batch_size
+    # Enough images for min_seconds at the slowest ceiling and for STEADY_BATCHES per worker,
+    # plus the untimed first batch.
+    wanted = (
+        max(math.ceil(slowest * min_seconds * 1.2), _steady_batches(feed) * feed.batch_size)
+        + feed.batch_size
+    )
     repeats = max(1, math.ceil(wanted / len(images)))
     work = ImageList(
         images.root, images.paths * repeats, images.labels * repeats, images.class_names
     )
-    end_to_end, writer_share = _end_to_end(work, config)
+    end_to_end, writer_share, steady_batches = _end_to_end(work, config)
     bottleneck = min(ceilings, key=lambda stage: ceilings[stage])
     if end_to_end < 0.7 * slowest:
         bottleneck = "pipeline (reading files, writing, or overlap)"
@@ -114,6 +124,7 @@ def bench(
         "model_images_per_second": round(model_rate, 1),
         "end_to_end_images_per_second": round(end_to_end, 1),
         "end_to_end_vs_ceiling": round(end_to_end / slowest, 3),
+        "end_to_end_steady_batches": steady_batches,
         "writer_share_of_wall_time": round(writer_share, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_memory_mb": peak_gpu,
@@ -125,22 +136,48 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _per_worker(dataset: ImageDataset, batch_size: int, min_seconds: float) -> tuple[float, list]:
-    """Images/s of one worker's whole job (``__getitem__`` + ``collate``) on one thread, as
-    a DataLoader worker runs it; also one pass of decoded batches for the GPU decode stage."""
-    indices = list(range(len(dataset)))
-    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+def _per_worker(
+    dataset: SampleDataset, images: ImageList, batch_size: int, min_seconds: float
+) -> tuple[float, list[Batch]]:
+    """Images/s of one worker's whole job (read, decode, resize, crop, collate) on one thread,
+    as a DataLoader worker runs it; also one pass of decoded batches for the GPU decode stage."""
+    items = file_items(images, range(len(images)))
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
-    def one_pass() -> list:
-        return [collate([dataset[i] for i in chunk]) for chunk in chunks]
+    def one_pass() -> list[Batch]:
+        return [collate([dataset[item] for item in chunk]) for chunk in chunks]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # worker_init does the same in every worker
     try:
-        rate = _rate(one_pass, len(indices), torch.device("cpu"), min_seconds)
+        rate = _rate(one_pass, len(items), torch.device("cpu"), min_seconds)
     finally:
         torch.set_num_threads(threads)
     return rate, one_pass()
+
+
+STEADY_BATCHES = 10  # batches per worker timed after the first, for a steady figure
+
+
+def _steady_batches(feed: devices.Feed) -> int:
+    return STEADY_BATCHES * max(1, feed.workers)
+
+
+def _parallel_decode(dataset: SampleDataset, images: ImageList, feed: devices.Feed) -> float:
+    """The decode ceiling: images/s of the real DataLoader workers together (the images
+    repeated as needed), timed from the first batch over :data:`STEADY_BATCHES` per worker."""
+    count = (_steady_batches(feed) + 1) * feed.batch_size
+    rows = [row % len(images) for row in range(count)]
+    batches = [
+        WorkBatch(file_items(images, rows[i : i + feed.batch_size]), ShardPiece(0))
+        for i in range(0, count, feed.batch_size)
+    ]
+    loaded = decoded_batches(dataset, batches, feed.workers, False, feed.prefetch)
+    next(loaded)  # worker start-up and the first decode: not timed
+    started, done = time.perf_counter(), 0
+    for batch in loaded:
+        done += batch.files
+    return done / max(time.perf_counter() - started, 1e-9)
 
 
 def _rate(work: Callable[[], Any], items: int, device: torch.device, min_seconds: float) -> float:
@@ -158,8 +195,9 @@ def _rate(work: Callable[[], Any], items: int, device: torch.device, min_seconds
             return calls * items / elapsed
 
 
-def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float]:
-    """Steady images/s of a real run (from its first finished batch) and the writer's share."""
+def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float, int]:
+    """Steady images/s of a real run (from its first finished batch), the writer's share of
+    the loop's wall time, and the batches timed."""
     with tempfile.TemporaryDirectory() as folder:
         plan = make_plan(
             images,
@@ -173,9 +211,11 @@ def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float]
                 plan.target, plan.fingerprint, config.shard_size, len(images), overwrite=True
             )
             ran = run(plan, work)
-    steady_s = max(ran.loop_s - ran.first_batch_s, 1e-9)
-    steady = (ran.computed - ran.first_batch_files) / steady_s
-    return steady, ran.writer_s / max(ran.loop_s, 1e-9)
+    timings = ran.timings
+    steady_batches = math.ceil(
+        (timings.computed - timings.first_batch_files) / plan.feed.batch_size
+    )
+    return timings.steady_rate(), ran.writer_s / max(timings.loop_s, 1e-9), steady_batches
 
 
 def _sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from featx.data.archives import ArchiveList
 from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
 from featx.data.gpu_decode import DecodeStream, on_device
-from featx.data.loader import decoded_batches
+from featx.data.loader import SampleDataset, decoded_batches
+from featx.data.work import ShardPiece
 from featx.data.worklist import ImageList, printable
 from featx.errors import FeatxError, Interrupted, TooManyFailures, UsageError
 from featx.models import Backbone, CutModel, describe_layers, load_backbone
@@ -35,7 +37,7 @@ from featx.runtime.background import BackgroundWriter
 from featx.runtime.distributed import Job, job_for
 from featx.runtime.progress import note, progress_bar, show_progress
 from featx.runtime.signals import StopSignals, signal_name
-from featx.sources import WorkSource, source_of
+from featx.sources import ShardWork, WorkSource, source_of
 from featx.store import schema
 from featx.store.assemble import assemble, count_rows
 from featx.store.durable import refuse_existing
@@ -81,19 +83,44 @@ class Plan:
     label: str = ""  # the progress bar's label
 
 
+@dataclass
+class Timings:
+    """When the loop started, how long its first batch took (start-up: model warm-up, the
+    workers' first decode) and how many samples it computed, then and in all."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_batch_s: float = 0.0
+    first_batch_files: int = 0
+    computed: int = 0  # samples decoded (or failed) and computed by this run
+    loop_s: float = 0.0
+
+    def batch_done(self, samples: int) -> None:
+        if not self.computed:
+            self.first_batch_s = time.perf_counter() - self.started
+            self.first_batch_files = samples
+        self.computed += samples
+
+    def stop(self) -> None:
+        self.loop_s = time.perf_counter() - self.started
+
+    def steady_rate(self) -> float:
+        """Images per second after the first batch (start-up excluded), as the progress bar
+        sees it; a run of one batch has no steady state: its loop's rate."""
+        after = self.loop_s - self.first_batch_s
+        if self.computed > self.first_batch_files and after > 0:
+            return (self.computed - self.first_batch_files) / after
+        return self.computed / self.loop_s if self.loop_s > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class Ran:
     """What the loop did in this process."""
 
     mine: range  # this process's shards
     done_before: int  # of them, finished by an earlier run
-    computed: int  # files decoded and computed now
-    writer_s: float
-    loop_s: float
-    loop_started: float = 0.0  # time.perf_counter() when the loop began
-    first_batch_s: float = 0.0  # seconds into the loop when the first batch was computed
-    first_batch_files: int = 0  # files in that batch (start-up: warm-up, workers' first decode)
-    broken: dict[int, str] = field(default_factory=dict)  # archives that could not be read
+    timings: Timings
+    writer_s: float = 0.0  # time the sink spent writing shards
+    broken: dict[int, str] = field(default_factory=dict)  # shards that could not be read
 
 
 def extract(
@@ -198,85 +225,91 @@ def decode_policy(backbone: Backbone, config: ExtractConfig, device: torch.devic
 
 
 def run(plan: Plan, work: WorkDir) -> Ran:
-    """The loop over this process's unfinished shards: loader → device → model → writer thread,
+    """The loop over this process's unfinished shards: loader → device → model → writer,
     one published shard at a time."""
-    config = plan.config
     mine = plan.job.my_shards(work.shard_count)
+    todo = _unfinished(plan, work, mine)
+    model = cut_model(plan)
+    shards = plan.source.feed(work, todo, plan.feed.batch_size, plan.policy, plan.config)
+    progress = progress_bar(
+        *plan.source.progress(work, mine, todo), show_progress(plan.config.progress), plan.label
+    )
+    timings, stream = Timings(), DecodeStream(plan.device)
+    with _running(plan, work, shards, progress) as (batches, writer, signals):
+        for batch in batches:
+            writer.put(compute(batch, model, plan, stream))
+            timings.batch_done(batch.samples)
+            progress.update(batch.samples)
+            if signals.received is not None:
+                break
+        writer.close()  # batches already computed still reach their shards
+        if signals.received is not None:
+            message = interrupted_message(plan, work, signals.received)
+            raise Interrupted(message, signals.received)
+    timings.stop()
+    return Ran(mine, len(mine) - len(todo), timings, shards.sink.busy_s, shards.sink.broken)
+
+
+def _unfinished(plan: Plan, work: WorkDir, mine: range) -> list[int]:
+    """This process's shards still to compute; finished ones checked (archives unchanged)."""
     todo = [shard for shard in mine if not work.is_done(shard)]
     plan.source.check_resume(work, [shard for shard in mine if shard not in todo])
-    model: torch.nn.Module = CutModel(plan.backbone, plan.layers, config.pool)
-    model = model.to(plan.device).eval()
-    if config.compile:
-        model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
-    size = plan.feed.batch_size
-    pad_to = size if config.compile else None  # one shape: no recompiles
-    feed = plan.source.feed(work, todo, size, plan.policy, config)
-    sink = feed.sink
-    # The writer thread waits for each batch's device→host copy, so the loop never does.
-    writer = BackgroundWriter(
-        lambda pending: sink.write(pending.rows(), pending.tag),
-        depth=4 if config.write_behind else 0,
-    )
     if plan.job.leader and len(todo) < len(mine):
         done, of = _kept(plan, work)
         note(
             f"resuming: {done:,} of {of:,} {plan.source.unit} already done ({work.path})",
-            config.quiet,
+            plan.config.quiet,
         )
-    total, before = plan.source.progress(work, mine, todo)
-    progress = progress_bar(total, before, show_progress(config.progress), desc=plan.label)
-    loaded = decoded_batches(
-        feed.dataset,
-        feed.batches,
+    return todo
+
+
+def cut_model(plan: Plan) -> torch.nn.Module:
+    """The cut model on the run's device, compiled with ``--compile``."""
+    model: torch.nn.Module = CutModel(plan.backbone, plan.layers, plan.config.pool)
+    model = model.to(plan.device).eval()
+    if plan.config.compile:
+        model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
+    return model
+
+
+@contextlib.contextmanager
+def _running(
+    plan: Plan, work: WorkDir, shards: ShardWork, progress: Any
+) -> Iterator[tuple[Iterator[Batch], BackgroundWriter, StopSignals]]:
+    """Everything the loop runs inside: the decode workers, the writer thread (it waits for
+    each batch's device→host copy, so the loop never does), Ctrl-C handling, inference mode.
+    On any error the batches already computed are written or dropped whole: no shard is
+    published half-written."""
+    config = plan.config
+    writer = BackgroundWriter(
+        lambda pending: shards.sink.write(pending.rows(), pending.piece),
+        depth=4 if config.write_behind else 0,
+    )
+    batches = decoded_batches(
+        SampleDataset(plan.policy),
+        shards.batches,
         plan.feed.workers,
         pin_memory=plan.device.type == "cuda",
         prefetch=plan.feed.prefetch,
     )
-    stream = DecodeStream(plan.device)
-    started = time.perf_counter()
-    first: tuple[float, int] | None = None  # (seconds into the loop, files) of the first batch
-    computed = 0  # files decoded and computed by this run
     signals = StopSignals("" if config.quiet else STOPPING)
     try:
-        with (
-            signals,
-            torch.inference_mode(),
-            contextlib.closing(loaded),
-            contextlib.closing(feed.fetcher) if feed.fetcher else contextlib.nullcontext(),
-            devices.exact_fp32(plan.precision, plan.device),
-            devices.out_of_memory_hint(size, str(work.path)),
-        ):
-            for batch in loaded:
-                writer.put(compute(batch, model, plan, pad_to, stream))
-                files = batch.files + len(getattr(batch.tag, "failures", ()))  # + pre-decode
-                progress.update(files)
-                computed += files
-                first = first or (time.perf_counter() - started, files)
-                if signals.received is not None:
-                    break
-            writer.close()  # batches already computed still reach their shards
-            if signals.received is not None:
-                message = interrupted_message(plan, work, signals.received)
-                raise Interrupted(message, signals.received)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(signals)
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(contextlib.closing(batches))
+            stack.enter_context(contextlib.closing(shards))
+            stack.enter_context(devices.exact_fp32(plan.precision, plan.device))
+            stack.enter_context(devices.out_of_memory_hint(plan.feed.batch_size, str(work.path)))
+            yield batches, writer, signals
     except BaseException:
         writer_error = writer.close_quietly()
-        sink.discard()
+        shards.sink.discard()
         if writer_error is not None:
             raise writer_error from None
         raise
     finally:
         progress.close()
-    loop_s = time.perf_counter() - started
-    return Ran(
-        mine,
-        len(mine) - len(todo),
-        computed,
-        sink.busy_s,
-        loop_s,
-        started,
-        *(first or (0.0, 0)),
-        broken=getattr(sink, "broken", {}),
-    )
 
 
 STOPPING = "featx: stopping after this batch… (press Ctrl-C again to stop at once)\n"
@@ -311,27 +344,25 @@ def interrupted_message(plan: Plan, work: WorkDir, signum: int) -> str:
 
 
 def compute(
-    batch: Batch,
-    model: torch.nn.Module,
-    plan: Plan,
-    pad_to: int | None,
-    stream: DecodeStream | None = None,
+    batch: Batch, model: torch.nn.Module, plan: Plan, stream: DecodeStream | None = None
 ) -> PendingRows:
     """One batch through the cut model, without waiting for it: the features come back to the
     host asynchronously (``PendingRows.rows()`` waits, on the writer thread), rows in the
     batch's index order. ``--decode gpu``: nvJPEG decodes on ``stream``, and the model's stream
-    waits for it on the device."""
+    waits for it on the device. With ``--compile`` a short batch is padded to the batch size:
+    one shape, no recompiles."""
     stream = stream or DecodeStream(plan.device)
     batch = on_device(batch, plan.policy, plan.device, stream=stream)
     if batch.images is None:
-        return PendingRows(batch.indices, devices.Pending({}), batch.failures, batch.tag)
+        return PendingRows(batch.indices, devices.Pending({}), batch.failures, batch.piece)
     x = batch.images
     count = len(x)
-    if pad_to and count < pad_to:
+    pad_to = plan.feed.batch_size if plan.config.compile else 0
+    if count < pad_to:
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
     with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
-    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures, batch.tag)
+    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures, batch.piece)
 
 
 @dataclass(frozen=True)
@@ -341,7 +372,7 @@ class PendingRows:
     indices: list[int]
     features: devices.Pending
     failures: list[tuple[int, str]]
-    tag: Any = None  # an archive's ShardPiece, for the sink
+    piece: ShardPiece
 
     def rows(self) -> ShardRows:
         return ShardRows(self.indices, self.features.wait(), self.failures)
@@ -349,54 +380,67 @@ class PendingRows:
 
 def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult:
     """Assemble the file (the leader, once every rank's shards exist) and sum the run up."""
-    job, config = plan.job, plan.config
+    rows, failed = assemble_output(plan, work, ran)
+    summary = sum_up(plan, ran, rows, failed, time.perf_counter() - started)
+    if plan.job.leader and too_many_failures(plan.config.max_failures, failed, rows + failed):
+        raise TooManyFailures(
+            f"{failed} of {rows + failed} images failed (more than --max-failures "
+            f"{plan.config.max_failures}); the output {plan.target} was written: see its failed/ "
+            "group",
+            result=summary,
+        )
+    return summary
+
+
+def assemble_output(plan: Plan, work: WorkDir, ran: Ran) -> tuple[int, int]:
+    """(rows, failed samples) of the output the leader assembles (once every rank's shards
+    exist), or of this rank's own shards; refused when a shard could not be written."""
+    job = plan.job
     # Counted before the barrier: rank 0 removes the shard folder once it has assembled.
-    written_mine = all(work.is_done(shard) for shard in ran.mine)  # a broken archive: not
-    counts = (0, 0) if job.leader or not written_mine else count_rows(work, ran.mine)
+    counts = (0, 0)
+    if not job.leader and all(work.is_done(shard) for shard in ran.mine):
+        counts = count_rows(work, ran.mine)
     job.barrier()  # torchrun: every rank's shards exist before rank 0 assembles
-    # The final file covers this part (--shard K/N) or the whole job (one process, torchrun).
-    shards = ran.mine if job.writes_part else range(work.shard_count)
-    # An empty part (more parts than shards) still sits at its place in the work list.
-    first = min(shards.start * work.shard_size, work.total)
-    rows = (first, work.shard_range(shards[-1])[1]) if shards else (first, first)
+    shards = _scope(plan, work)  # this part's (--shard K/N), or the whole job's
     scope = shards if job.leader else ran.mine
     unwritten = [shard for shard in scope if not work.is_done(shard)]
     if unwritten:
         raise FeatxError(broken_message(plan, work, scope, unwritten, ran.broken))
-    if job.leader:
-        attrs = file_attributes(plan)
-        if job.writes_part:
-            attrs["part"] = f"{job.part}/{job.parts}"
-        try:
-            row_table = plan.source.rows(work, shards, attrs)
-            written = assemble(work, shards, row_table, attrs, plan.target, rows)
-        except OSError as error:
-            raise work.write_error(error) from None
-        work.remove()
-        counts = (written.rows, written.failed)
-    elapsed = time.perf_counter() - started
-    total = sum(counts)  # every file (archive sample) is a row or a failure
-    summary = ExtractResult(
+    if not job.leader:
+        return counts
+    attrs = file_attributes(plan)
+    if job.writes_part:
+        attrs["part"] = f"{job.part}/{job.parts}"
+    # An empty part (more parts than shards) still sits at its place in the work list.
+    first = min(shards.start * work.shard_size, work.total)
+    row_range = (first, work.shard_range(shards[-1])[1]) if shards else (first, first)
+    try:
+        row_table = plan.source.rows(work, shards, attrs)
+        written = assemble(work, shards, row_table, attrs, plan.target, row_range)
+    except OSError as error:
+        raise work.write_error(error) from None
+    work.remove()
+    return written.rows, written.failed
+
+
+def sum_up(plan: Plan, ran: Ran, rows: int, failed: int, elapsed: float) -> ExtractResult:
+    """The run's summary (``featx extract --json``)."""
+    timings = ran.timings
+    startup = timings.started + timings.first_batch_s - (time.perf_counter() - elapsed)
+    return ExtractResult(
         output=str(plan.target),
-        images=counts[0],
-        failed=counts[1],
-        total=total,
+        images=rows,
+        failed=failed,
+        total=rows + failed,  # every file (archive sample) is a row or a failure
         shards_done_before=ran.done_before,
         elapsed_s=round(elapsed, 3),
-        images_per_second=round(ran.computed / elapsed, 2),
+        images_per_second=round(timings.computed / elapsed, 2),
         writer_s=round(ran.writer_s, 3),
-        loop_s=round(ran.loop_s, 3),
-        complete=job.leader,
-        startup_s=round(ran.loop_started + ran.first_batch_s - started, 3) if ran.computed else 0,
-        steady_images_per_second=round(steady_rate(ran), 2),
+        loop_s=round(timings.loop_s, 3),
+        complete=plan.job.leader,
+        startup_s=round(startup, 3) if timings.computed else 0,
+        steady_images_per_second=round(timings.steady_rate(), 2),
     )
-    if job.leader and too_many_failures(config.max_failures, counts[1], total):
-        raise TooManyFailures(
-            f"{counts[1]} of {total} images failed (more than --max-failures "
-            f"{config.max_failures}); the output {plan.target} was written: see its failed/ group",
-            result=summary,
-        )
-    return summary
 
 
 def broken_message(
@@ -415,15 +459,6 @@ def broken_message(
         f"({shown}); the {done} finished shard(s) are kept in {work.path}: fix, replace or "
         "re-fetch those archives and run the same command to resume"
     )
-
-
-def steady_rate(ran: Ran) -> float:
-    """Images per second after the first batch (start-up excluded), as the progress bar sees it;
-    a run of one batch has no steady state: its loop's rate."""
-    after = ran.loop_s - ran.first_batch_s
-    if ran.computed > ran.first_batch_files and after > 0:
-        return (ran.computed - ran.first_batch_files) / after
-    return ran.computed / ran.loop_s if ran.loop_s > 0 else 0.0
 
 
 def file_attributes(plan: Plan) -> dict[str, Any]:

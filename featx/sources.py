@@ -9,31 +9,34 @@ asks which it has.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from featx.config import ExtractConfig
-from featx.data.archive_feed import EncodedDataset, archive_batches
+from featx.data.archive_feed import archive_batches
 from featx.data.archives import ArchiveList
 from featx.data.decode import DecodePolicy
-from featx.data.loader import ImageDataset
+from featx.data.loader import file_items
 from featx.data.remote import Prefetcher
+from featx.data.work import ShardPiece, WorkBatch
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes
-from featx.store.shards import ArchiveSink, ShardSink, WorkDir, changed_archives
+from featx.store.shards import ShardSink, WorkDir, changed_archives
 
 
 @dataclass(frozen=True)
-class Feed:
+class ShardWork:
     """What the loop reads and where its rows go, for this process's unfinished shards."""
 
-    dataset: torch.utils.data.Dataset[Any]
-    batches: Any  # a list of batches, or an iterator of them (archives, read as they go)
-    sink: ShardSink | ArchiveSink
+    batches: Iterable[WorkBatch]  # a list (files), or an iterator (archives, read as they go)
+    sink: ShardSink
     fetcher: Prefetcher | None = None  # remote archives fetched ahead; closed after the loop
+
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
 
 
 @dataclass(frozen=True)
@@ -64,16 +67,18 @@ class FileSource:
 
     def feed(
         self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
-    ) -> Feed:
+    ) -> ShardWork:
         """Batches never cross a shard boundary: a shard's numbers do not depend on another's."""
         batches = [
-            list(range(start, min(start + size, stop)))
+            WorkBatch(
+                file_items(self.images, range(start, min(start + size, stop))),
+                ShardPiece(shard, last=start + size >= stop),
+            )
             for shard in todo
             for first, stop in [work.shard_range(shard)]
             for start in range(first, stop, size)
         ]
-        sink = ShardSink(work, config.dtype, config.compression)
-        return Feed(ImageDataset(self.images, policy), batches, sink)
+        return ShardWork(batches, ShardSink(work, config.dtype, config.compression))
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
         paths = [printable(path) for path in self.images.paths]
@@ -123,13 +128,13 @@ class ArchiveSource:
 
     def feed(
         self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
-    ) -> Feed:
+    ) -> ShardWork:
         archives = [self.images.archives[shard] for shard in todo]
         fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
         batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
         identities = [archive.identity for archive in self.images.archives]
-        sink = ArchiveSink(work, identities, config.dtype, config.compression)
-        return Feed(EncodedDataset(policy), batches, sink, fetcher)
+        sink = ShardSink(work, config.dtype, config.compression, identities)
+        return ShardWork(batches, sink, fetcher)
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
         """Class names are decided now, from every shard's labels (and recorded in ``attrs``)."""

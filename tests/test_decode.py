@@ -22,7 +22,7 @@ from PIL import Image, ImageFile
 
 from featx.data import decode as images
 from featx.data.decode import DecodePolicy, decode_bytes, describe_error
-from featx.data.loader import ImageDataset
+from featx.data.loader import SampleDataset, file_items
 from featx.data.worklist import ImageList
 
 TRANSFORM = {"resize": 73, "crop": 64, "interpolation": "bilinear", "antialias": True}
@@ -399,11 +399,11 @@ def test_decode_step_gives_an_image_or_a_one_line_failure_and_never_hangs(data):
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "file.jpg"), "wb") as handle:
             handle.write(data)
-        dataset = ImageDataset(ImageList(folder, ["file.jpg"], [-1], []), POLICY)
+        (item,) = file_items(ImageList(folder, ["file.jpg"], [-1], []), [0])
         previous = signal.signal(signal.SIGALRM, hang)
         signal.alarm(20)
         try:
-            index, image, error = dataset[0]
+            index, image, error = SampleDataset(POLICY)[item]
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)

@@ -27,7 +27,8 @@ from featx import ExtractConfig, extract
 from featx.data.batch import Batch, Encoded
 from featx.data.decode import RESIZE, DecodePolicy, resize_crop
 from featx.data.gpu_decode import gpu_decodable, is_device_error, on_device
-from featx.data.loader import ImageDataset, collate, decoded_batches
+from featx.data.loader import SampleDataset, collate, decoded_batches, file_items
+from featx.data.work import ShardPiece, WorkBatch
 from featx.data.worklist import scan_folder
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.pipeline import make_plan
@@ -188,8 +189,8 @@ def test_edge_files_take_the_cpu_path_and_fail_or_turn_like_it(photo_arrays, tmp
     assert "decoded on the CPU" in GPU_POLICY.describe()["exif_orientation"]
 
     def decoded(mode: str) -> Batch:
-        dataset = ImageDataset(images, DecodePolicy(TRANSFORM, mode=mode))
-        batch = collate([dataset[i] for i in range(len(images))])
+        dataset = SampleDataset(DecodePolicy(TRANSFORM, mode=mode))
+        batch = collate([dataset[item] for item in file_items(images, range(len(images)))])
         return on_device(batch, dataset.policy, CPU, cpu_batch_decoder)
 
     gpu = decoded("gpu")
@@ -220,12 +221,16 @@ def test_a_big_gpu_batch_with_two_workers_needs_few_file_descriptors(jpegs, tmp_
         f"""
         import resource
         from featx.data.decode import DecodePolicy
-        from featx.data.loader import ImageDataset, decoded_batches
+        from featx.data.loader import SampleDataset, decoded_batches, file_items
+        from featx.data.work import ShardPiece, WorkBatch
         from featx.data.worklist import scan_folder
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
         images = scan_folder({str(tmp_path)!r})
-        dataset = ImageDataset(images, DecodePolicy({TRANSFORM!r}, mode="gpu"))
-        batches = [list(range(s, s + 256)) for s in range(0, 512, 256)]
+        dataset = SampleDataset(DecodePolicy({TRANSFORM!r}, mode="gpu"))
+        batches = [
+            WorkBatch(file_items(images, range(s, s + 256)), ShardPiece(0))
+            for s in range(0, 512, 256)
+        ]
         got = [len(b.encoded.indices) for b in decoded_batches(dataset, batches, 2, False, 2, 60)]
         print(got)
         """
@@ -243,12 +248,13 @@ class _Stuck(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item):
         time.sleep(3600)
 
 
 def test_a_stuck_worker_ends_the_run_with_one_line_instead_of_hanging_it():
-    loaded = decoded_batches(_Stuck(), [[0, 1], [2, 3]], 1, False, timeout=1)  # type: ignore[arg-type]
+    batches = [WorkBatch([(0, b""), (1, b"")], ShardPiece(0))]
+    loaded = decoded_batches(_Stuck(), batches, 1, False, timeout=1)  # type: ignore[arg-type]
     with pytest.raises(FeatxError, match="no batch from the decode workers in 1 s"):
         next(loaded)
 

@@ -23,7 +23,7 @@ from featx.data.worklist import scan_folder
 from featx.errors import Interrupted
 from featx.heads import apply
 from featx.models import offline_ready
-from featx.pipeline import Ran, extract, steady_rate
+from featx.pipeline import Timings, extract
 from featx.preflight import _may_have_cuda
 from tests.conftest import save
 from tests.test_resume import wait_for_shards
@@ -323,10 +323,10 @@ def test_version(cli):
 
 def test_steady_rate_leaves_the_first_batch_out():
     # 2 files in the first 5 s (model warm-up, workers), then 40 files in 10 s.
-    ran = Ran(range(1), 0, 42, 0.0, 15.0, 0.0, first_batch_s=5.0, first_batch_files=2)
-    assert steady_rate(ran) == pytest.approx(40 / 10)
-    one_batch = Ran(range(1), 0, 2, 0.0, 5.0, 0.0, first_batch_s=5.0, first_batch_files=2)
-    assert steady_rate(one_batch) == pytest.approx(2 / 5)
+    ran = Timings(0.0, first_batch_s=5.0, first_batch_files=2, computed=42, loop_s=15.0)
+    assert ran.steady_rate() == pytest.approx(40 / 10)
+    one_batch = Timings(0.0, first_batch_s=5.0, first_batch_files=2, computed=2, loop_s=5.0)
+    assert one_batch.steady_rate() == pytest.approx(2 / 5)
 
 
 def test_head_files_are_world_readable_like_every_other_output(head_file):

@@ -2,7 +2,9 @@
 
 The main process reads each archive in member order (a local file, or a scratch copy that
 ``remote.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
-batches of ``(row, bytes)`` items; DataLoader workers decode them, so a decoder that crashes
+batches of ``(row, payload)`` items: a local tar's are byte ranges of the file (the main process
+reads only its headers and labels), others' the image bytes. DataLoader workers read and decode
+them, so a decoder that crashes
 still costs one image (``loader.decoded_batches``). Each batch carries a :class:`ShardPiece`:
 which shard its rows belong to, their names and labels, the samples that failed before decoding,
 and whether it ends the shard (then the shard is published) or the archive broke (then it is
@@ -13,64 +15,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from featx.data.archives import ArchiveList, Sample
-from featx.data.decode import DecodePolicy, decode_bytes, describe_error, resize_crop
-from featx.data.gpu_decode import prepare_bytes
 from featx.data.parquet_samples import parquet_samples
-from featx.data.remote import Prefetcher
+from featx.data.remote import Prefetcher, is_url
 from featx.data.tar_samples import BrokenArchive, tar_samples
+from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
-
-
-@dataclass(frozen=True)
-class ShardPiece:
-    """What the writer needs besides the features of one batch of an archive's rows."""
-
-    shard: int
-    names: list[str] = field(default_factory=list)  # rows first, first + 1, … (failed ones too)
-    labels: list[str] = field(default_factory=list)  # each row's label as JSON ("null": none)
-    failures: list[tuple[int, str]] = field(default_factory=list)  # rows failed before decoding
-    last: bool = False  # the archive was read to its end: publish the shard
-    broken: str = ""  # the archive could not be read whole: discard the shard
-
-
-class BatchSpec(list[tuple[int, bytes]]):
-    """A batch's items for the workers, ``(row, image bytes)``, with its :class:`ShardPiece`
-    (which stays in the main process: ``loader.decoded_batches`` attaches it to the batch)."""
-
-    def __init__(self, items: list[tuple[int, bytes]], tag: ShardPiece) -> None:
-        super().__init__(items)
-        self.tag = tag
-
-    def __reduce__(self) -> Any:  # to a worker: the items only
-        return list, (list(self),)
-
-
-class EncodedDataset(torch.utils.data.Dataset[tuple[int, torch.Tensor | None, str]]):
-    """``(row, bytes)`` → ``(row, uint8 image or None, error)``, as ``loader.ImageDataset``
-    does for files."""
-
-    def __init__(self, policy: DecodePolicy) -> None:
-        self.policy = policy
-
-    def __getitem__(self, item: Any) -> tuple[int, torch.Tensor | None, str]:
-        row, data = item
-        try:
-            if self.policy.mode == "gpu":
-                return row, prepare_bytes(data, self.policy), ""
-            return row, resize_crop(decode_bytes(data, self.policy), self.policy.transform), ""
-        except Exception as error:  # every decoder failure is data about that image
-            return row, None, describe_error(error)
-
-    @staticmethod
-    def row_of(item: Any) -> int:
-        return int(item[0])
 
 
 def archive_batches(
@@ -79,20 +31,19 @@ def archive_batches(
     batch_size: int,
     fetcher: Prefetcher,
     max_bytes: int,
-) -> Iterator[BatchSpec]:
+) -> Iterator[WorkBatch]:
     """Batches of the archives of ``shards`` in order, never mixing two archives in a batch."""
     for fetched in fetcher:
         shard = shards[fetched.index]
         archive = archives.archives[shard]
         if fetched.path is None:
-            yield BatchSpec([], ShardPiece(shard, last=True, broken=fetched.error))
+            yield _broken(shard, fetched.error)
             continue
-        read = tar_samples if archive.name.endswith(".tar") else parquet_samples
         pending: list[Sample] = []
         row = 0  # rows of this shard given out so far
         samples = 0  # samples (not member-level failures), for the stats file's count
         try:
-            for sample in read(fetched.path, archives.label_from, max_bytes):
+            for sample in _samples(fetched.path, archive.url, archives.label_from, max_bytes):
                 samples += not sample.uncounted
                 pending.append(sample)
                 if len(pending) == batch_size:
@@ -100,31 +51,47 @@ def archive_batches(
                     row += len(pending)
                     pending = []
         except BrokenArchive as error:
-            yield BatchSpec([], ShardPiece(shard, last=True, broken=str(error)))
+            yield _broken(shard, str(error))
             continue
         finally:
             fetcher.release(fetched)
         try:
             expected = archive.counted()
         except FeatxError as error:  # a stats file that cannot be fetched or read
-            yield BatchSpec([], ShardPiece(shard, last=True, broken=str(error)))
+            yield _broken(shard, str(error))
             continue
         if expected is not None and samples != expected:
             broken = (
                 f"holds {samples} samples, its stats file says {expected} (img2dataset's successes)"
             )
-            yield BatchSpec([], ShardPiece(shard, last=True, broken=broken))
+            yield _broken(shard, broken)
             continue
         yield _spec(shard, row, pending, last=True)
 
 
-def _spec(shard: int, first: int, samples: list[Sample], last: bool) -> BatchSpec:
-    items = [(first + i, s.image) for i, s in enumerate(samples) if s.image is not None]
+def _samples(path: str, url: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """A tar is indexed here and its images read by the workers, from byte ranges of the file,
+    when the file outlives the read: a local archive. A fetched copy
+    is removed as soon as it is read (the next download needs its space), so its images are
+    read here."""
+    if path.endswith(".tar"):
+        return tar_samples(path, label_from, max_bytes, ranges=not is_url(url))
+    return parquet_samples(path, label_from, max_bytes)
+
+
+def _broken(shard: int, why: str) -> WorkBatch:
+    return WorkBatch([], ShardPiece(shard, last=True, broken=why))
+
+
+def _spec(shard: int, first: int, samples: list[Sample], last: bool) -> WorkBatch:
+    items: list[WorkItem] = [
+        (first + i, s.image) for i, s in enumerate(samples) if s.image is not None
+    ]
     piece = ShardPiece(
         shard,
-        names=[stored_name(s.name) for s in samples],
-        labels=[json.dumps(s.label) for s in samples],
-        failures=[(first + i, s.error) for i, s in enumerate(samples) if s.image is None],
+        names=tuple(stored_name(s.name) for s in samples),
+        labels=tuple(json.dumps(s.label) for s in samples),
+        failures=tuple((first + i, s.error) for i, s in enumerate(samples) if s.image is None),
         last=last,
     )
-    return BatchSpec(items, piece)
+    return WorkBatch(items, piece)

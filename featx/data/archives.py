@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass, field
 
 from featx.data import remote
+from featx.data.work import FileRange
 from featx.errors import FeatxError, UsageError
 from featx.safe_text import shortlist
 
@@ -335,7 +336,7 @@ class Sample:
     (an int from ``.cls``, an int or str from JSON, or None)."""
 
     name: str
-    image: bytes | None
+    image: bytes | FileRange | None  # bytes, or where they are in a local archive
     label: int | str | None = None
     error: str = ""
     members: list[str] = field(default_factory=list)

@@ -1,11 +1,13 @@
-"""What the loading stage hands the loop: one batch of decoded images and the files that failed."""
+"""What the loading stage hands the loop: one batch of decoded images (:class:`Batch`), joined
+again to the :class:`~featx.data.work.ShardPiece` of the work batch it was made from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
+
+from featx.data.work import UNPLACED, ShardPiece
 
 
 @dataclass(frozen=True)
@@ -37,20 +39,26 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows ``indices`` of the work list as uint8 ``images [n, 3, crop, crop]`` (None when every
-    file failed), the files that could not be decoded and why, and, with ``--decode gpu``,
-    baseline JPEGs still encoded for the device to decode."""
+    """Rows ``indices`` as uint8 ``images [n, 3, crop, crop]`` (channels-last memory; None when
+    every sample failed), the samples that could not be decoded and why, with ``--decode gpu``
+    baseline JPEGs still encoded for the device to decode, and the shard piece they belong to."""
 
     indices: list[int]
     images: torch.Tensor | None
     failures: list[tuple[int, str]] = field(default_factory=list)
     encoded: Encoded | None = None
-    tag: Any = None  # what the work list attached to this batch (an archive's ShardPiece)
+    piece: ShardPiece = UNPLACED
 
     @property
     def files(self) -> int:
+        """Samples decoded (or not) in this batch, not counting the piece's earlier failures."""
         encoded = len(self.encoded.indices) if self.encoded is not None else 0
         return len(self.indices) + len(self.failures) + encoded
+
+    @property
+    def samples(self) -> int:
+        """Every sample the batch accounts for, the piece's pre-decode failures included."""
+        return self.files + len(self.piece.failures)
 
     def pin_memory(self) -> Batch:
         """The DataLoader's ``pin_memory=True`` calls this: page-locked images copy to the

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from featx.data.work import FileRange, Payload
+
 # Pillow may only use the decoders for the formats featx claims.
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 ALPHA_POLICY = "composite onto background {background}; hidden colours under alpha=0 are dropped"
@@ -86,7 +88,69 @@ def load_image(path: str, policy: DecodePolicy) -> torch.Tensor:
     return resize_crop(image, policy.transform)
 
 
-def read_file(path: str, max_bytes: int = DecodePolicy.max_file_bytes) -> bytes:
+def read_payload(
+    payload: Payload, max_bytes: int = DecodePolicy.max_file_bytes
+) -> bytes | bytearray:
+    """A sample's bytes wherever they are: a file (checked as :func:`read_file` does), a byte
+    range of a local archive (sized when it was indexed), or bytes already read."""
+    if isinstance(payload, bytes):
+        return payload
+    if payload.length < 0:
+        return read_file(payload.path, max_bytes)
+    return read_range(payload, max_bytes)
+
+
+def read_range(where: FileRange, max_bytes: int) -> bytes:
+    """``where.length`` bytes at ``where.offset`` of a regular file, in one ``pread``."""
+    if where.length > max_bytes:
+        raise ValueError(
+            f"file of {where.length} bytes, over the --max-file-bytes limit of {max_bytes}"
+        )
+    fd = os.open(where.path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("the archive is no longer a regular file")
+        data = os.pread(fd, where.length, where.offset)
+    finally:
+        os.close(fd)
+    if len(data) != where.length:
+        raise OSError(f"the archive ended inside this member ({len(data)} of {where.length})")
+    return data
+
+
+WHOLE_READ_BYTES = 8 << 20  # a file this small is read in one call, then identified
+
+
+def _read_checked(fd: int, size: int, max_bytes: int) -> bytes | bytearray:
+    """A file's bytes, identified by its first bytes: a small file in one read call (the common
+    case), a big one only once its head is an image signature. One byte more than the size it
+    had is asked for, so a file that grew is noticed (the caller checks the limit)."""
+    from PIL import UnidentifiedImageError
+
+    with open(fd, "rb", buffering=0, closefd=False) as handle:
+        if size <= WHOLE_READ_BYTES:
+            data = _read_up_to(handle, min(size, max_bytes) + 1)
+            if data and not is_image_signature(bytes(data[:SIGNATURE_BYTES])):
+                raise UnidentifiedImageError(UNIDENTIFIED)
+            return data
+        head = handle.read(SIGNATURE_BYTES)
+        if head and not is_image_signature(head):
+            raise UnidentifiedImageError(UNIDENTIFIED)
+        return head + _read_up_to(handle, max_bytes + 1 - len(head))
+
+
+def _read_up_to(handle: Any, count: int) -> bytearray:
+    """Up to ``count`` bytes, into one buffer (a regular file gives them in one call)."""
+    data = bytearray(count)
+    view, got = memoryview(data), 0
+    while got < count and (n := handle.readinto(view[got:])):
+        got += n
+    view.release()
+    del data[got:]
+    return data
+
+
+def read_file(path: str, max_bytes: int = DecodePolicy.max_file_bytes) -> bytes | bytearray:
     """A regular file's bytes, read only once its first bytes are an image signature and its
     size is within ``max_bytes``. A folder, FIFO or device named like an image is refused:
     reading a FIFO would wait forever and ``/dev/zero`` never ends. A URL is read through
@@ -112,20 +176,14 @@ def read_file(path: str, max_bytes: int = DecodePolicy.max_file_bytes) -> bytes:
             raise ValueError(
                 f"file of {info.st_size} bytes, over the --max-file-bytes limit of {max_bytes}"
             )
-        with open(fd, "rb", closefd=False) as handle:
-            head = handle.read(SIGNATURE_BYTES)
-            if head and not is_image_signature(head):
-                from PIL import UnidentifiedImageError
-
-                raise UnidentifiedImageError(UNIDENTIFIED)
-            data = head + handle.read(max_bytes + 1 - len(head))
+        whole = _read_checked(fd, info.st_size, max_bytes)
     finally:
         os.close(fd)
-    if not data:
+    if not whole:
         raise ValueError("empty file (0 bytes)")
-    if len(data) > max_bytes:  # it grew while being read
+    if len(whole) > max_bytes:  # it grew while being read
         raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
-    return data
+    return whole
 
 
 SIGNATURE_BYTES = 12
@@ -152,7 +210,7 @@ def is_image_signature(head: bytes) -> bool:
     return webp or head.startswith(_SIGNATURES)
 
 
-def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
+def decode_bytes(data: bytes | bytearray, policy: DecodePolicy) -> torch.Tensor:
     """Bytes → full-size RGB uint8 ``[3, H, W]``: libjpeg-turbo for JPEGs, Pillow for the rest."""
     header = open_checked(data, policy)  # lazy: reads the header, enforces the pixel limit
     if policy.mode == "fast" and header.format == "JPEG" and header.mode in ("RGB", "L"):
@@ -170,12 +228,13 @@ def decode_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice for io
-            tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buffer = data if isinstance(data, bytearray) else bytearray(data)  # writable
+            tensor = torch.frombuffer(buffer, dtype=torch.uint8)
             return decode_jpeg(tensor, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     return _pillow_rgb(header, policy)
 
 
-def open_checked(data: bytes, policy: DecodePolicy) -> Any:
+def open_checked(data: bytes | bytearray, policy: DecodePolicy) -> Any:
     """Pillow's lazy open (the header only), limited to the formats featx claims and to the
     decompression-bomb limit; a PNG's chunk checksums are verified first."""
     from PIL import Image, UnidentifiedImageError
@@ -196,7 +255,7 @@ def open_checked(data: bytes, policy: DecodePolicy) -> Any:
         Image.MAX_IMAGE_PIXELS = limit_before
 
 
-def _check_png_crcs(data: bytes) -> None:
+def _check_png_crcs(data: bytes | bytearray) -> None:
     """Pillow skips the checksums of image data chunks, so a flipped bit there could silently
     change pixels: check every chunk's CRC (fast next to inflating the data)."""
     view = memoryview(data)

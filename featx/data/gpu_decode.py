@@ -57,7 +57,7 @@ def nvjpeg(files: list[torch.Tensor], device: torch.device) -> Sequence[torch.Te
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
 
 
-def cpu_reason(data: bytes, header: Any) -> str | None:
+def cpu_reason(data: bytes | bytearray, header: Any) -> str | None:
     """Why this file must be decoded on the CPU, or None when nvJPEG may take it."""
     if header.format != "JPEG" or header.mode not in ("RGB", "L"):
         return "not a baseline RGB or gray JPEG"
@@ -78,7 +78,7 @@ def prepare(path: str, policy: DecodePolicy) -> torch.Tensor:
     return prepare_bytes(read_file(path, policy.max_file_bytes), policy)
 
 
-def prepare_bytes(data: bytes, policy: DecodePolicy) -> torch.Tensor:
+def prepare_bytes(data: bytes | bytearray, policy: DecodePolicy) -> torch.Tensor:
     """:func:`prepare` for bytes already read (an archive's member)."""
     if cpu_reason(data, open_checked(data, policy)) is None:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -90,7 +90,7 @@ def gpu_decodable(path: str, policy: DecodePolicy) -> torch.Tensor | None:
     return _routed(path, policy)[1]
 
 
-def _routed(path: str, policy: DecodePolicy) -> tuple[bytes, torch.Tensor | None]:
+def _routed(path: str, policy: DecodePolicy) -> tuple[bytes | bytearray, torch.Tensor | None]:
     data = read_file(path, policy.max_file_bytes)
     if cpu_reason(data, open_checked(data, policy)) is not None:
         return data, None

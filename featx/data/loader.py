@@ -7,16 +7,24 @@ their batches to the loop in pipeline.py as :class:`Batch` objects.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
-from typing import Any
 
 import torch
 
 from featx.data import _workers
 from featx.data.batch import Batch, Encoded
-from featx.data.decode import DecodePolicy, DecoderCrashed, describe_error, load_image
-from featx.data.gpu_decode import prepare
+from featx.data.decode import (
+    DecodePolicy,
+    DecoderCrashed,
+    decode_bytes,
+    describe_error,
+    read_payload,
+    resize_crop,
+)
+from featx.data.gpu_decode import prepare_bytes
+from featx.data.work import FileRange, WorkBatch, WorkItem
 from featx.data.worklist import ImageList
 from featx.errors import FeatxError
 
@@ -27,35 +35,40 @@ LOADER_TIMEOUT_S = 600.0
 Item = tuple[int, torch.Tensor | None, str]  # (row, image or encoded JPEG or None, error)
 
 
-class ImageDataset(torch.utils.data.Dataset[Item]):
-    """Index → ``(index, uint8 image or None, error text)``; never raises for a bad file."""
+class SampleDataset(torch.utils.data.Dataset[Item]):
+    """``(row, payload)`` → ``(row, uint8 image or None, error text)`` for every source alike;
+    never raises for a bad sample."""
 
-    def __init__(self, images: ImageList, policy: DecodePolicy) -> None:
-        self.images = images
+    def __init__(self, policy: DecodePolicy) -> None:
         self.policy = policy
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, item: WorkItem) -> Item:
         """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
         bytes as uint8 ``[n]`` for the device to decode."""
-        path = self.images.absolute(index)
+        row, payload = item
         try:
+            data = read_payload(payload, self.policy.max_file_bytes)
             if self.policy.mode == "gpu":
-                return index, prepare(path, self.policy), ""
-            return index, load_image(path, self.policy), ""
+                return row, prepare_bytes(data, self.policy), ""
+            return row, resize_crop(decode_bytes(data, self.policy), self.policy.transform), ""
         except Exception as error:  # every decoder failure is data about that file, not a crash
-            return index, None, describe_error(error)
+            return row, None, describe_error(error)
+
+
+def file_items(images: ImageList, rows: Iterable[int]) -> list[WorkItem]:
+    """The work items of rows of a file list: each a whole file."""
+    return [(row, FileRange(images.absolute(row))) for row in rows]
 
 
 def collate(items: list[Item]) -> Batch:
-    """Stack the decoded images; pack encoded JPEGs (``--decode gpu``) into one tensor; keep
-    failures aside. A batch leaves a worker as at most two tensors (two file descriptors)."""
+    """Stack the decoded images channels-last (their memory order since decoding: no
+    transpose), inside a worker straight into shared memory (no copy on the way to the main
+    process); pack encoded JPEGs (``--decode gpu``) into one tensor; keep failures aside. A
+    batch leaves a worker as at most two tensors (two file descriptors)."""
     good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
     return Batch(
         indices=[index for index, _ in good],
-        images=torch.stack([image for _, image in good]) if good else None,
+        images=stack_channels_last([image for _, image in good]) if good else None,
         failures=[(index, error) for index, image, error in items if image is None],
         encoded=Encoded.pack(
             [(i, data) for i, data, _ in items if data is not None and data.ndim == 1]
@@ -63,9 +76,24 @@ def collate(items: list[Item]) -> Batch:
     )
 
 
+def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
+    """``[3, h, w]`` images → one ``[n, 3, h, w]`` tensor in channels-last memory; in a
+    DataLoader worker its storage is allocated in shared memory, as ``default_collate`` does."""
+    channels, height, width = images[0].shape
+    shape = (len(images), height, width, channels)
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        strides = (height * width * channels, width * channels, channels, 1)
+        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8)
+    torch.stack([image.permute(1, 2, 0) for image in images], out=out)
+    return out.permute(0, 3, 1, 2)
+
+
 def decoded_batches(
-    dataset: ImageDataset | torch.utils.data.Dataset[Item],
-    batches: Iterable[list[Any]],
+    dataset: SampleDataset,
+    batches: Iterable[WorkBatch],
     workers: int,
     pin_memory: bool,
     prefetch: int = PREFETCH,
@@ -85,7 +113,7 @@ def decoded_batches(
     while replay.has(done):
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=replay.starting_at(done),
+            batch_sampler=(work.items for work in replay.starting_at(done)),
             collate_fn=collate,
             num_workers=workers,
             pin_memory=pin_memory,
@@ -114,22 +142,17 @@ def decoded_batches(
                             "command to resume"
                         ) from None
                     waited = 0.0
-                    yield _tagged(batch, replay.get(done))
+                    yield replace(batch, piece=replay.get(done).piece)
                     done += 1
                     replay.forget_before(done)
         except RuntimeError as error:
             if not _workers.is_worker_death(error):
                 raise
-        for items in replay.window(done, workers * prefetch):
-            batch = collate([_decode_alone(dataset, item) for item in items])
-            yield _tagged(batch, items)
+        for work in replay.window(done, workers * prefetch):
+            batch = collate([_decode_alone(dataset, item) for item in work.items])
+            yield replace(batch, piece=work.piece)
             done += 1
             replay.forget_before(done)
-
-
-def _tagged(batch: Batch, items: list[Any]) -> Batch:
-    tag = getattr(items, "tag", None)
-    return batch if tag is None else replace(batch, tag=tag)
 
 
 class Replay:
@@ -137,24 +160,24 @@ class Replay:
     delivered: after a worker died, a new DataLoader starts again there. Folder batches are a
     list; an archive's are read as they go, so only the batches in flight are held."""
 
-    def __init__(self, batches: Iterable[list[Any]]) -> None:
-        self.source: Iterator[list[Any]] = iter(batches)
-        self.held: collections.deque[list[Any]] = collections.deque()
+    def __init__(self, batches: Iterable[WorkBatch]) -> None:
+        self.source: Iterator[WorkBatch] = iter(batches)
+        self.held: collections.deque[WorkBatch] = collections.deque()
         self.first = 0  # position of held[0]
 
     def has(self, position: int) -> bool:
         return self._fill(position)
 
-    def get(self, position: int) -> list[Any]:
+    def get(self, position: int) -> WorkBatch:
         self._fill(position)
         return self.held[position - self.first]
 
-    def starting_at(self, position: int) -> Iterator[list[Any]]:
+    def starting_at(self, position: int) -> Iterator[WorkBatch]:
         while self._fill(position):
             yield self.held[position - self.first]
             position += 1
 
-    def window(self, position: int, count: int) -> list[list[Any]]:
+    def window(self, position: int, count: int) -> list[WorkBatch]:
         return [self.get(p) for p in range(position, position + count) if self.has(p)]
 
     def forget_before(self, position: int) -> None:
@@ -171,9 +194,9 @@ class Replay:
         return True
 
 
-def _decode_alone(dataset: Any, item: Any) -> Item:
+def _decode_alone(dataset: SampleDataset, item: WorkItem) -> Item:
     """One image decoded in a process of its own: if that process dies, the image is the culprit."""
-    row = dataset.row_of(item) if hasattr(dataset, "row_of") else item
+    row = item[0]
     try:
         result: Item = _workers.call_in_child(dataset.__getitem__, item)
         return result

@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
+import stat
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from featx.data.archives import Sample
+from featx.data.tar_index import BrokenArchive, Member, TarReader
+from featx.data.work import FileRange
 from featx.data.worklist import IMAGE_SUFFIXES
 
 MAX_LABEL_BYTES = 1 << 20  # a .cls or .json member read for the label
 MAX_CLASS = 1 << 20  # a class number above this is a broken label, not a million-class set
-BLOCK = tarfile.BLOCKSIZE
-# After the end-of-archive blocks, a writer pads to its record size (tarfile and GNU tar: 10
-# KiB; up to 64 KiB with tar -b 128). A longer run of zeros is a zero-filled tail (a crash into
-# a preallocated file) hiding lost members.
-MAX_END_PADDING = 2 * BLOCK + (64 << 10)
-# What tarfile raises on a malformed header besides TarError (a bad pax sparse map: ValueError).
-TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError)
-
-
-class BrokenArchive(Exception):
-    """An archive that cannot be read to its end: truncated, or with a corrupt header."""
+__all__ = ["BrokenArchive", "MAX_CLASS", "json_field", "sample_key", "tar_samples"]
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -48,31 +40,30 @@ def sample_key(name: str) -> tuple[str, str]:
 IMAGE_EXTENSIONS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
 
 
-def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
-    """The samples of the tar at ``path``, in member order; BrokenArchive if it is cut short."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        try:
-            tar = tarfile.open(fileobj=handle, mode="r:")
-        except TAR_ERRORS as error:
-            raise BrokenArchive(f"not a tar archive ({error})") from None
-        with tar:
-            yield from _grouped(tar, label_from, max_bytes)
-            _check_end(handle, tar.offset, size)
+def tar_samples(
+    path: str, label_from: str, max_bytes: int, ranges: bool = False
+) -> Iterator[Sample]:
+    """The samples of the tar at ``path``, in member order; BrokenArchive if it is cut short.
+    With ``ranges`` an image is the :class:`FileRange` of its bytes in the tar (for a worker to
+    read), else its bytes. Only headers and labels are read here."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open cannot hang
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BrokenArchive("not a regular file (a FIFO, device or folder named like a tar)")
+        reader = TarReader(fd, info.st_size)
+        yield from _grouped(reader, label_from, max_bytes, path if ranges else None)
+    finally:
+        os.close(fd)
 
 
-def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def _grouped(
+    reader: TarReader, label_from: str, max_bytes: int, ranges_of: str | None
+) -> Iterator[Sample]:
     finished: dict[str, str] = {}  # key of every sample already given → its first member
     group: _Group | None = None
-    while True:
-        try:
-            member = tar.next()
-        except TAR_ERRORS as error:
-            raise BrokenArchive(f"unreadable member header ({error})") from None
-        if member is None:
-            break
-        tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header; a million-member tar need not
-        if member.isdir():
+    for member in reader.members():
+        if member.kind == "folder":
             continue
         key, extension = sample_key(member.name)
         if group is not None and key != group.key:
@@ -89,31 +80,9 @@ def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[
             )
             continue
         group = group or _Group(key, member.name, label_from)
-        group.add(member, extension, tar, max_bytes)
+        group.add(member, extension, reader, max_bytes, ranges_of)
     if group is not None:
         yield from group.samples()
-
-
-def _check_end(handle: IO[bytes], offset: int, size: int) -> None:
-    """tarfile ends quietly at a missing, short or corrupt header; a whole tar ends with a zero
-    block there (two, by the standard; tarfile itself writes two)."""
-    handle.seek(offset)
-    block = handle.read(BLOCK)
-    if len(block) < BLOCK:
-        raise BrokenArchive(
-            f"truncated: it ends at byte {size}, inside or right after member data, without the "
-            "end-of-archive blocks"
-        )
-    if block.count(0) != BLOCK:
-        raise BrokenArchive(f"corrupt or unreadable member header at byte {offset}")
-    if size - offset > MAX_END_PADDING:
-        raise BrokenArchive(
-            f"{size - offset} bytes after its last member at byte {offset}, more than an end "
-            "marker and padding: a second tar appended, or a zero-filled tail hiding members"
-        )
-    while chunk := handle.read(1 << 16):
-        if chunk.count(0) != len(chunk):
-            raise BrokenArchive(f"data after the end-of-archive marker at byte {offset}")
 
 
 class _Group:
@@ -121,13 +90,20 @@ class _Group:
 
     def __init__(self, key: str, first: str, label_from: str) -> None:
         self.key, self.first, self.label_from = key, first, label_from
-        self.image: tuple[str, bytes | None, str] | None = None  # (member, bytes, error)
+        self.image: tuple[str, bytes | FileRange | None, str] | None = None  # (member, data, error)
         self.label: int | str | None = None
         self.label_error = ""
         self.names: list[str] = []
         self.extra: list[Sample] = []  # members that fail on their own
 
-    def add(self, member: tarfile.TarInfo, extension: str, tar: Any, max_bytes: int) -> None:
+    def add(
+        self,
+        member: Member,
+        extension: str,
+        tar: TarReader,
+        max_bytes: int,
+        ranges_of: str | None,
+    ) -> None:
         name = member.name
         if name in self.names:
             self.extra.append(
@@ -145,8 +121,8 @@ class _Group:
                         uncounted=True,
                     )
                 )
-            elif not member.isreg():
-                self.image = (name, None, f"NotAFile: a {_kind(member)} member, not image data")
+            elif not member.is_file:
+                self.image = (name, None, f"NotAFile: a {member.kind} member, not image data")
             elif member.size > max_bytes:
                 self.image = (
                     name,
@@ -154,8 +130,10 @@ class _Group:
                     f"ValueError: file of {member.size} bytes, over the --max-file-bytes "
                     f"limit of {max_bytes}",
                 )
+            elif ranges_of is not None:
+                self.image = (name, FileRange(ranges_of, member.offset, member.size), "")
             else:
-                self.image = (name, _read(tar, member), "")
+                self.image = (name, tar.read(member, member.size), "")
         elif extension == "cls" and self.label_from == "cls":
             self.label, self.label_error = _class_label(tar, member)
         elif extension == "json" and self.label_from.startswith("json:"):
@@ -173,29 +151,11 @@ class _Group:
         yield from self.extra
 
 
-def _kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return "symbolic link"
-    if member.islnk():
-        return "hard link"
-    return "device, FIFO or other non-file"
-
-
-def _read(tar: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
-    handle = tar.extractfile(member)
-    if handle is None:
-        return b""
-    try:
-        return bytes(handle.read(limit if limit is not None else member.size))
-    except TAR_ERRORS as error:
-        raise BrokenArchive(f"truncated: member {member.name} is cut short ({error})") from None
-
-
-def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
+def _class_label(tar: TarReader, member: Member) -> tuple[int | None, str]:
     """(the integer class of a ``.cls`` member, or the error that makes the sample fail)."""
-    if not member.isreg() or member.size > 64:
+    if not member.is_file or member.size > 64:
         return None, f"BadLabel: {member.name} is not a short file holding an integer class"
-    text = _read(tar, member).decode("ascii", "replace").strip()
+    text = tar.read(member, 64).decode("ascii", "replace").strip()
     if not text.isdigit() or int(text) > MAX_CLASS:
         return None, (
             f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0 to {MAX_CLASS})"
@@ -203,13 +163,13 @@ def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
     return int(text), ""
 
 
-def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[str | None, str]:
+def _json_label(tar: TarReader, member: Member, field: str) -> tuple[str | None, str]:
     """(the label at ``field`` of a ``.json`` member, dots naming nested keys, or the error);
     a missing field leaves the sample unlabelled."""
-    if not member.isreg() or member.size > MAX_LABEL_BYTES:
+    if not member.is_file or member.size > MAX_LABEL_BYTES:
         return None, f"BadLabel: {member.name} is not a JSON file under {MAX_LABEL_BYTES} bytes"
     try:
-        value: Any = json.loads(_read(tar, member))
+        value: Any = json.loads(tar.read(member, MAX_LABEL_BYTES))
     except (ValueError, RecursionError):
         return None, f"BadLabel: {member.name} is not JSON"
     return json_field(value, field, member.name)

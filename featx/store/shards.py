@@ -31,6 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featx.data.work import ShardPiece
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store import schema
 from featx.store.durable import DiskFile, atomic_output, publish, temporary_name, write_error
@@ -364,95 +365,74 @@ def row_chunks(row_shape: tuple[int, ...], dtype: np.dtype, rows: int = 4096) ->
 
 
 class ShardSink:
-    """Routes batches to per-shard files; a shard is published when its last batch arrives."""
-
-    def __init__(self, work: WorkDir, dtype: str, compression: str = "none") -> None:
-        self.work = work
-        self.dtype = dtype
-        self.compression = compression
-        self.open: dict[int, ShardWriter] = {}
-        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
-
-    def write(self, batch: ShardRows, tag: Any = None) -> None:
-        started = time.perf_counter()
-        try:
-            self._write(batch)
-        finally:
-            self.busy_s += time.perf_counter() - started
-
-    def _write(self, batch: ShardRows) -> None:
-        files = batch.files
-        shard = min(files) // self.work.shard_size
-        try:
-            writer = self.open.get(shard) or self.open.setdefault(
-                shard, ShardWriter(self.work, shard, self.dtype, self.compression)
-            )
-            writer.append(batch)
-            if max(files) == self.work.shard_range(shard)[1] - 1:
-                writer.finish()
-                del self.open[shard]
-        except OSError as error:
-            self.discard()
-            raise self.work.write_error(error) from None
-
-    def discard(self) -> None:
-        for writer in self.open.values():
-            writer.discard()
-        self.open.clear()
-
-
-class ArchiveSink:
-    """Routes batches of archive rows to their shard (one per archive), rows numbered within the
-    shard; a shard is published when its archive was read to the end, and discarded when the
-    archive broke (``broken`` says which and why: the run fails, a resume reads it again)."""
+    """Routes each batch's rows to its shard's file (``piece.shard``) and publishes the shard
+    when its last batch arrives (``piece.last``); a broken shard is discarded (``broken`` says
+    which and why: the run fails, and a resume reads it again). Shards whose rows are named by
+    themselves (archives: ``identities`` given) also record the rows' names and raw labels and
+    what the archive was, checked on resume."""
 
     ARCHIVE_ROWS = 4096  # chunking guess: img2dataset writes 10,000 samples per tar
 
     def __init__(
-        self, work: WorkDir, identities: list[str], dtype: str, compression: str = "none"
+        self,
+        work: WorkDir,
+        dtype: str,
+        compression: str = "none",
+        identities: list[str] | None = None,
     ) -> None:
         self.work = work
-        self.identities = identities  # by shard: each archive's URL, size and version
         self.dtype = dtype
         self.compression = compression
-        self.open: dict[int, tuple[ShardWriter, list[str], list[str]]] = {}
+        self.identities = identities  # by shard: each archive's URL, size and version
+        self.open: dict[int, _OpenShard] = {}
         self.broken: dict[int, str] = {}
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
 
-    def write(self, batch: ShardRows, piece: Any) -> None:
+    def write(self, rows: ShardRows, piece: ShardPiece) -> None:
         started = time.perf_counter()
         try:
-            self._write(batch, piece)
+            self._write(rows, piece)
         except OSError as error:
             self.discard()
             raise self.work.write_error(error) from None
         finally:
             self.busy_s += time.perf_counter() - started
 
-    def _write(self, batch: ShardRows, piece: Any) -> None:
+    def _write(self, rows: ShardRows, piece: ShardPiece) -> None:
         shard = piece.shard
         if piece.broken:
             if shard in self.open:
-                self.open.pop(shard)[0].discard()
+                self.open.pop(shard).writer.discard()
             self.broken[shard] = piece.broken
             return
         if shard not in self.open:
-            writer = ShardWriter(
-                self.work, shard, self.dtype, self.compression, capacity=self.ARCHIVE_ROWS
-            )
-            self.open[shard] = (writer, [], [])
-        writer, names, labels = self.open[shard]
-        writer.append(ShardRows(batch.indices, batch.features, batch.failures + piece.failures))
-        names.extend(piece.names)
-        labels.extend(piece.labels)
+            capacity = self.ARCHIVE_ROWS if self.identities is not None else None
+            writer = ShardWriter(self.work, shard, self.dtype, self.compression, capacity)
+            self.open[shard] = _OpenShard(writer)
+        held = self.open[shard]
+        held.writer.append(
+            ShardRows(rows.indices, rows.features, rows.failures + list(piece.failures))
+        )
+        held.names.extend(piece.names)
+        held.labels.extend(piece.labels)
         if piece.last:
-            writer.finish(
-                {schema.SHARD_NAMES: names, schema.SHARD_LABELS: labels},
-                {schema.SHARD_ARCHIVE: self.identities[shard]},
-            )
-            del self.open[shard]
+            self.open.pop(shard)
+            if self.identities is None:
+                held.writer.finish()
+            else:
+                held.writer.finish(
+                    {schema.SHARD_NAMES: held.names, schema.SHARD_LABELS: held.labels},
+                    {schema.SHARD_ARCHIVE: self.identities[shard]},
+                )
 
     def discard(self) -> None:
-        for writer, _, _ in self.open.values():
-            writer.discard()
+        for held in self.open.values():
+            held.writer.discard()
         self.open.clear()
+
+
+@dataclass
+class _OpenShard:
+    writer: ShardWriter
+    names: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)

@@ -1,0 +1,62 @@
+"""What the main process hands out, the same for every source (no torch here: the work list is
+built before torch is imported).
+
+A source is a list of shards; the main process cuts each shard into :class:`WorkBatch` es: the
+samples' rows and where their bytes are (:data:`Payload`) for the decode workers, and a
+:class:`ShardPiece` for the sink, which stays in the main process. The workers hand back a
+``data.batch.Batch`` of decoded images, and the loader joins it to its piece again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class FileRange(NamedTuple):
+    """A whole file (``length`` -1: an image in a folder, or a URL) or ``length`` bytes at
+    ``offset`` of a local file (a member of a tar). Small: it is what a worker is sent, so the
+    main process never reads or pickles image bytes."""
+
+    path: str
+    offset: int = 0
+    length: int = -1
+
+
+# A file or byte range, or the bytes themselves (parquet cells, which pyarrow decodes in the
+# main process; and the members of a fetched copy of a remote tar, which is removed as soon as
+# it is read).
+Payload = FileRange | bytes
+
+WorkItem = tuple[int, Payload]  # (row, payload); rows are the work list's, or the archive's
+
+
+@dataclass(frozen=True)
+class ShardPiece:
+    """What the sink needs besides the features of one batch: which shard its rows belong to,
+    the rows' names and raw labels where the shard names them itself (archives; a folder's rows
+    are named by the work list), the samples that failed before decoding, and whether the batch
+    ends the shard (publish it) or the shard broke (discard it)."""
+
+    shard: int
+    names: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()  # each row's label as JSON ("null": none)
+    failures: tuple[tuple[int, str], ...] = ()
+    last: bool = False
+    broken: str = ""
+
+
+UNPLACED = ShardPiece(-1)  # a batch not yet joined to its piece (inside a worker)
+
+
+@dataclass(frozen=True)
+class WorkBatch:
+    """One batch of one shard: the items the workers decode, and its piece for the sink."""
+
+    items: list[WorkItem]
+    piece: ShardPiece
+
+    @property
+    def samples(self) -> int:
+        """Samples it accounts for: the ones to decode and the ones that failed already."""
+        return len(self.items) + len(self.piece.failures)
