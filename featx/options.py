@@ -140,7 +140,7 @@ def settings(
 
     Example: ``settings(ExtractConfig, {"batch_size": 8}, "run.toml", "extract")``
     """
-    names = _names(cls)
+    names, specs = _names(cls), options_of(cls)
     values: dict[str, Any] = {}
     if config_file is not None:
         source = f"--config {config_file}"
@@ -153,7 +153,7 @@ def settings(
         name = names.get(key)
         if name is not None and value is not None:
             value = os.fspath(value) if isinstance(value, os.PathLike) else value
-            flag = declared(cls, name).flag if name in options_of(cls) else "--" + key
+            flag = specs[name].flag if name in specs else "--" + key
             values[name] = _checked(cls, name, value, f"{flag} {value!r}")
     return cls(**values)
 
