@@ -7,17 +7,31 @@ lives here once.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tomllib
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
+from featx import defaults
 from featx.data.archives import check_label_from
+from featx.defaults import available_cores, default_workers
 from featx.errors import UsageError
+from featx.options import load_toml, option, settings
 
-C = TypeVar("C")
+__all__ = [
+    "ExtractConfig",
+    "HeadConfig",
+    "PredictConfig",
+    "ProbeConfig",
+    "available_cores",
+    "check_range",
+    "default_workers",
+    "load_toml",
+    "option",
+    "parse_bytes",
+    "parse_max_failures",
+    "parse_shard",
+    "settings",
+    "too_many_failures",
+]
 
 POOLS = ("avg", "max", "flatten", "none", "cls")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -29,20 +43,44 @@ MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 1 << 16
 MAX_SHARD_SIZE = 1 << 22
 MAX_WORKERS = 512
-DEFAULT_MAX_FILE_BYTES = "1GB"  # no real photo comes near; a padded or sparse file does
+MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0|1|2 (offline-ready)"
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
+def parse_shard(text: str) -> tuple[int, int]:
+    """'3/16' → (3, 16)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 3/16") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise UsageError(f"--shard {text!r}: expected K/N with 0 <= K < N")
+    return k, n
 
 
-def default_workers() -> int:
-    """DataLoader processes on a CPU: leave the cores to the model on small machines, feed it on
-    big ones (runtime.device.feed adds the rule for CUDA and for ranks sharing a node)."""
-    # On 2 cores decoding is ~1% of ResNet-50's CPU time: one worker is plenty.
-    return max(1, min(available_cores() // 2, 8))
+# Options several commands share, declared once each.
+def _device() -> Any:
+    return option("auto", "auto | cpu | cuda | cuda:N | mps")
+
+
+def _memory_budget() -> Any:
+    return option("2GB", "Features held in memory at once; larger files stream")
+
+
+def _overwrite() -> Any:
+    return option(False, "Replace an existing output.")
+
+
+def _quiet() -> Any:
+    return option(False, "Nothing on stderr but errors.", short="-q")
+
+
+def _progress() -> Any:
+    return option(
+        None,
+        "Progress bar on stderr",
+        flag="--progress/--no-progress",
+        shown="when stderr is a terminal",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,34 +93,59 @@ class ExtractConfig:
     """
 
     # What is computed.
-    model: str = "resnet50"
-    weights: str = "DEFAULT"
-    layers: tuple[str, ...] = ()  # empty: the node that feeds the classifier
-    pool: str = "avg"
-    image_size: int | None = None  # crop size override; resize scales with it
-    precision: str = "auto"
-    dtype: str = "float32"
-    decode: str = "cpu"  # cpu | fast (JPEG DCT scaling) | gpu (nvJPEG)
+    model: str = option("resnet50", MODEL_HELP)
+    weights: str = option(
+        "DEFAULT", "DEFAULT, an enum name (IMAGENET1K_V2), none, or a .pth/.safetensors file"
+    )
+    layers: tuple[str, ...] = option(
+        (),
+        "Node name to cut at; repeat for several (one forward pass).",
+        flag="--layer",
+        shown="the classifier's input",
+    )
+    pool: str = option("avg", " | ".join(POOLS))
+    image_size: int | None = option(None, "Crop size override (resize keeps the weights' ratio).")
+    precision: str = option("auto", " | ".join(PRECISIONS), auto=defaults.precision_for)
+    dtype: str = option("float32", "Storage dtype: " + " | ".join(DTYPES))
+    decode: str = option(
+        "cpu", "cpu (full decode) | fast (JPEG DCT scaling for big photos) | gpu (nvJPEG)"
+    )
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
-    max_image_pixels: int | None = None  # None: Pillow's decompression-bomb limit
-    max_file_bytes: int | str = DEFAULT_MAX_FILE_BYTES  # larger image files fail unread
-    labels_csv: str | None = None
-    label_from: str = "cls"  # archives: cls | json:FIELD | none
+    max_image_pixels: int | None = option(
+        None, "Decompression-bomb limit in pixels", shown="Pillow's"
+    )
+    max_file_bytes: int | str = option(
+        "1GB",  # no real photo comes near; a padded or sparse file does
+        "Image files larger than this fail unread, e.g. 200MB",
+    )
+    labels_csv: str | None = option(
+        None, "CSV of path,label: labels for listed files or flat folders.", flag="--labels"
+    )
+    label_from: str = option(
+        "cls",
+        "Archives: labels from .cls members (cls), a field of .json members "
+        "(json:FIELD, dots for nested keys) or none",
+    )
     # How it runs.
     # The unit of resume: an interrupted run loses at most the shard in flight, about a minute
     # of ResNet-50 on a slow 2-core CPU (4-9 img/s); a resume keeps the size it started with.
-    shard_size: int = 256
-    batch_size: int | None = None  # None: 256 on CUDA, 32 elsewhere (runtime.device.feed)
-    workers: int | None = None  # None: from the device, cores and ranks (runtime.device.feed)
-    device: str = "auto"
-    compile: bool = False  # torch.compile with one fixed batch shape
-    compression: str = "none"  # none | lzf (never gzip: ~21 MB/s caps a whole run)
+    shard_size: int = option(256, "Images per shard, the unit of resume")
+    batch_size: int | None = option(None, "Images per forward pass", auto=defaults.batch_size_for)
+    workers: int | None = option(None, "DataLoader decode processes", auto=defaults.workers_for)
+    device: str = _device()
+    compile: bool = option(False, "torch.compile the cut model (fixed batch shape).")
+    compression: str = option("none", "none | lzf")  # never gzip: ~21 MB/s caps a whole run
     write_behind: bool = True  # write shards on a thread, overlapping compute
-    max_failures: int | str = "50%"  # a count, a percentage ("5%") or "none"
-    shard: tuple[int, int] | None = None  # (K, N): this process does part K of N
-    overwrite: bool = False
-    progress: bool | None = None  # None: only when stderr is a terminal
-    quiet: bool = False  # no notes on stderr (what is read, resume, interrupt): errors only
+    max_failures: int | str = option("50%", "Exit 3 when more images fail: a count, P% or none")
+    shard: tuple[int, int] | None = option(
+        None,
+        "K/N: do part K of N (SLURM arrays, CI matrices); `featx merge` joins the parts.",
+        parse=parse_shard,
+        expects="K/N or a list of two ints",
+    )
+    overwrite: bool = _overwrite()
+    progress: bool | None = _progress()
+    quiet: bool = _quiet()
 
     def __post_init__(self) -> None:
         _check_choice("pool", self.pool, POOLS)
@@ -106,11 +169,6 @@ class ExtractConfig:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):
                 raise UsageError(f"--shard {k}/{n}: expected K/N with 0 <= K < N")
-
-    @property
-    def max_file_size(self) -> int:
-        """``max_file_bytes`` in bytes."""
-        return parse_bytes(self.max_file_bytes, "--max-file-bytes")
 
     def replace(self, **changes: Any) -> ExtractConfig:
         return dataclasses.replace(self, **changes)
@@ -160,144 +218,6 @@ def too_many_failures(spec: int | str, failed: int, total: int) -> bool:
     return False
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'3/16' → (3, 16)."""
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 3/16") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise UsageError(f"--shard {text!r}: expected K/N with 0 <= K < N")
-    return k, n
-
-
-def load_toml(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
-    """Options for one command from a TOML file: its ``[section]`` table, or the top level."""
-    from featx.inputs import MAX_CONFIG_BYTES, read_input
-
-    text = read_input(path, "--config", MAX_CONFIG_BYTES)
-    try:
-        data = tomllib.loads(text.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"--config {path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"--config {path}: not valid TOML ({error})") from None
-    table = data.get(section, data)
-    if not isinstance(table, dict):
-        raise UsageError(f"--config {path}: [{section}] must be a table")
-    # Sub-tables are other commands' sections; a plain ``head = "mlp"`` is train-head's option.
-    return {key: value for key, value in table.items() if not isinstance(value, dict)}
-
-
-# Flag names that differ from their field's name (the CLI's --layer fills ``layers``).
-ALIASES = {"layer": "layers", "labels": "labels_csv", "compile_model": "compile"}
-
-
-def settings(
-    cls: type[C],
-    flags: dict[str, Any],
-    config_file: str | os.PathLike[str] | None = None,
-    section: str = "",
-) -> C:
-    """The config dataclass ``cls`` from a TOML file's ``[section]`` and command-line flags.
-
-    Both are matched to fields by name (``batch-size`` and ``batch_size`` alike); flags given
-    (not None) override the file; keys that are not fields of ``cls`` are ignored in ``flags``
-    (the command's other parameters) and refused in the file. Every value is checked against
-    the field's real type hint, then by the dataclass's own validators, so a bad value is one
-    line whether it came from a flag or a file.
-
-    Example: ``settings(ExtractConfig, {"batch_size": 8}, "run.toml", "extract")``
-    """
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        source = f"--config {config_file}"
-        for key, value in load_toml(config_file, section).items():
-            name = key.replace("-", "_")
-            name = name if name in names else ALIASES.get(name, name)
-            if name not in names:
-                raise UsageError(f"{source}: unknown option {key!r}")
-            values[name] = _checked(cls, name, value, f"{source}: {key} = {value!r}")
-    for key, value in flags.items():
-        name = key if key in names else ALIASES.get(key, key)
-        if name in names and value is not None:
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            flag = "--" + key.replace("_", "-")
-            values[name] = _checked(cls, name, value, f"{flag} {value!r}")
-    return cls(**values)
-
-
-def _checked(cls: type, name: str, value: Any, where: str) -> Any:
-    """``value`` made to fit field ``name``'s type hint, or a UsageError that says what fits."""
-    hint = typing.get_type_hints(cls)[name]
-    converted = _convert(hint, value)
-    if converted is _NO_FIT:
-        raise UsageError(f"{where}: expected {_describe(hint)}")
-    return converted
-
-
-_NO_FIT = object()
-
-
-def _convert(hint: Any, value: Any) -> Any:
-    """``value`` as an instance of ``hint`` (int, float, bool, str, unions, tuples), or _NO_FIT.
-
-    The only conversions are the lossless ones a user means: an int where a float is wanted, a
-    list (TOML has no tuples) where a tuple is, a lone string for a tuple of strings, and
-    ``"K/N"`` for a pair of ints (``--shard 3/16``).
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        for option in args:
-            converted = _convert(option, value)
-            if converted is not _NO_FIT:
-                return converted
-        return _NO_FIT
-    if hint is type(None):
-        return None if value is None else _NO_FIT
-    if hint is bool:
-        return value if isinstance(value, bool) else _NO_FIT
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_FIT
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _NO_FIT
-    if hint is str:
-        return value if isinstance(value, str) else _NO_FIT
-    if origin is tuple:
-        if isinstance(value, str) and args == (int, int) and "/" in value:
-            return parse_shard(value)
-        if isinstance(value, str) and args == (str, ...):
-            return (value,)
-        if not isinstance(value, (list, tuple)):
-            return _NO_FIT
-        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(kinds) != len(value):
-            return _NO_FIT
-        items = tuple(_convert(kind, item) for kind, item in zip(kinds, value, strict=True))
-        return _NO_FIT if any(item is _NO_FIT for item in items) else items
-    return _NO_FIT
-
-
-_SINGULAR = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
-_PLURAL = {int: "ints", float: "numbers", bool: "booleans", str: "strings"}
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_PLURAL[args[0]]}"
-        if args == (int, int):
-            return "K/N or a list of two ints"
-        return f"a list of {len(args)} {_PLURAL[args[0]]}"
-    return _SINGULAR.get(hint, str(hint))
-
-
 # --- train-head / predict / evaluate ----------------------------------------------------------
 
 HEADS = ("linear", "mlp")
@@ -329,23 +249,31 @@ class HeadConfig:
     Example: ``HeadConfig(head="mlp", hidden=256, dropout=0.3)``
     """
 
-    head: str = "linear"  # linear: multinomial logistic regression; mlp: one hidden layer
-    hidden: int = 512  # mlp only
-    dropout: float = 0.2  # mlp only
-    layer: str | None = None  # None: the file's only feature layer
-    val_split: float = 0.2  # stratified fraction of each class held out, unless `val` is given
-    val: str | None = None  # a features file of the same extraction to validate on instead
-    optimizer: str = "auto"  # auto: lbfgs for linear (full batch, like sklearn), adamw for mlp
-    epochs: int = 100  # lbfgs: one epoch is LBFGS_ITERATIONS iterations; adamw: one pass
-    lr: float | None = None  # None: 1.0 for lbfgs (line search picks the step), 1e-3 for adamw
-    weight_decay: float | None = None  # None: 1 / training rows (scikit-learn's C=1)
-    batch_size: int = 256  # adamw minibatch
-    patience: int = 10  # epochs without a better validation loss before stopping
-    class_weight: str = "none"  # balanced: weight n / (classes * n_class), as sklearn
-    seed: int = 0
-    device: str = "auto"
-    memory_budget: str = "2GB"  # features that fit are loaded whole; larger files stream in blocks
-    overwrite: bool = False
+    head: str = option("linear", "linear (multinomial logistic) | mlp")
+    hidden: int = option(512, "MLP hidden units")
+    dropout: float = option(0.2, "MLP dropout")
+    layer: str | None = option(None, "Feature layer", shown="the only one")
+    val_split: float = option(0.2, "Stratified fraction held out to validate")
+    val: str | None = option(
+        None, "Validate on this features file (same extraction) instead of a split."
+    )
+    optimizer: str = option("auto", " | ".join(OPTIMIZERS), auto=defaults.solver_for)
+    # lbfgs: one epoch is LBFGS_ITERATIONS iterations; adamw: one pass
+    epochs: int = option(100, "At most this many epochs (lbfgs: 20 iterations each)")
+    lr: float | None = option(None, "Learning rate", auto=defaults.learning_rate_for)
+    weight_decay: float | None = option(
+        None,
+        "L2 on the weights (lbfgs), decoupled decay (adamw)",
+        auto=defaults.weight_decay_for,
+    )
+    batch_size: int = option(256, "adamw minibatch rows")
+    patience: int = option(10, "Stop after this many epochs without a better val loss")
+    # balanced: weight n / (classes * n_class), as sklearn
+    class_weight: str = option("none", "none | balanced (for skewed classes)")
+    seed: int = option(0, "Seeds the split, init and shuffling")
+    device: str = _device()
+    memory_budget: str = _memory_budget()
+    overwrite: bool = _overwrite()
 
     def __post_init__(self) -> None:
         _check_choice("head", self.head, HEADS)
@@ -369,19 +297,17 @@ class HeadConfig:
 
     @property
     def solver(self) -> str:
-        if self.optimizer != "auto":
-            return self.optimizer
-        return "lbfgs" if self.head == "linear" else "adamw"
+        return self.optimizer if self.optimizer != "auto" else defaults.solver_for(self.head)
 
     def decay(self, train_rows: int) -> float:
         """The weight decay for ``train_rows`` training rows."""
-        return self.weight_decay if self.weight_decay is not None else 1.0 / max(train_rows, 1)
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return defaults.weight_decay_for(train_rows)
 
     @property
     def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1.0 if self.solver == "lbfgs" else 1e-3
+        return self.lr if self.lr is not None else defaults.learning_rate_for(self.solver)
 
     def replace(self, **changes: Any) -> HeadConfig:
         return dataclasses.replace(self, **changes)
@@ -399,15 +325,24 @@ class ProbeConfig:
     Example: ``ProbeConfig(folds=5, max_rows=5000, layers=("layer3", "flatten"))``
     """
 
-    folds: int = 5
-    inner_folds: int = 3  # folds of the training rows that choose C
-    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # scikit-learn's C: 1 / (λ · rows)
-    layers: tuple[str, ...] = ()  # empty: every layer of every file
-    max_rows: int | None = None  # a stratified, seeded subsample of each file for a quick look
-    epochs: int = 5  # L-BFGS epochs of 20 iterations: 100 at most per fit, scikit-learn's max_iter
-    seed: int = 0  # the folds and the subsample
-    device: str = "auto"
-    memory_budget: str = "2GB"  # a layer that fits is read once; larger ones stream per fit
+    folds: int = option(5, "Stratified cross-validation folds")
+    inner_folds: int = option(3, "Folds of the training rows that choose C")
+    c_grid: tuple[float, ...] = option(  # scikit-learn's C: 1 / (λ · rows)
+        (0.01, 0.1, 1.0, 10.0),
+        "A value of C (scikit-learn's inverse L2 strength) to choose from; repeat",
+    )
+    layers: tuple[str, ...] = option(
+        (), "A layer to probe; repeat", flag="--layer", shown="every layer of each file"
+    )
+    max_rows: int | None = option(
+        None, "Probe a stratified, seeded subsample of this many rows", shown="all"
+    )
+    # 100 iterations at most per fit at the default: scikit-learn's max_iter
+    epochs: int = option(5, "At most this many L-BFGS epochs (20 iterations) a fit")
+    seed: int = option(0, "Seeds the folds and the subsample")
+    device: str = _device()
+    # a layer that fits is read once; larger ones stream per fit
+    memory_budget: str = _memory_budget()
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -433,14 +368,14 @@ class PredictConfig:
     Example: ``PredictConfig(top_k=5, device="cpu")``
     """
 
-    top_k: int = 3  # classes per row in the CSV, best first
-    device: str = "auto"
-    batch_size: int | None = None  # images per forward pass; None: ExtractConfig's
-    workers: int | None = None  # decode processes; None: ExtractConfig's
-    memory_budget: str = "2GB"
-    overwrite: bool = False
-    progress: bool | None = None
-    quiet: bool = False  # no notes on stderr: errors only
+    top_k: int = option(3, "Best classes listed per row")  # in the CSV, best first
+    device: str = _device()
+    batch_size: int | None = option(None, "Images per forward pass", shown="extract's")
+    workers: int | None = option(None, "DataLoader decode processes", shown="extract's")
+    memory_budget: str = _memory_budget()
+    overwrite: bool = _overwrite()
+    progress: bool | None = _progress()
+    quiet: bool = _quiet()
 
     def __post_init__(self) -> None:
         check_range("top_k", self.top_k, 0, 1 << 20)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from featx import __version__
-from featx.config import ExtractConfig, available_cores, too_many_failures
+from featx.config import ExtractConfig, available_cores, parse_bytes, too_many_failures
 from featx.data.archives import ArchiveList
 from featx.data.batch import Batch
 from featx.data.decode import DecodePolicy
@@ -220,7 +220,7 @@ def decode_policy(backbone: Backbone, config: ExtractConfig, device: torch.devic
         config.background,
         config.max_image_pixels,
         config.decode,
-        config.max_file_size,
+        parse_bytes(config.max_file_bytes, "--max-file-bytes"),
     )
 
 

@@ -39,7 +39,8 @@ def layers(
 
     Example: featx layers resnet50 | grep layer4
     """
-    options = settings(ExtractConfig, locals(), config, "extract")
+    flags = {"model": model, "pool": pool, "image_size": image_size}
+    options = settings(ExtractConfig, flags, config, "extract")
 
     from featx.models import describe_layers, load_backbone
 

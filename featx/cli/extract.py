@@ -98,7 +98,31 @@ def extract(
 
     Example: featx extract ./photos -o feats.h5 --model resnet18 --layer layer3 --pool max
     """
-    flags = {**locals(), "progress": False if quiet else progress}
+    flags = {
+        "labels_csv": labels,
+        "label_from": label_from,
+        "model": model,
+        "weights": weights,
+        "layers": layer,
+        "pool": pool,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "precision": precision,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "shard": shard,
+        "max_failures": max_failures,
+        "max_image_pixels": max_image_pixels,
+        "max_file_bytes": max_file_bytes,
+        "decode": decode,
+        "compile": compile_model,
+        "compression": compression,
+        "overwrite": overwrite,
+        "quiet": quiet,
+        "progress": False if quiet else progress,
+    }
     options = settings(ExtractConfig, flags, config, "extract")
     if output is None:
         raise UsageError("missing option -o / --output: the HDF5 file to write")
@@ -184,7 +208,18 @@ def bench(
     Random weights are used (throughput does not depend on them), so nothing is downloaded.
     Example: featx bench ./photos --model resnet50 --batch-size 32 --json
     """
-    options = settings(ExtractConfig, locals(), config, "extract")
+    flags = {
+        "model": model,
+        "layers": layer,
+        "pool": pool,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "precision": precision,
+        "decode": decode,
+    }
+    options = settings(ExtractConfig, flags, config, "extract")
 
     from featx.bench import bench as run_bench
 

@@ -10,23 +10,34 @@ import typer
 
 from featx.cli._app import app, emit, libraries_silenced, reports_errors, say
 from featx.cli._options import (
+    ClassWeight,
     Config,
+    Dropout,
+    Epochs,
     FeatureLayer,
+    Head,
     HeadBatchSize,
     HeadDevice,
     HeadFile,
     HeadWorkers,
+    Hidden,
     Json,
+    Lr,
     MemoryBudget,
+    MinibatchSize,
+    Optimizer,
     Overwrite,
+    Patience,
     Progress,
     Quiet,
     Seed,
+    TopK,
+    Val,
+    ValSplit,
+    WeightDecay,
 )
 from featx.config import HeadConfig, PredictConfig, settings
 from featx.errors import UsageError
-
-_H, _P = HeadConfig, PredictConfig
 
 
 @app.command("train-head")
@@ -37,58 +48,18 @@ def train_head(
         Path, typer.Option("--output", "-o", help="Head file to write (safetensors + JSON).")
     ],
     layer: FeatureLayer = None,
-    head: Annotated[
-        str | None,
-        typer.Option(help=f"linear (multinomial logistic) | mlp [default: {_H.head}]"),
-    ] = None,
-    hidden: Annotated[
-        int | None, typer.Option(help=f"MLP hidden units [default: {_H.hidden}]")
-    ] = None,
-    dropout: Annotated[
-        float | None, typer.Option(help=f"MLP dropout [default: {_H.dropout}]")
-    ] = None,
-    val_split: Annotated[
-        float | None,
-        typer.Option(help=f"Stratified fraction held out to validate [default: {_H.val_split}]"),
-    ] = None,
-    val: Annotated[
-        Path | None,
-        typer.Option(help="Validate on this features file (same extraction) instead of a split."),
-    ] = None,
-    optimizer: Annotated[
-        str | None,
-        typer.Option(help="auto | lbfgs | adamw [default: auto: lbfgs for linear, adamw for mlp]"),
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option(
-            help=f"At most this many epochs (lbfgs: 20 iterations each) [default: {_H.epochs}]"
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate [default: 1.0 for lbfgs (line search), 1e-3 for adamw]"),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(
-            help="L2 on the weights (lbfgs), decoupled decay (adamw) "
-            "[default: 1/training rows, sklearn's C=1]"
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help=f"adamw minibatch rows [default: {_H.batch_size}]")
-    ] = None,
-    patience: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Stop after this many epochs without a better val loss [default: {_H.patience}]"
-        ),
-    ] = None,
-    class_weight: Annotated[
-        str | None,
-        typer.Option(help=f"none | balanced (for skewed classes) [default: {_H.class_weight}]"),
-    ] = None,
+    head: Head = None,
+    hidden: Hidden = None,
+    dropout: Dropout = None,
+    val_split: ValSplit = None,
+    val: Val = None,
+    optimizer: Optimizer = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    weight_decay: WeightDecay = None,
+    batch_size: MinibatchSize = None,
+    patience: Patience = None,
+    class_weight: ClassWeight = None,
     seed: Seed = None,
     device: HeadDevice = None,
     memory_budget: MemoryBudget = None,
@@ -103,7 +74,26 @@ def train_head(
     """
     if val is not None and val_split is not None:
         raise UsageError("--val and --val-split both choose the validation rows: use one of them")
-    options = settings(HeadConfig, locals(), config, "train-head")
+    flags = {
+        "layer": layer,
+        "head": head,
+        "hidden": hidden,
+        "dropout": dropout,
+        "val_split": val_split,
+        "val": val,
+        "optimizer": optimizer,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "patience": patience,
+        "class_weight": class_weight,
+        "seed": seed,
+        "device": device,
+        "memory_budget": memory_budget,
+        "overwrite": overwrite,
+    }
+    options = settings(HeadConfig, flags, config, "train-head")
     _check_before_torch(features, output, options.overwrite)
 
     from featx.heads.reports import metrics_table
@@ -137,6 +127,27 @@ def _check_before_torch(
     check_output(output, overwrite)
 
 
+def _apply_flags(
+    device: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    memory_budget: str | None,
+    overwrite: bool | None,
+    quiet: bool,
+    progress: bool | None,
+) -> dict[str, object]:
+    """The ``PredictConfig`` flags predict and evaluate share (``--quiet`` silences progress)."""
+    return {
+        "device": device,
+        "batch_size": batch_size,
+        "workers": workers,
+        "memory_budget": memory_budget,
+        "overwrite": overwrite,
+        "quiet": quiet,
+        "progress": False if quiet else progress,
+    }
+
+
 def _report_failures(failed: list[dict[str, str]], quiet: bool) -> None:
     for item in failed[:20]:
         say(f"featx: skipped {item['path']}: {item['error']}", quiet)
@@ -156,9 +167,7 @@ def predict(
     ],
     head: HeadFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
-    top_k: Annotated[
-        int | None, typer.Option(help=f"Best classes listed per row [default: {_P.top_k}]")
-    ] = None,
+    top_k: TopK = None,
     device: HeadDevice = None,
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
@@ -173,7 +182,8 @@ def predict(
     CSV columns: path, predicted_class, probability, then top1_class, top1_probability, ...
     Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
     """
-    options = settings(PredictConfig, {**locals(), "progress": False if quiet else progress})
+    flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
+    options = settings(PredictConfig, {**flags, "top_k": top_k})
     _check_before_torch(Path(source), output, options.overwrite, head)
 
     from featx.heads.apply import predict as run_predict
@@ -219,7 +229,8 @@ def evaluate(
 
     Example: featx evaluate test_feats.h5 --head cats.head --json
     """
-    options = settings(PredictConfig, {**locals(), "progress": False if quiet else progress})
+    flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
+    options = settings(PredictConfig, flags)
 
     from featx.heads.apply import evaluate as run_evaluate
     from featx.heads.reports import metrics_table

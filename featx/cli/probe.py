@@ -20,8 +20,8 @@ from featx.cli._options import (
     Overwrite,
     ProbeEpochs,
     ProbeLayers,
+    ProbeSeed,
     Quiet,
-    Seed,
 )
 from featx.config import ProbeConfig, settings
 
@@ -43,7 +43,7 @@ def probe(
     c_grid: CGrid = None,
     max_rows: MaxRows = None,
     epochs: ProbeEpochs = None,
-    seed: Seed = None,
+    seed: ProbeSeed = None,
     device: HeadDevice = None,
     memory_budget: MemoryBudget = None,
     config: Config = None,
@@ -56,7 +56,18 @@ def probe(
     Prints the table, the best (file, layer) and the train-head command for it.
     Example: featx probe lite0.h5 lite0-random.h5 --max-rows 5000 -o probe.png
     """
-    options = settings(ProbeConfig, locals(), config, "probe")
+    flags = {
+        "layers": layer,
+        "folds": folds,
+        "inner_folds": inner_folds,
+        "c_grid": c_grid,
+        "max_rows": max_rows,
+        "epochs": epochs,
+        "seed": seed,
+        "device": device,
+        "memory_budget": memory_budget,
+    }
+    options = settings(ProbeConfig, flags, config, "probe")
 
     from featx.heads.probe import probe as run_probe
     from featx.heads.probe import probe_picture, probe_table

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featx import defaults
 from featx.errors import FeatxError, UsageError
 
 TORCHVISION_IO_NOTICE = "The image decoding and encoding capabilities of TorchVision"
@@ -41,9 +42,7 @@ def pick_device(spec: str) -> torch.device:
 
 def pick_precision(spec: str, device: torch.device) -> str:
     """'auto' → fp16 on CUDA, fp32 elsewhere (CPU bf16 autocast measured 6x slower here)."""
-    if spec != "auto":
-        return spec
-    return "fp16" if device.type == "cuda" else "fp32"
+    return spec if spec != "auto" else defaults.precision_for(device.type)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -54,10 +53,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 # --- feeding the device: batch size, workers, prefetch --------------------------------------
-
-CUDA_BATCH = 256  # timm's benchmark and clip-retrieval use 256 on a GPU
-CPU_BATCH = 32  # on a CPU a bigger batch is no faster, only bigger
-MAX_WORKERS = 16  # libjpeg-turbo at ~1,500 img/s a core: 16 workers feed ~20k img/s
 
 
 @dataclass(frozen=True)
@@ -75,20 +70,16 @@ def feed(
 ) -> Feed:
     """The rule, each part overridable (``--batch-size``, ``--workers``):
 
-    * batch: 256 on CUDA, 32 elsewhere;
-    * workers: this process's share of the cores (``cores // ranks``, ``ranks`` the processes on
-      this node: torchrun's ``LOCAL_WORLD_SIZE``); on CUDA all of it but one core for the loop,
-      up to 16; on a CPU half of it, up to 8 (the model needs the cores); at least 1;
+    * batch: ``defaults.batch_size_for`` (256 on CUDA, 32 elsewhere);
+    * workers: ``defaults.workers_for``, this process's share of the cores;
     * prefetch: enough batches in flight to hide a slow one, about 256 images per worker and at
       least 2 batches (4 at batch 32, 2 at 256).
 
     Example: ``feed(None, None, torch.device("cuda"), cores=64, ranks=8) == Feed(256, 7, 2)``
     """
-    batch = batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
-    share = max(1, cores // max(ranks, 1))
+    batch = batch_size or defaults.batch_size_for(device.type)
     if workers is None:
-        workers = min(share - 1, MAX_WORKERS) if device.type == "cuda" else min(share // 2, 8)
-        workers = max(1, workers)
+        workers = defaults.workers_for(device.type, cores, ranks)
     return Feed(batch, workers, max(2, min(4, 256 // batch)))
 
 
