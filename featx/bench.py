@@ -208,7 +208,7 @@ def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float,
         )
         with plan.job.session(plan.device):
             work = open_work_dir(
-                plan.target, plan.fingerprint, config.shard_size, len(images), overwrite=True
+                plan.target, plan.fingerprint, plan.shard_size, len(images), overwrite=True
             )
             ran = run(plan, work)
     timings = ran.timings

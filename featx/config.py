@@ -127,9 +127,10 @@ class ExtractConfig:
         "(json:FIELD, dots for nested keys) or none",
     )
     # How it runs.
-    # The unit of resume: an interrupted run loses at most the shard in flight, about a minute
-    # of ResNet-50 on a slow 2-core CPU (4-9 img/s); a resume keeps the size it started with.
-    shard_size: int = option(256, "Images per shard, the unit of resume")
+    # The unit of resume: an interrupted run loses at most the shard in flight.
+    shard_size: int | None = option(
+        None, "Images per shard, the unit of resume", auto=defaults.shard_size_for
+    )
     batch_size: int | None = option(None, "Images per forward pass", auto=defaults.batch_size_for)
     workers: int | None = option(None, "DataLoader decode processes", auto=defaults.workers_for)
     device: str = _device()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from featx import __version__
+from featx import __version__, defaults
 from featx.config import ExtractConfig, available_cores, parse_bytes, too_many_failures
 from featx.data.archives import ArchiveList
 from featx.data.batch import Batch
@@ -80,6 +80,7 @@ class Plan:
     policy: DecodePolicy
     fingerprint: dict[str, Any]
     feed: devices.Feed  # batch size, workers, prefetch (not fingerprinted: free between runs)
+    shard_size: int  # files per shard (--shard-size, or the device's rule); archives: 1
     label: str = ""  # the progress bar's label
 
 
@@ -146,7 +147,7 @@ def extract(
             lambda overwrite: open_work_dir(
                 plan.target,
                 plan.fingerprint,
-                plan.source.shard_size(config),
+                plan.shard_size,
                 len(plan.source.images),
                 overwrite,
             ),
@@ -195,9 +196,11 @@ def make_plan(
     feed = devices.feed(
         config.batch_size, config.workers, device, available_cores(), job.ranks_per_node
     )
+    work_source = source_of(images)
+    shard_size = work_source.shard_size(config.shard_size or defaults.shard_size_for(device.type))
     return Plan(
         config,
-        source_of(images),
+        work_source,
         target,
         job,
         backbone,
@@ -207,6 +210,7 @@ def make_plan(
         policy,
         fingerprint,
         feed,
+        shard_size,
         label or target.name,
     )
 

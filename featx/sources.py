@@ -45,8 +45,8 @@ class FileSource:
     unit: str = "images"  # what resume and interrupt messages count
     resume_unit: str = "--shard-size sets the unit of resume"
 
-    def shard_size(self, config: ExtractConfig) -> int:
-        return config.shard_size
+    def shard_size(self, requested: int) -> int:
+        return requested
 
     def shard_words(self, work: WorkDir) -> str:
         return f"{work.shard_size:,} images"
@@ -97,7 +97,7 @@ class ArchiveSource:
     def unit(self) -> str:
         return f"{self.images.kind} shards"
 
-    def shard_size(self, config: ExtractConfig) -> int:
+    def shard_size(self, requested: int) -> int:
         return 1  # an archive is one shard whatever it holds
 
     def shard_words(self, work: WorkDir) -> str:
