@@ -19,7 +19,7 @@ from featx.data.archive_feed import EncodedDataset, archive_batches
 from featx.data.archives import ArchiveList
 from featx.data.decode import DecodePolicy
 from featx.data.loader import ImageDataset
-from featx.data.remote import Prefetcher
+from featx.data.prefetch import Prefetcher
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes

@@ -1,7 +1,7 @@
 """Archives → batches for the decode workers, one archive (one shard) after another.
 
 The main process reads each archive in member order (a local file, or a scratch copy that
-``remote.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
+``prefetch.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
 batches of ``(row, bytes)`` items; DataLoader workers decode them, so a decoder that crashes
 still costs one image (``loader.decoded_batches``). Each batch carries a :class:`ShardPiece`:
 which shard its rows belong to, their names and labels, the samples that failed before decoding,
@@ -22,7 +22,7 @@ from featx.data.archives import ArchiveList, Sample
 from featx.data.decode import DecodePolicy, decode_bytes, describe_error, resize_crop
 from featx.data.gpu_decode import prepare_bytes
 from featx.data.parquet_samples import parquet_samples
-from featx.data.remote import Prefetcher
+from featx.data.prefetch import Prefetcher
 from featx.data.tar_samples import BrokenArchive, tar_samples
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
