@@ -18,7 +18,7 @@ from featx.data.archive_feed import archive_batches
 from featx.data.archives import ArchiveList
 from featx.data.decode import DecodePolicy
 from featx.data.loader import file_items
-from featx.data.remote import Prefetcher
+from featx.data.prefetch import Prefetcher
 from featx.data.work import ShardPiece, WorkBatch
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch

@@ -15,7 +15,7 @@ featx's own code paths, so the decoded columns are per core (a DataLoader worker
 figure is the best of ``--repeat`` runs (default 3), as the machine may be busy with other work:
 
 * read-only, loose files: ``featx.data.decode.read_file`` on each file;
-* read-only, tars: ``list_archives`` + ``remote.Prefetcher`` (remote archives fetched whole, one
+* read-only, tars: ``list_archives`` + ``prefetch.Prefetcher`` (remote archives fetched whole, one
   ahead, into a fresh scratch folder) + ``archive_feed.archive_batches`` (``tar_samples``, batches
   of 32 as on a CPU), every image's bytes taken;
 * decoded: the same, plus decode + resize + 224 crop of each image (``load_image`` for files,
@@ -246,7 +246,7 @@ def archive_run(source: str, scratch_root: Path, decode: Decode | None) -> tuple
     """(images, bytes) of every archive of ``source`` through featx's archive path."""
     from featx.data.archive_feed import archive_batches
     from featx.data.archives import list_archives
-    from featx.data.remote import Prefetcher
+    from featx.data.prefetch import Prefetcher
 
     archives = list_archives(source)
     shards = list(range(len(archives)))

@@ -53,7 +53,8 @@ def main() -> None:
 
     from featx import ExtractConfig, extract
     from featx.config import ProbeConfig
-    from featx.heads.probe import probe, probe_picture, probe_table
+    from featx.heads.probe import probe, probe_table
+    from featx.heads.probe_png import probe_picture
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:

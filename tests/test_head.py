@@ -577,3 +577,59 @@ def test_head_trains_on_the_gpu_like_on_the_cpu(separable, tmp_path):
     cpu = train_head(separable, tmp_path / "cpu.head", HeadConfig(device="cpu")).metrics
     gpu = train_head(separable, tmp_path / "gpu.head", HeadConfig(device="cuda")).metrics
     assert gpu["accuracy"] == pytest.approx(cpu["accuracy"], abs=0.005)
+
+
+def _header(**changes):
+    header = {
+        "class_names": ["a", "b"],
+        "dim": 8,
+        "layer": "avgpool",
+        "head": {"kind": "mlp", "hidden": 16},
+        "extraction": {
+            "model": "resnet18",
+            "layer": "avgpool",
+            "pool": "avg",
+            "weights": NO_WEIGHTS,
+            "transform": TRANSFORM,
+        },
+    }
+    return {**header, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({}, ""),
+        ({"class_names": [], "dim": 0}, "class_names must be a list of 1 to 100000 names"),
+        ({"class_names": ["a", "x" * 1001]}, "class_names must be strings of at most 1000"),
+        ({"dim": True, "head": {"kind": "rnn"}}, "dim must be an integer from 1 to 16777216"),
+        ({"head": {"kind": "rnn"}, "layer": 3}, "head.kind must be one of linear, mlp"),
+        ({"head": {"kind": "mlp", "hidden": 0}}, "head.hidden must be an integer from 1 to 65536"),
+        ({"head": {"kind": "linear", "hidden": None}}, ""),
+        ({"extraction": [], "layer": 3}, "extraction must be a table"),
+        ({"extraction": {"model": "m", "layer": "l"}}, "extraction.pool must be a string"),
+        ({"layer": None, "extraction": {"model": "m", "layer": "l", "pool": "p"}}, "layer must"),
+        ({"extraction": {"model": "m", "layer": "l", "pool": "p"}}, "extraction.weights must be"),
+        (
+            {
+                "extraction": {
+                    "model": "m",
+                    "layer": "l",
+                    "pool": "p",
+                    "weights": {},
+                    "transform": 1,
+                }
+            },
+            "extraction.transform must be a table",
+        ),
+        (
+            {"extraction": {**_header()["extraction"], "transform": {"crop": 5000}}},
+            "extraction.transform.crop must be an integer from 1 to 4096",
+        ),
+    ],
+)
+def test_header_problem_names_the_first_thing_wrong_in_a_fixed_order(changes, problem):
+    from featx.heads.model import header_problem
+
+    found = header_problem(_header(**changes))
+    assert found.startswith(problem) and bool(found) == bool(problem)

@@ -25,7 +25,8 @@ import pytest
 
 from featx import extract
 from featx.config import ExtractConfig
-from featx.data.remote import Prefetcher, expand_braces
+from featx.data.braces import expand_braces
+from featx.data.prefetch import Prefetcher
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store.merge import merge
 from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar

@@ -18,6 +18,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from featx import ExtractConfig, FeatureFile, extract
 from featx.data.decode import resize_crop
+from featx.errors import UsageError
 from featx.models import load_backbone
 
 IMAGENET = torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"]
@@ -235,3 +236,33 @@ def test_weights_list_shows_cached_files_with_sizes(cli, tmp_path, monkeypatch):
     assert result.exit_code == 0
     listed = json.loads(result.stdout)
     assert listed == [{"path": str(checkpoints / "resnet18-f37072fd.pth"), "bytes": 2_000_000}]
+
+
+@pytest.mark.parametrize(
+    ("shape", "how", "expected"),
+    [
+        ((2, 3, 4, 5), "avg", lambda x: x.mean(dim=(2, 3))),
+        ((2, 3, 4, 5), "max", lambda x: x.amax(dim=(2, 3))),
+        ((2, 3, 4, 5), "flatten", lambda x: x.reshape(2, 60)),
+        ((2, 3, 4, 5), "none", lambda x: x),
+        ((2, 6, 4), "cls", lambda x: x[:, 0]),
+        ((2, 6, 4), "avg", lambda x: x[:, 1:].mean(dim=1)),  # after the one prefix token
+        ((2, 6, 4), "max", lambda x: x[:, 1:].amax(dim=1)),
+        ((2, 6, 4), "flatten", lambda x: x.reshape(2, 24)),
+        ((2, 7), "cls", lambda x: x),  # a vector is kept whatever --pool says
+    ],
+)
+def test_pool_reduces_each_kind_of_layer_output_as_pooled_shape_says(shape, how, expected):
+    from featx.models.pooling import pool, pooled_shape
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    pooled = pool(x, how, prefix_tokens=1)
+    assert torch.equal(pooled, expected(x))
+    assert pooled.shape[1:] == pooled_shape(shape[1:], how)
+
+
+def test_cls_pooling_of_a_feature_map_is_refused_in_one_line():
+    from featx.models.pooling import pool
+
+    with pytest.raises(UsageError, match=r"--pool cls does not apply .* \[3, 4, 5\]"):
+        pool(torch.zeros(2, 3, 4, 5), "cls")

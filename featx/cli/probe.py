@@ -70,7 +70,8 @@ def probe(
     options = settings(ProbeConfig, flags, config, "probe")
 
     from featx.heads.probe import probe as run_probe
-    from featx.heads.probe import probe_picture, probe_table
+    from featx.heads.probe import probe_table
+    from featx.heads.probe_png import probe_picture
     from featx.store.durable import check_output
 
     if output is not None:

@@ -1,7 +1,7 @@
 """Archives → batches for the decode workers, one archive (one shard) after another.
 
 The main process reads each archive in member order (a local file, or a scratch copy that
-``remote.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
+``prefetch.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
 batches of ``(row, payload)`` items: a local tar's are byte ranges of the file (the main process
 reads only its headers and labels), others' the image bytes. DataLoader workers read and decode
 them, so a decoder that crashes
@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 from featx.data.archives import ArchiveList, Sample
 from featx.data.parquet_samples import parquet_samples
-from featx.data.remote import Prefetcher, is_url
+from featx.data.prefetch import Prefetcher
+from featx.data.remote import is_url
 from featx.data.tar_samples import BrokenArchive, tar_samples
 from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError

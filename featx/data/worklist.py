@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from featx.data import remote
@@ -90,68 +91,56 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class ClassLayout:
+    """How a folder's images are labelled: :func:`class_layout`'s answer."""
+
+    class_names: list[str]  # [] when the folder is unlabelled
+    labels: list[int]  # one per path, -1 when unlabelled
+    stray: tuple[str, ...]  # top-level images beside subfolders: they keep it unlabelled
+
+
+def class_layout(paths: Sequence[str], folders: Iterable[str] = ()) -> ClassLayout:
+    """The class-folder rule, for local and remote folders alike (as torchvision's ImageFolder).
+
+    ``paths`` are the images found, relative to the folder, ``/``-separated; ``folders`` are
+    top-level subfolders the scanner saw besides those that hold an image (a local listing
+    shows empty ones). Subfolders at the top level are classes in sorted order, and an image
+    is labelled by its top-level folder, however deep it lies. Images at the top level
+    beside subfolders are stray: the folder is then unlabelled (every label -1) and they are
+    named, so that the caller can warn. A folder without subfolders is unlabelled.
+
+    Example: ``class_layout(["cat/1.jpg", "dog/2.jpg"]).labels == [0, 1]``
+    """
+    tops = sorted({p.split("/", 1)[0] for p in paths if "/" in p}.union(folders))
+    stray = tuple(p for p in paths if "/" not in p) if tops else ()
+    if not tops or stray:
+        return ClassLayout([], [-1] * len(paths), stray)
+    index = {name: i for i, name in enumerate(tops)}
+    return ClassLayout(tops, [index.get(p.split("/", 1)[0], -1) for p in paths], ())
+
+
 def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     """Every image under ``source``, recursively, sorted by relative path.
 
     Class folders (a top level holding subfolders and no image files; other files such as a
     README are ignored) become labels in sorted folder order, as torchvision's ImageFolder
-    does. Symlinks are followed once: a loop is not re-entered and a file reached twice is
-    listed once. A link into ``/proc``, ``/sys`` or ``/dev``, or to a folder that holds
-    ``source`` (``/``, the home folder), is not followed but counted in ``skipped_links``: one
-    planted link must not turn a scan into a scan of the machine.
+    does (:func:`class_layout`). Symlinks are followed once: a loop is not re-entered and a
+    file reached twice is listed once. A link into ``/proc``, ``/sys`` or ``/dev``, or to a
+    folder that holds ``source`` (``/``, the home folder), is not followed but counted in
+    ``skipped_links``: one planted link must not turn a scan into a scan of the machine.
 
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
     root = os.fspath(source)
     if remote.is_url(root):
         return scan_remote_folder(root)
-    if not os.path.exists(root):
-        raise UsageError(f"source {root}: no such file or directory")
-    if not os.path.isdir(root):
-        raise UsageError(f"source {root}: not a directory (use --files-from for a list)")
-    try:
-        top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
-    except PermissionError:
-        raise UsageError(f"source {root}: permission denied") from None
-    top_dirs, stray = _layout(root, top)
-    labelled = bool(top_dirs) and not stray
-    class_names = top_dirs if labelled else []
-    class_index = {name: i for i, name in enumerate(class_names)}
-
-    paths: list[str] = []  # broken links: listed, so that failed/ reports them
-    found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
-    seen_dirs: set[tuple[int, int]] = set()
-    real_root = os.path.realpath(root)
-    skipped = 0
-    for directory, dirnames, filenames in os.walk(root, followlinks=True):
-        info = os.stat(directory)
-        if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
-            dirnames[:] = []
-            continue
-        seen_dirs.add((info.st_dev, info.st_ino))
-        visible = sorted(d for d in dirnames if not d.startswith("."))
-        dirnames[:] = [d for d in visible if _may_follow(os.path.join(directory, d), real_root)]
-        skipped += len(visible) - len(dirnames)
-        for name in sorted(filenames):
-            if name.startswith(".") or not is_image_name(name):
-                continue
-            full = os.path.join(directory, name)
-            if not _may_follow(full, real_root):
-                skipped += 1
-                continue
-            relative = os.path.relpath(full, root)
-            if not os.path.exists(full):  # a dangling link, or a loop of links
-                paths.append(relative)
-                continue
-            # A file reached twice is listed once: by its own name rather than a link's, else
-            # by the first path the sorted walk reaches.
-            real, link = os.path.realpath(full), os.path.islink(full)
-            if real not in found or (found[real][0] and not link):
-                found[real] = (link, relative)
-    paths.extend(relative for _, relative in found.values())
-    paths.sort(key=os.fsencode)
-    labels = [class_index.get(_top_folder(p), -1) if labelled else -1 for p in paths]
-    return ImageList(root, paths, labels, class_names, stray=tuple(stray), skipped_links=skipped)
+    folders = _top_folders(root)
+    paths, skipped = _walk_images(root)
+    layout = class_layout([p.replace(os.sep, "/") for p in paths], folders)
+    return ImageList(
+        root, paths, layout.labels, layout.class_names, stray=layout.stray, skipped_links=skipped
+    )
 
 
 def scan_remote_folder(url: str) -> ImageList:
@@ -167,24 +156,64 @@ def scan_remote_folder(url: str) -> ImageList:
         if path.startswith(base + "/") and is_image_name(path)
     )
     paths = [p for p in relative if not any(part.startswith(".") for part in p.split("/"))]
-    top_dirs = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
-    stray = [p for p in paths if "/" not in p] if top_dirs else []
-    labelled = bool(top_dirs) and not stray
-    index = {name: i for i, name in enumerate(top_dirs)} if labelled else {}
-    labels = [index.get(p.split("/", 1)[0], -1) for p in paths]
+    layout = class_layout(paths)
     root = url.rstrip("/") + "/"
-    return ImageList(root, paths, labels, top_dirs if labelled else [], stray=tuple(stray))
+    return ImageList(root, paths, layout.labels, layout.class_names, stray=layout.stray)
 
 
-def _layout(root: str, top: list[str]) -> tuple[list[str], list[str]]:
-    """The top level's subfolders, and its image files (which keep a folder unlabelled).
+def _top_folders(root: str) -> list[str]:
+    """The visible subfolders at the top of a local folder, or UsageError in one line."""
+    if not os.path.exists(root):
+        raise UsageError(f"source {root}: no such file or directory")
+    if not os.path.isdir(root):
+        raise UsageError(f"source {root}: not a directory (use --files-from for a list)")
+    try:
+        top = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
+    except PermissionError:
+        raise UsageError(f"source {root}: permission denied") from None
+    return [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
 
-    Only image files decide the layout: a README.txt or labels.csv beside class folders does
-    not turn a labelled dataset into an unlabelled one.
-    """
-    top_dirs = [entry for entry in top if os.path.isdir(os.path.join(root, entry))]
-    images = [entry for entry in top if entry not in top_dirs and is_image_name(entry)]
-    return top_dirs, images if top_dirs else []
+
+def _walk_images(root: str) -> tuple[list[str], int]:
+    """The images under ``root`` (relative, sorted by their bytes) and the links not followed."""
+    paths: list[str] = []  # broken links: listed, so that failed/ reports them
+    found: dict[str, tuple[bool, str]] = {}  # real path → (reached by a file link, path)
+    seen_dirs: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    skipped = 0
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen_dirs:  # a symlink loop or a second link to a dir
+            dirnames[:] = []
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
+        visible = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in visible if _may_follow(os.path.join(directory, d), real_root)]
+        skipped += len(visible) - len(dirnames)
+        for name in sorted(filenames):
+            if not name.startswith(".") and is_image_name(name):
+                skipped += _add_image(os.path.join(directory, name), root, real_root, paths, found)
+    paths.extend(relative for _, relative in found.values())
+    paths.sort(key=os.fsencode)
+    return paths, skipped
+
+
+def _add_image(
+    full: str, root: str, real_root: str, paths: list[str], found: dict[str, tuple[bool, str]]
+) -> int:
+    """Lists one image the walk met (1 when it is a link not followed, else 0)."""
+    if not _may_follow(full, real_root):
+        return 1
+    relative = os.path.relpath(full, root)
+    if not os.path.exists(full):  # a dangling link, or a loop of links
+        paths.append(relative)
+        return 0
+    # A file reached twice is listed once: by its own name rather than a link's, else by the
+    # first path the sorted walk reaches.
+    real, link = os.path.realpath(full), os.path.islink(full)
+    if real not in found or (found[real][0] and not link):
+        found[real] = (link, relative)
+    return 0
 
 
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
@@ -198,10 +227,6 @@ def _may_follow(path: str, real_root: str) -> bool:
     inside = (real_root + os.sep).startswith(real.rstrip(os.sep) + os.sep)  # / or an ancestor
     system = any(real == top or real.startswith(top + os.sep) for top in SYSTEM_FOLDERS)
     return not (inside or system)
-
-
-def _top_folder(relative: str) -> str:
-    return relative.split(os.sep, 1)[0]
 
 
 def read_path_list(lines: list[str], root: str, labels_csv: str | None = None) -> ImageList:

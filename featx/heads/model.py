@@ -180,37 +180,80 @@ def _header_of(metadata: dict[str, str], path: Path) -> dict[str, Any]:
 
 def header_problem(header: dict[str, Any]) -> str:
     """What is wrong with a head header (types and ranges), or ""."""
-    from featx.config import HEADS, MAX_IMAGE_SIZE
+    for check in _HEADER_CHECKS:
+        problem = check(header)
+        if problem:
+            return problem
+    return ""
 
+
+def _class_names_problem(header: dict[str, Any]) -> str:
     names = header.get("class_names")
     if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
         return f"class_names must be a list of 1 to {MAX_CLASSES} names"
-    if not all(isinstance(name, str) and len(name) <= MAX_NAME for name in names):
+    if not all(_is_name(name) for name in names):
         return f"class_names must be strings of at most {MAX_NAME} characters"
-    if not _is_int(header.get("dim"), 1, MAX_DIM):
-        return f"dim must be an integer from 1 to {MAX_DIM}"
+    return ""
+
+
+def _dim_problem(header: dict[str, Any]) -> str:
+    if _is_int(header.get("dim"), 1, MAX_DIM):
+        return ""
+    return f"dim must be an integer from 1 to {MAX_DIM}"
+
+
+def _head_problem(header: dict[str, Any]) -> str:
+    from featx.config import HEADS
+
     head = header.get("head")
     if not isinstance(head, dict) or head.get("kind") not in HEADS:
         return f"head.kind must be one of {', '.join(HEADS)}"
     if head["kind"] == "mlp" and not _is_int(head.get("hidden"), 1, MAX_HIDDEN):
         return f"head.hidden must be an integer from 1 to {MAX_HIDDEN}"
+    return ""
+
+
+def _extraction_problem(header: dict[str, Any]) -> str:
     extraction = header.get("extraction")
     if not isinstance(extraction, dict):
         return "extraction must be a table"
-    for key in ("model", "layer", "pool"):
-        if not isinstance(extraction.get(key), str) or len(extraction[key]) > MAX_NAME:
-            return f"extraction.{key} must be a string"
-    if not isinstance(header.get("layer"), str) or len(header["layer"]) > MAX_NAME:
-        return "layer must be a string"
-    if not isinstance(extraction.get("weights"), dict):
-        return "extraction.weights must be a table"
-    transform = extraction.get("transform", {})
+    missing = [key for key in ("model", "layer", "pool") if not _is_name(extraction.get(key))]
+    return f"extraction.{missing[0]} must be a string" if missing else ""
+
+
+def _layer_problem(header: dict[str, Any]) -> str:
+    return "" if _is_name(header.get("layer")) else "layer must be a string"
+
+
+def _weights_problem(header: dict[str, Any]) -> str:
+    if isinstance(header["extraction"].get("weights"), dict):
+        return ""
+    return "extraction.weights must be a table"
+
+
+def _transform_problem(header: dict[str, Any]) -> str:
+    from featx.config import MAX_IMAGE_SIZE
+
+    transform = header["extraction"].get("transform", {})
     if not isinstance(transform, dict):
         return "extraction.transform must be a table"
     for key in ("crop", "resize"):
         if key in transform and not _is_int(transform[key], 1, MAX_IMAGE_SIZE):
             return f"extraction.transform.{key} must be an integer from 1 to {MAX_IMAGE_SIZE}"
     return ""
+
+
+# In order, the first problem found is the one named: a check may rely on those before it
+# (the weights and transform checks on extraction being a table).
+_HEADER_CHECKS = (
+    _class_names_problem,
+    _dim_problem,
+    _head_problem,
+    _extraction_problem,
+    _layer_problem,
+    _weights_problem,
+    _transform_problem,
+)
 
 
 def expected_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
@@ -231,6 +274,10 @@ def expected_shapes(header: dict[str, Any]) -> dict[str, list[int]]:
 
 def _is_int(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_NAME
 
 
 def _kind(tensor: Any) -> str:

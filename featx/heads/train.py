@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,57 +216,12 @@ def _fit(
     Without ``val`` (``featx probe``, which measures on held-out folds itself) it solves the
     objective: it runs until L-BFGS converges or ``config.epochs`` are spent, and keeps the end.
     """
-    decayed = [p for p in net.parameters() if p.ndim > 1]  # weights; biases are not decayed
-    decay = config.decay(len(train))
-    biases = [p for p in net.parameters() if p.ndim <= 1]
-    rng = np.random.default_rng(config.seed)
-    lbfgs = config.solver == "lbfgs"
-    if lbfgs:
-        optimizer: torch.optim.Optimizer = torch.optim.LBFGS(
-            net.parameters(),
-            lr=config.learning_rate,
-            max_iter=LBFGS_ITERATIONS,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
-    else:
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decayed, "weight_decay": decay},
-                {"params": biases, "weight_decay": 0.0},
-            ],
-            lr=config.learning_rate,
-        )
-
-    def full_batch_loss() -> float:
-        # sklearn's objective on the mean scale: mean weighted loss + λ/2 ‖W‖².
-        optimizer.zero_grad()
-        total = torch.zeros((), device=decayed[0].device)
-        for x, y in train.batches(FULL_BATCH_ROWS):
-            loss = F.cross_entropy(net(x), y, weight=weights, reduction="sum") / len(train)
-            loss.backward()
-            total += loss.detach()
-        penalty = 0.5 * decay * torch.stack([(p * p).sum() for p in decayed]).sum()
-        penalty.backward()
-        return float(total + penalty.detach())
-
+    run_epoch = _epoch_runner(net, train, config, weights)
     best, best_epoch, best_state, waited, stopped = math.inf, 0, None, 0, "epochs"
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         net.train()
-        converged = False
-        if lbfgs:
-            state = optimizer.state[decayed[0]]
-            before = state.get("n_iter", 0)
-            optimizer.step(full_batch_loss)
-            # L-BFGS returns before its iteration budget only when it has converged.
-            converged = optimizer.state[decayed[0]]["n_iter"] - before < LBFGS_ITERATIONS
-        else:
-            for x, y in train.batches(config.batch_size, rng):
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss = F.cross_entropy(net(x), y, weight=weights, reduction="sum") / len(y)
-                batch_loss.backward()
-                optimizer.step()
+        converged = run_epoch()
         net.eval()
         val_loss = val.mean_loss(net, weights) if val is not None else -float(epoch)
         if val_loss < best:
@@ -284,6 +239,73 @@ def _fit(
         raise FeatxError("training diverged (the validation loss is not a number); lower --lr")
     net.load_state_dict(best_state)
     return _Fit(epoch, best_epoch, round(best, 6) if val is not None else math.nan, stopped)
+
+
+def _epoch_runner(
+    net: nn.Module, train: _DeviceRows, config: HeadConfig, weights: torch.Tensor | None
+) -> Callable[[], bool]:
+    """One epoch of ``config.solver`` over ``train`` at each call; True once it has converged."""
+    decayed = [p for p in net.parameters() if p.ndim > 1]  # weights; biases are not decayed
+    decay = config.decay(len(train))
+    if config.solver == "lbfgs":
+        return _lbfgs_epochs(net, train, weights, decayed, decay, config.learning_rate)
+    biases = [p for p in net.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": decay},
+            {"params": biases, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+    )
+    rng = np.random.default_rng(config.seed)
+
+    def epoch() -> bool:
+        for x, y in train.batches(config.batch_size, rng):
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss = F.cross_entropy(net(x), y, weight=weights, reduction="sum") / len(y)
+            batch_loss.backward()
+            optimizer.step()
+        return False
+
+    return epoch
+
+
+def _lbfgs_epochs(
+    net: nn.Module,
+    train: _DeviceRows,
+    weights: torch.Tensor | None,
+    decayed: list[nn.Parameter],
+    decay: float,
+    learning_rate: float,
+) -> Callable[[], bool]:
+    """Full-batch L-BFGS, ``LBFGS_ITERATIONS`` iterations per call; True once converged."""
+    optimizer = torch.optim.LBFGS(
+        net.parameters(),
+        lr=learning_rate,
+        max_iter=LBFGS_ITERATIONS,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def full_batch_loss() -> float:
+        # sklearn's objective on the mean scale: mean weighted loss + λ/2 ‖W‖².
+        optimizer.zero_grad()
+        total = torch.zeros((), device=decayed[0].device)
+        for x, y in train.batches(FULL_BATCH_ROWS):
+            loss = F.cross_entropy(net(x), y, weight=weights, reduction="sum") / len(train)
+            loss.backward()
+            total += loss.detach()
+        penalty = 0.5 * decay * torch.stack([(p * p).sum() for p in decayed]).sum()
+        penalty.backward()
+        return float(total + penalty.detach())
+
+    def epoch() -> bool:
+        before = optimizer.state[decayed[0]].get("n_iter", 0)
+        optimizer.step(full_batch_loss)
+        # L-BFGS returns before its iteration budget only when it has converged.
+        return bool(optimizer.state[decayed[0]]["n_iter"] - before < LBFGS_ITERATIONS)
+
+    return epoch
 
 
 class _DeviceRows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from featx.errors import UsageError
@@ -13,6 +15,18 @@ from featx.errors import UsageError
 #   [D]        unchanged whatever --pool says
 
 
+# (dimensions with the batch, --pool) → the reduction; token outputs skip their prefix tokens.
+_POOLS: dict[tuple[int, str], Callable[[torch.Tensor, int], torch.Tensor]] = {
+    (4, "avg"): lambda x, prefix: x.mean(dim=(2, 3)),
+    (4, "max"): lambda x, prefix: x.amax(dim=(2, 3)),
+    (4, "flatten"): lambda x, prefix: x.flatten(1),
+    (3, "cls"): lambda x, prefix: x[:, 0],
+    (3, "avg"): lambda x, prefix: x[:, prefix:].mean(dim=1),
+    (3, "max"): lambda x, prefix: x[:, prefix:].amax(dim=1),
+    (3, "flatten"): lambda x, prefix: x.flatten(1),
+}
+
+
 def pool(x: torch.Tensor, how: str, prefix_tokens: int = 0) -> torch.Tensor:
     """Reduce one layer's batched output ``x`` to ``[N, D]`` (or keep it with ``none``).
 
@@ -20,23 +34,12 @@ def pool(x: torch.Tensor, how: str, prefix_tokens: int = 0) -> torch.Tensor:
     """
     if x.ndim == 2 or how == "none":
         return x
-    if x.ndim == 4:
-        if how == "avg":
-            return x.mean(dim=(2, 3))
-        if how == "max":
-            return x.amax(dim=(2, 3))
-        if how == "flatten":
-            return x.flatten(1)
-    if x.ndim == 3:  # tokens [N, T, C]
-        if how == "cls":
-            return x[:, 0]
-        if how == "avg":
-            return x[:, prefix_tokens:].mean(dim=1)
-        if how == "max":
-            return x[:, prefix_tokens:].amax(dim=1)
-        if how == "flatten":
-            return x.flatten(1)
-    raise UsageError(f"--pool {how} does not apply to a layer output of shape {list(x.shape[1:])}")
+    reduce = _POOLS.get((x.ndim, how))
+    if reduce is None:
+        raise UsageError(
+            f"--pool {how} does not apply to a layer output of shape {list(x.shape[1:])}"
+        )
+    return reduce(x, prefix_tokens)
 
 
 def pooled_shape(shape: tuple[int, ...], how: str, strict: bool = True) -> tuple[int, ...]:
