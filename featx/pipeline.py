@@ -39,7 +39,8 @@ from featx.sources import WorkSource, source_of
 from featx.store import schema
 from featx.store.assemble import assemble, count_rows
 from featx.store.durable import refuse_existing
-from featx.store.shards import ShardRows, WorkDir, open_work_dir
+from featx.store.shards import ShardRows
+from featx.store.workdir import WorkDir, open_work_dir
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def run(plan: Plan, work: WorkDir) -> Ran:
         model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
     size = plan.feed.batch_size
     pad_to = size if config.compile else None  # one shape: no recompiles
-    feed = plan.source.feed(work, todo, size, plan.policy, config)
+    feed = plan.source.feed(work, todo, size, plan.policy, config, plan.job.rank)
     sink = feed.sink
     # The writer thread waits for each batch's device→host copy, so the loop never does.
     writer = BackgroundWriter(

@@ -23,7 +23,8 @@ from featx.data.remote import Prefetcher
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes
-from featx.store.shards import ArchiveSink, ShardSink, WorkDir, changed_archives
+from featx.store.shards import ArchiveSink, ShardSink
+from featx.store.workdir import WorkDir, changed_archives
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,16 @@ class FileSource:
         return work.files_in(mine), work.files_in(mine) - work.files_in(todo)
 
     def feed(
-        self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
+        self,
+        work: WorkDir,
+        todo: list[int],
+        size: int,
+        policy: DecodePolicy,
+        config: ExtractConfig,
+        rank: int,
     ) -> Feed:
-        """Batches never cross a shard boundary: a shard's numbers do not depend on another's."""
+        """Batches never cross a shard boundary: a shard's numbers do not depend on another's.
+        (``rank``, torchrun's, names an archive source's scratch folder.)"""
         batches = [
             list(range(start, min(start + size, stop)))
             for shard in todo
@@ -122,10 +130,18 @@ class ArchiveSource:
         return total, (total - rest) if total is not None and rest is not None else 0
 
     def feed(
-        self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
+        self,
+        work: WorkDir,
+        todo: list[int],
+        size: int,
+        policy: DecodePolicy,
+        config: ExtractConfig,
+        rank: int,
     ) -> Feed:
         archives = [self.images.archives[shard] for shard in todo]
-        fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
+        fetcher = Prefetcher(
+            [a.url for a in archives], [a.size for a in archives], work.scratch(rank)
+        )
         batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
         identities = [archive.identity for archive in self.images.archives]
         sink = ArchiveSink(work, identities, config.dtype, config.compression)

@@ -15,7 +15,8 @@ from featx.errors import FeatxError
 from featx.safe_text import stored_name as printable
 from featx.store import schema
 from featx.store.durable import atomic_output, writing_hdf5
-from featx.store.shards import STRING, WorkDir, row_chunks
+from featx.store.shards import STRING, row_chunks
+from featx.store.workdir import WorkDir
 
 
 @dataclass(frozen=True)
