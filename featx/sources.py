@@ -22,6 +22,7 @@ from featx.data.loader import ImageDataset
 from featx.data.remote import Prefetcher
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
+from featx.store import schema
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes
 from featx.store.shards import ArchiveSink, ShardSink
 from featx.store.workdir import WorkDir, changed_archives
@@ -88,7 +89,7 @@ class FileSource:
         return WorkListRows(work, paths, self.images.labels)
 
     def attributes(self) -> dict[str, Any]:
-        return {"inputs": "files", "class_names": self.images.class_names}
+        return {"inputs": schema.FILE_INPUTS, "class_names": self.images.class_names}
 
 
 @dataclass(frozen=True)
