@@ -41,7 +41,7 @@ from featx.errors import UsageError
 from featx.models import CutModel, load_backbone
 from featx.pipeline import decode_policy, make_plan, run
 from featx.runtime import device as devices
-from featx.store.shards import open_work_dir
+from featx.store.workdir import open_work_dir
 
 
 def bench(

@@ -41,7 +41,8 @@ from featx.sources import ShardWork, WorkSource, source_of
 from featx.store import schema
 from featx.store.assemble import assemble, count_rows
 from featx.store.durable import refuse_existing
-from featx.store.shards import ShardRows, WorkDir, open_work_dir
+from featx.store.shards import ShardRows
+from featx.store.workdir import WorkDir, open_work_dir
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def extract(
                 plan.shard_size,
                 len(plan.source.images),
                 overwrite,
+                shard_size_given=config.shard_size is not None,  # else a resume keeps its own
             ),
             config.overwrite,
         )
@@ -234,7 +236,9 @@ def run(plan: Plan, work: WorkDir) -> Ran:
     mine = plan.job.my_shards(work.shard_count)
     todo = _unfinished(plan, work, mine)
     model = cut_model(plan)
-    shards = plan.source.feed(work, todo, plan.feed.batch_size, plan.policy, plan.config)
+    shards = plan.source.feed(
+        work, todo, plan.feed.batch_size, plan.policy, plan.config, plan.job.rank
+    )
     progress = progress_bar(
         *plan.source.progress(work, mine, todo), show_progress(plan.config.progress), plan.label
     )

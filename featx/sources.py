@@ -22,8 +22,10 @@ from featx.data.prefetch import Prefetcher
 from featx.data.work import ShardPiece, WorkBatch
 from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
+from featx.store import schema
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes
-from featx.store.shards import ShardSink, WorkDir, changed_archives
+from featx.store.shards import ShardSink
+from featx.store.workdir import WorkDir, changed_archives
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,16 @@ class FileSource:
         return work.files_in(mine), work.files_in(mine) - work.files_in(todo)
 
     def feed(
-        self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
+        self,
+        work: WorkDir,
+        todo: list[int],
+        size: int,
+        policy: DecodePolicy,
+        config: ExtractConfig,
+        rank: int,
     ) -> ShardWork:
-        """Batches never cross a shard boundary: a shard's numbers do not depend on another's."""
+        """Batches never cross a shard boundary: a shard's numbers do not depend on another's.
+        (``rank``, torchrun's, names an archive source's scratch folder.)"""
         batches = [
             WorkBatch(
                 file_items(self.images, range(start, min(start + size, stop))),
@@ -85,7 +94,7 @@ class FileSource:
         return WorkListRows(work, paths, self.images.labels)
 
     def attributes(self) -> dict[str, Any]:
-        return {"inputs": "files", "class_names": self.images.class_names}
+        return {"inputs": schema.FILE_INPUTS, "class_names": self.images.class_names}
 
 
 @dataclass(frozen=True)
@@ -127,10 +136,18 @@ class ArchiveSource:
         return total, (total - rest) if total is not None and rest is not None else 0
 
     def feed(
-        self, work: WorkDir, todo: list[int], size: int, policy: DecodePolicy, config: ExtractConfig
+        self,
+        work: WorkDir,
+        todo: list[int],
+        size: int,
+        policy: DecodePolicy,
+        config: ExtractConfig,
+        rank: int,
     ) -> ShardWork:
         archives = [self.images.archives[shard] for shard in todo]
-        fetcher = Prefetcher([a.url for a in archives], [a.size for a in archives], work.scratch())
+        fetcher = Prefetcher(
+            [a.url for a in archives], [a.size for a in archives], work.scratch(rank)
+        )
         batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
         identities = [archive.identity for archive in self.images.archives]
         sink = ShardSink(work, config.dtype, config.compression, identities)

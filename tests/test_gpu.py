@@ -33,7 +33,7 @@ from featx.data.worklist import scan_folder
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.pipeline import make_plan
 from featx.runtime import device as devices
-from featx.store.shards import open_work_dir
+from featx.store.workdir import open_work_dir
 from tests.conftest import SETTINGS, save
 
 TRANSFORM = {"resize": 73, "crop": 64, "interpolation": "bilinear", "antialias": True}

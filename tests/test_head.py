@@ -23,7 +23,7 @@ from featx.heads.reports import classification_metrics, report_paths
 from featx.heads.rows import FeatureRows, stratified_split
 from featx.heads.train import train_head
 from featx.models import weights_spec
-from featx.store.assemble import write_attrs
+from featx.store.features_file import write_attrs
 from featx.store.reader import FeatureFile
 from featx.store.shards import STRING
 from tests.conftest import save

@@ -16,6 +16,8 @@ import h5py
 import pytest
 
 from featx import extract
+from featx.errors import ResumeMismatch
+from featx.store.workdir import open_work_dir
 from tests.conftest import (
     SETTINGS,
     SETTINGS_CONFIG,
@@ -118,3 +120,29 @@ def test_overwrite_resumes_an_unfinished_run_of_the_same_settings(
     again = cli("extract", many_photos, "-o", out, *SETTINGS, "--overwrite", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["shards_done_before"] == len(killed.shards)
+
+
+FINGERPRINT = {"model": "resnet18", "layers": ["flatten"], "files": 10}
+
+
+def test_a_resume_without_a_shard_size_adopts_the_unfinished_runs(tmp_path):
+    """The default shard size may change between versions or devices; the run it left keeps its
+    own (a given --shard-size that differs is still refused, as any other setting)."""
+    out = tmp_path / "feats.h5"
+    open_work_dir(out, FINGERPRINT, 4, 10, overwrite=False)
+    for overwrite in (False, True):  # the same settings: --overwrite keeps it too
+        work = open_work_dir(out, FINGERPRINT, 256, 10, overwrite, shard_size_given=False)
+        assert work.shard_size == 4 and work.shard_count == 3
+    assert open_work_dir(out, FINGERPRINT, 4, 10, overwrite=False).shard_size == 4
+    with pytest.raises(ResumeMismatch, match="shard_size: 4 → 256"):
+        open_work_dir(out, FINGERPRINT, 256, 10, overwrite=False)
+
+
+def test_a_resume_without_a_shard_size_still_refuses_other_settings(tmp_path):
+    out = tmp_path / "feats.h5"
+    open_work_dir(out, FINGERPRINT, 4, 10, overwrite=False)
+    other = {**FINGERPRINT, "model": "resnet50"}
+    with pytest.raises(ResumeMismatch, match="model: 'resnet18' → 'resnet50'"):
+        open_work_dir(out, other, 256, 10, overwrite=False, shard_size_given=False)
+    fresh = open_work_dir(out, other, 256, 10, overwrite=True, shard_size_given=False)
+    assert fresh.shard_size == 256 and fresh.fingerprint == other

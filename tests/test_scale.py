@@ -149,3 +149,18 @@ def test_more_parts_than_shards_still_merge(photos, tmp_path, cli):
     result = cli("merge", tmp_path / "feats.h5")
     assert result.exit_code == 0, result.output
     assert_same_file(tmp_path / "feats.h5", tmp_path / "single.h5")
+
+
+def test_merging_compressed_parts_gives_a_file_compressed_as_it_says(photos, tmp_path, cli):
+    """The merged datasets are compressed with what the `compression` attribute names."""
+    config = SETTINGS_CONFIG.replace(shard_size=2, compression="lzf")
+    extract(photos, tmp_path / "single.h5", config)
+    for k in range(2):
+        extract(photos, tmp_path / "feats.h5", config.replace(shard=(k, 2)))
+    result = cli("merge", tmp_path / "feats.h5")
+    assert result.exit_code == 0, result.output
+    assert_same_file(tmp_path / "feats.h5", tmp_path / "single.h5")
+    for name in ("single.h5", "feats.h5"):
+        with h5py.File(tmp_path / name, "r") as f:
+            assert f.attrs["compression"] == "lzf"
+            assert f["features/flatten"].compression == "lzf", name

@@ -34,7 +34,8 @@ from featx.inputs import read_input
 from featx.models._state_dict import load_state_dict, looks_like_file
 from featx.safe_text import csv_cell, for_terminal, original_name, stored_name
 from featx.store.durable import FILE_MODE, atomic_output, temporary_name
-from featx.store.shards import ShardRows, ShardWriter, open_work_dir, work_dir_of
+from featx.store.shards import ShardRows, ShardWriter
+from featx.store.workdir import open_work_dir, work_dir_of
 from tests.conftest import save
 from tests.test_head import blobs, write_features
 
@@ -212,6 +213,41 @@ def test_a_new_work_folder_is_private(tiny, tmp_path):
     out = tmp_path / "out.h5"
     work = plant_run(tiny, out, 0.0)
     assert stat.S_IMODE(work.stat().st_mode) == 0o700 and work.stat().st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"RANK": "0/../../x"}, "RANK"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK"),  # ranks are 0 and 1
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+    ],
+)
+def test_torchrun_variables_out_of_range_are_one_line_and_build_no_path(
+    tiny, tmp_path, cli, monkeypatch, env, named
+):
+    """A rank names the scratch folder for fetched archives: it is a number in range or the
+    run stops before anything is made."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out" / "feats.h5"
+    out.parent.mkdir()
+    line = one_line_error(cli("extract", tiny, "-o", out, *TINY))
+    assert f"{named}=" in line and "expected a whole number" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+    assert not list(out.parent.iterdir())
+
+
+def test_a_scratch_folder_is_named_by_a_rank_number_only(tmp_path):
+    work = open_work_dir(tmp_path / "out.h5", {"model": "m"}, 4, 8, False)
+    assert work.scratch(3).name == f"fetch-{socket.gethostname()}-3"
+    with pytest.raises(ValueError):
+        work.scratch("0/../../x")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5.featx"]
 
 
 # --- item 4: head files checked before anything is allocated ----------------------------------

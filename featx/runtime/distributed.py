@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +35,13 @@ class Job:
     parts: int
     torchrun: bool = False
     local_rank: int = 0
+    local_world: int = 1  # torchrun's LOCAL_WORLD_SIZE: the ranks on this node
+
+    @property
+    def rank(self) -> int:
+        """This process's torchrun rank (0 without torchrun: a ``--shard K/N`` part runs alone
+        in its own work folder)."""
+        return self.part if self.torchrun else 0
 
     @property
     def writes_part(self) -> bool:
@@ -70,7 +78,7 @@ class Job:
     @property
     def ranks_per_node(self) -> int:
         """The processes sharing this node's cores (torchrun's LOCAL_WORLD_SIZE; 1 otherwise)."""
-        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.torchrun else 1
+        return self.local_world if self.torchrun else 1
 
     @contextlib.contextmanager
     def session(self, device: torch.device) -> Iterator[None]:
@@ -118,17 +126,39 @@ class Job:
 
 
 def job_for(shard: tuple[int, int] | None) -> Job:
-    """The job of this process, from ``--shard`` or torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The job of this process, from ``--shard`` or torchrun's environment.
+
+    This is the one place that reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE``: each must be a whole number in range, or the run stops with one line
+    (paths and devices are chosen by them).
+    """
+    world = _env_number("WORLD_SIZE", 1, low=1)
+    rank = _env_number("RANK", 0, low=0, high=world)
+    local_rank = _env_number("LOCAL_RANK", 0, low=0)
+    local_world = _env_number("LOCAL_WORLD_SIZE", 1, low=1)
     if world > 1:
         if shard is not None:
             raise UsageError("--shard and torchrun both split the work: use one of them")
-        return Job(
-            int(os.environ["RANK"]),
-            world,
-            torchrun=True,
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        )
+        return Job(rank, world, torchrun=True, local_rank=local_rank, local_world=local_world)
     if shard is not None:
         return Job(*shard)
     return Job(0, 1)
+
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+def _env_number(name: str, default: int, low: int, high: int | None = None) -> int:
+    """The environment variable ``name`` as an int in ``[low, high)``; ``default`` when unset."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    value = int(text) if _DIGITS.fullmatch(text) else None
+    if value is None or value < low or (high is not None and value >= high):
+        wanted = f"{low} to {high - 1}" if high is not None else f"at least {low}"
+        shown = repr(text if len(text) <= 40 else text[:40] + "…")
+        raise UsageError(
+            f"{name}={shown} in the environment: expected a whole number, {wanted} "
+            "(torchrun sets it; unset it to run one process)"
+        )
+    return value

@@ -15,7 +15,8 @@ from featx.errors import FeatxError
 from featx.safe_text import stored_name as printable
 from featx.store import schema
 from featx.store.durable import atomic_output, writing_hdf5
-from featx.store.shards import STRING, WorkDir, row_chunks
+from featx.store.features_file import FeaturesWriter
+from featx.store.workdir import WorkDir
 
 
 @dataclass(frozen=True)
@@ -94,50 +95,34 @@ def assemble(
     """Concatenate finished shards into ``out``; ``rows_of`` names and labels their rows."""
     layers, row_shapes, dtype = _shard_layout(work, shards)
     row_count, failed_count = count_rows(work, shards)
-    compression = None if attrs.get("compression", "none") == "none" else "lzf"
+    attrs = {
+        **attrs,
+        "complete": True,
+        "rows_from": row_range[0],
+        "rows_to": row_range[1],
+        "created": work.created,
+    }
     with atomic_output(out, overwrite=True) as temporary, writing_hdf5(temporary) as dst:
-        outputs = {
-            layer: dst.create_dataset(
-                f"{schema.FEATURES}/{layer}",
-                shape=(row_count, *row_shapes[layer]),
-                dtype=dtype,
-                chunks=row_chunks(row_shapes[layer], dtype, row_count) if row_count else None,
-                compression=compression,
-            )
-            for layer in layers
-        }
+        writer = FeaturesWriter(dst, attrs)
+        for layer in layers:
+            writer.features(layer, row_count, row_shapes[layer], dtype)
         out_paths: list[str] = []
         out_labels: list[int] = []
         failed_paths: list[str] = []
         failed_errors: list[str] = []
-        row = 0
         for shard in shards:
             with h5py.File(work.shard_path(shard), "r") as src:
                 index = src[schema.SHARD_INDEX][:]
                 failed_index = src[schema.SHARD_FAILED_INDEX][:]
                 _check_rows(work, shard, rows_of.bounds(shard, src), index, failed_index)
                 for layer in layers if len(index) else []:  # every image here failed
-                    copy_rows(src[f"{schema.FEATURES}/{layer}"], outputs[layer], row)
+                    writer.copy(layer, src[f"{schema.FEATURES}/{layer}"])
                 paths, labels = rows_of.of(shard, src)
                 out_paths.extend(paths[i] for i in index)
                 out_labels.extend(labels[i] for i in index)
                 failed_paths.extend(paths[i] for i in failed_index)
                 failed_errors.extend(text(e) for e in src[schema.FAILED_ERRORS][:])
-                row += len(index)
-        write_strings(dst, schema.PATHS, out_paths)
-        dst.create_dataset(schema.LABELS, data=np.asarray(out_labels, dtype=np.int64))
-        write_strings(dst, schema.FAILED_PATHS, failed_paths)
-        write_strings(dst, schema.FAILED_ERRORS, failed_errors)
-        write_attrs(
-            dst,
-            {
-                **attrs,
-                "complete": True,
-                "rows_from": row_range[0],
-                "rows_to": row_range[1],
-                "created": work.created,
-            },
-        )
+        writer.finish(out_paths, out_labels, failed_paths, failed_errors)
     return Assembled(row_count, failed_count, out)
 
 
@@ -165,22 +150,6 @@ def _shard_layout(
     if not shapes:  # every image failed: keep the layout from the fingerprint
         shapes = {layer: tuple(work.fingerprint["shapes"][layer]) for layer in layers}
     return layers, shapes, dtype
-
-
-def copy_rows(src: h5py.Dataset, dst: h5py.Dataset, offset: int, step: int = 1024) -> None:
-    for start in range(0, src.shape[0], step):
-        block = src[start : start + step]
-        dst[offset + start : offset + start + len(block)] = block
-
-
-def write_strings(f: h5py.File, name: str, values: list[str] | np.ndarray) -> None:
-    f.create_dataset(name, data=np.asarray(values, dtype=object), dtype=STRING)
-
-
-def write_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
-    """Root attributes: scalars as they are, lists and dicts as JSON text."""
-    for key, value in attrs.items():
-        f.attrs[key] = schema.encode_attr(value)
 
 
 def text(value: bytes | str) -> str:

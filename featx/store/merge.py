@@ -15,10 +15,9 @@ import numpy as np
 
 from featx.errors import UsageError
 from featx.store import schema
-from featx.store.assemble import copy_rows, write_attrs
 from featx.store.durable import atomic_output, check_output, writing_hdf5
+from featx.store.features_file import FeaturesWriter
 from featx.store.reader import FeatureFile
-from featx.store.shards import STRING, row_chunks
 
 
 def merge(
@@ -35,37 +34,17 @@ def merge(
         raise UsageError(f"no part files like {out.stem}.part-K-of-N{out.suffix} next to {out}")
     ordered, parts_read = _check_parts(parts)
     total_rows = sum(meta.rows for meta in parts_read)
-    first = parts_read[0].attrs
     class_names = merged_classes([meta.attrs.get("class_names") or [] for meta in parts_read])
+    attrs = _merged_attrs(ordered, parts_read, class_names, virtual)
     with atomic_output(out, overwrite) as temporary:
         # Copies go through writing_hdf5 (a full disk is one clean error); a virtual view is
         # written directly, so HDF5 knows its real path to resolve the parts against.
         opened = h5py.File(temporary, "w", track_order=True) if virtual else writing_hdf5(temporary)
         with opened as dst:
-            for layer in first["layers"]:
-                _features(dst, layer, ordered, parts_read, total_rows, virtual, out.parent)
-            for name in (schema.PATHS, schema.LABELS, schema.FAILED_PATHS, schema.FAILED_ERRORS):
-                pieces = []
-                for path, meta in zip(ordered, parts_read, strict=True):
-                    with h5py.File(path, "r") as src:
-                        values = src[name][()]
-                    if name == schema.LABELS:
-                        values = _relabel(values, meta.attrs.get("class_names") or [], class_names)
-                    pieces.append(values)
-                data = np.concatenate(pieces) if pieces else np.zeros(0)
-                dtype = STRING if name != schema.LABELS else np.int64
-                dst.create_dataset(name, data=data, dtype=dtype)
-            attrs = {k: v for k, v in first.items() if k not in ("part", "created")}
-            attrs["class_names"] = class_names
-            attrs.update(
-                complete=True,
-                rows_from=0,
-                rows_to=parts_read[-1].attrs["rows_to"],
-                created=min(m.attrs["created"] for m in parts_read),
-            )
-            if virtual:
-                attrs["virtual_parts"] = [p.name for p in ordered]
-            write_attrs(dst, attrs)
+            writer = FeaturesWriter(dst, attrs)
+            for layer in attrs["layers"]:
+                _features(writer, layer, ordered, parts_read, total_rows, virtual, out.parent)
+            writer.finish(*_rows(ordered, parts_read, class_names))
     return {
         "output": str(out),
         "parts": len(ordered),
@@ -81,8 +60,40 @@ class _Part:
     rows: int
     failed: int
 
+    @property
+    def archives(self) -> bool:
+        """Its rows come from archives: it numbered its own classes, and its row range counts
+        archives (their rows are counted as they are read)."""
+        return schema.shards_are_archives(self.attrs.get("inputs"))
+
 
 def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
+    """The parts in order and what each holds; UsageError unless they are every part of one
+    split run, complete, and cover the work list exactly once."""
+    ordered = _in_order(parts)
+    parts_read: list[_Part] = []
+    for path in ordered:
+        with FeatureFile(path) as f:
+            parts_read.append(_Part(f.attrs, len(f), len(f.failed)))
+    first = parts_read[0]
+    # Archive parts number their own classes (from the labels they saw): merged below.
+    same = [k for k in schema.SAME_IN_EVERY_PART if not (first.archives and k == "class_names")]
+    covered = 0
+    for path, meta in zip(ordered, parts_read, strict=True):
+        different = [k for k in same if meta.attrs.get(k) != first.attrs.get(k)]
+        if different:
+            raise UsageError(
+                f"{path.name} was made with other settings than {ordered[0].name} "
+                f"({', '.join(different)} differ): its fingerprint does not match"
+            )
+        covered = _covered(path, meta, covered)
+    if covered != first.attrs.get("files"):
+        raise UsageError(f"the parts cover {covered} of {first.attrs.get('files')} files")
+    return ordered, parts_read
+
+
+def _in_order(parts: list[Path]) -> list[Path]:
+    """Parts 0..N-1 of one split, by the numbers in their names; UsageError naming any missing."""
     numbered: dict[int, Path] = {}
     counts = set()
     for path in parts:
@@ -100,38 +111,56 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
             f"parts missing: {', '.join(f'{k}/{count}' for k in missing)} "
             f"(run featx extract --shard K/{count} for them)"
         )
-    ordered = [numbered[k] for k in range(count)]
-    parts_read: list[_Part] = []
-    for path in ordered:
-        with FeatureFile(path) as f:
-            parts_read.append(_Part(f.attrs, len(f), len(f.failed)))
-    reference = parts_read[0].attrs
-    # Archive parts number their own classes (from the labels they saw): merged below.
-    archives = reference.get("inputs") in ("tar", "parquet")
-    same = [k for k in schema.SAME_IN_EVERY_PART if not (archives and k == "class_names")]
-    expected_from = 0
+    return [numbered[k] for k in range(count)]
+
+
+def _covered(path: Path, meta: _Part, expected_from: int) -> int:
+    """Where the work list's coverage ends with this part, which must be complete and start
+    where the parts before it ended."""
+    attrs = meta.attrs
+    if not attrs.get("complete"):
+        raise UsageError(f"{path.name} is not complete")
+    start, stop = attrs.get("rows_from"), attrs.get("rows_to")
+    counted = meta.archives or meta.rows + meta.failed == (stop or 0) - (start or 0)
+    if start != expected_from or stop is None or not counted:
+        raise UsageError(
+            f"{path.name} covers files {start}..{stop}, expected to start at "
+            f"{expected_from} and to account for each of its files once"
+        )
+    return int(stop)
+
+
+def _merged_attrs(
+    ordered: list[Path], parts_read: list[_Part], class_names: list[str], virtual: bool
+) -> dict[str, Any]:
+    """The first part's attributes, for the whole work list and the classes of all parts."""
+    attrs = {k: v for k, v in parts_read[0].attrs.items() if k not in ("part", "created")}
+    attrs.update(
+        class_names=class_names,
+        complete=True,
+        rows_from=0,
+        rows_to=parts_read[-1].attrs["rows_to"],
+        created=min(m.attrs["created"] for m in parts_read),
+    )
+    if virtual:
+        attrs["virtual_parts"] = [p.name for p in ordered]
+    return attrs
+
+
+def _rows(
+    ordered: list[Path], parts_read: list[_Part], class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paths, labels (in the merged class numbering), failed paths and errors of all parts."""
+    names = (schema.PATHS, schema.LABELS, schema.FAILED_PATHS, schema.FAILED_ERRORS)
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for path, meta in zip(ordered, parts_read, strict=True):
-        attrs = meta.attrs
-        different = [k for k in same if attrs.get(k) != reference.get(k)]
-        if different:
-            raise UsageError(
-                f"{path.name} was made with other settings than {ordered[0].name} "
-                f"({', '.join(different)} differ): its fingerprint does not match"
-            )
-        if not attrs.get("complete"):
-            raise UsageError(f"{path.name} is not complete")
-        start, stop = attrs.get("rows_from"), attrs.get("rows_to")
-        # An archive part covers archives (its rows are counted as they are read).
-        counted = archives or meta.rows + meta.failed == (stop or 0) - (start or 0)
-        if start != expected_from or stop is None or not counted:
-            raise UsageError(
-                f"{path.name} covers files {start}..{stop}, expected to start at "
-                f"{expected_from} and to account for each of its files once"
-            )
-        expected_from = stop
-    if expected_from != reference.get("files"):
-        raise UsageError(f"the parts cover {expected_from} of {reference.get('files')} files")
-    return ordered, parts_read
+        with h5py.File(path, "r") as src:
+            for name in names:
+                pieces[name].append(src[name][()])
+        old = meta.attrs.get("class_names") or []
+        pieces[schema.LABELS][-1] = _relabel(pieces[schema.LABELS][-1], old, class_names)
+    paths, labels, failed_paths, failed_errors = (np.concatenate(pieces[n]) for n in names)
+    return paths, labels, failed_paths, failed_errors
 
 
 def merged_classes(per_part: list[list[str]]) -> list[str]:
@@ -155,7 +184,7 @@ def _relabel(labels: np.ndarray, old: list[str], new: list[str]) -> np.ndarray:
 
 
 def _features(
-    dst: h5py.File,
+    writer: FeaturesWriter,
     layer: str,
     parts: list[Path],
     parts_read: list[_Part],
@@ -163,9 +192,9 @@ def _features(
     virtual: bool,
     folder: Path,
 ) -> None:
-    with h5py.File(parts[0], "r") as f:
-        row_shape, dtype = f[schema.FEATURES][layer].shape[1:], f[schema.FEATURES][layer].dtype
     name = f"{schema.FEATURES}/{layer}"
+    with h5py.File(parts[0], "r") as f:
+        row_shape, dtype = f[name].shape[1:], f[name].dtype
     if virtual:
         layout = h5py.VirtualLayout(shape=(total, *row_shape), dtype=dtype)
         offset = 0
@@ -176,19 +205,12 @@ def _features(
                 source = h5py.VirtualSource(_relative(path, folder), name, shape=(rows, *row_shape))
                 layout[offset : offset + rows] = source
             offset += rows
-        dst.create_virtual_dataset(name, layout, fillvalue=0)
+        writer.view(layer, layout)
         return
-    target = dst.create_dataset(
-        name,
-        shape=(total, *row_shape),
-        dtype=dtype,
-        chunks=row_chunks(row_shape, dtype, total) if total else None,
-    )
-    offset = 0
+    writer.features(layer, total, row_shape, dtype)
     for path in parts:
         with h5py.File(path, "r") as src:
-            copy_rows(src[name], target, offset)
-            offset += src[name].shape[0]
+            writer.copy(layer, src[name])
 
 
 def _relative(path: Path, folder: Path) -> str:

@@ -54,6 +54,22 @@ SAME_IN_EVERY_PART = (*FINGERPRINT_KEYS, "class_names", "featx_schema")
 # What made one layer's features: a head trained on them must meet exactly these again.
 EXTRACTION_KEYS = ("model", "weights", "layer", "pool", "transform")
 
+# `inputs` of a folder or path list: rows are the work list's files. Any other value (tar,
+# parquet) is an archive source: one shard per archive, rows named and counted as it is read.
+FILE_INPUTS = "files"
+
+
+def shards_are_archives(inputs: str | None) -> bool:
+    """Whether a file of these ``inputs`` was made one shard per archive: its ``rows_from`` and
+    ``rows_to`` count archives, not rows, and it numbered its classes from the labels it read
+    (so parts of one split may differ in ``class_names``). Files without ``inputs`` predate
+    archives.
+
+    Example: ``shards_are_archives("tar") is True``
+    """
+    return inputs is not None and inputs != FILE_INPUTS
+
+
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)$")
 
 
