@@ -612,6 +612,24 @@ def test_train_head_on_tar_features_then_predict_on_the_tars(shards, from_tars, 
     assert [row.split(",")[0] for row in rows[1:]] == shards[1]
 
 
+def test_predict_on_a_tar_folder_and_on_its_one_tar_report_the_same_failed_samples(
+    images, from_tars, cli, tmp_path
+):
+    head = tmp_path / "t.head"
+    assert cli("train-head", from_tars, "-o", head, "-q").exit_code == 0
+    folder = write_tar(
+        tmp_path / "tars" / "00000.tar",
+        [("a.jpg", images[0]), ("bad.jpg", b"not a JPEG"), ("c.jpg", images[2])],
+    ).parent
+    reported = []
+    for source in (folder, folder / "00000.tar"):
+        out = tmp_path / f"{len(reported)}.csv"
+        result = cli("predict", source, "--head", head, "-o", out, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        reported.append([item["path"] for item in json.loads(result.stdout)["failed"]])
+    assert reported == [["00000.tar/bad.jpg"], ["00000.tar/bad.jpg"]]
+
+
 def test_remote_stats_files_are_found_in_the_listing_and_checked_when_their_tar_is_read(
     s3, shards, tmp_path
 ):
