@@ -28,7 +28,15 @@ from featx.config import ExtractConfig
 from featx.data.remote import Prefetcher, expand_braces
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store.merge import merge
-from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar
+from tests.archives import (
+    crops,
+    files_format,
+    http_server,
+    jpeg,
+    member,
+    webdataset,
+    write_tar,
+)
 from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
 
 CONFIG = SETTINGS_CONFIG
@@ -370,6 +378,57 @@ def test_img2dataset_parquet_shards_are_read_with_failed_downloads_in_failed(
         data["features"], reference["features"][[0, 2, 3, 4, 6, 7]], rtol=1e-4, atol=1e-5
     )
     assert data["labels"] == [0, 0, 1, 0, 0, 1]
+
+
+# --- img2dataset's files format: a folder per shard ---------------------------------------------
+
+LABELS = [["cat", "dog"][i % 3 == 0] for i in range(20)]  # the tars' JSON labels
+
+
+def test_img2dataset_files_format_gives_the_rows_and_features_of_the_same_tars(
+    images, shards, from_tars, tmp_path
+):
+    folder = tmp_path / "files"
+    names = files_format(folder, images, per_shard=4, labels=LABELS)
+    assert names == [name.replace(".tar/", "/") for name in shards[1]]
+    extract(folder, tmp_path / "f.h5", CONFIG.replace(label_from="json:label"))
+    data, reference = read(tmp_path / "f.h5"), read(from_tars)
+    assert data["paths"] == names and data["failed"] == {}
+    np.testing.assert_array_equal(data["features"], reference["features"])
+    assert json.loads(data["attrs"]["class_names"]) == ["cat", "dog"]
+    assert data["labels"] == [int(label == "dog") for label in LABELS]
+    assert data["attrs"]["inputs"] == "sample-folder"
+
+
+def test_a_files_shard_never_follows_links_and_bounds_every_read(images, tmp_path):
+    folder = tmp_path / "files"
+    files_format(folder, images[:3], per_shard=3, labels=["a", "b", "c"])
+    shard = folder / "00000"
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(images[5])
+    (shard / "link.jpg").symlink_to(secret)
+    (shard / "big.jpg").write_bytes(images[4] + b"\0" * 200_000)
+    (shard / "000000001.json").write_text(json.dumps({"label": "b", "pad": "x" * (2 << 20)}))
+    (folder / "00000_stats.json").write_text(json.dumps({"count": 6, "successes": 5}))
+    config = CONFIG.replace(label_from="json:label", max_file_bytes=100_000, max_failures="none")
+    extract(folder, tmp_path / "f.h5", config)
+    data = read(tmp_path / "f.h5")
+    assert data["paths"] == ["00000/000000000.jpg", "00000/000000002.jpg"]
+    assert data["failed"] == {
+        "00000/000000001.jpg": "BadLabel: 000000001.json is not a JSON file under 1048576 bytes",
+        "00000/big.jpg": f"ValueError: file of {len(images[4]) + 200_000} bytes, over the "
+        "--max-file-bytes limit of 100000",
+        "00000/link.jpg": "NotAFile: a symbolic link member, not image data",
+    }
+
+
+def test_a_files_shard_whose_count_differs_from_its_stats_file_is_not_written(images, tmp_path):
+    folder = tmp_path / "files"
+    files_format(folder, images[:8], per_shard=4, labels=["a"] * 8)
+    for lost in (folder / "00001").glob("000000005.*"):
+        lost.unlink()
+    with pytest.raises(FeatxError, match="00001: holds 3 samples, its stats file says 4"):
+        extract(folder, tmp_path / "f.h5", CONFIG)
 
 
 # --- remote: fsspec over HTTP and S3 on 127.0.0.1 ------------------------------------------------

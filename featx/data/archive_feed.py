@@ -18,14 +18,18 @@ from typing import Any
 
 import torch
 
-from featx.data.archives import ArchiveList, Sample
+from featx.data.archives import FOLDER_KIND, ArchiveList, Sample
 from featx.data.decode import DecodePolicy, decode_bytes, describe_error, resize_crop
+from featx.data.folder_samples import folder_samples
 from featx.data.gpu_decode import prepare_bytes
 from featx.data.parquet_samples import parquet_samples
 from featx.data.remote import Prefetcher
 from featx.data.tar_samples import BrokenArchive, tar_samples
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
+
+# An archive's kind → the reader of its samples (each yields the same ``Sample`` objects).
+READERS = {"tar": tar_samples, "parquet": parquet_samples, FOLDER_KIND: folder_samples}
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def archive_batches(
         if fetched.path is None:
             yield BatchSpec([], ShardPiece(shard, last=True, broken=fetched.error))
             continue
-        read = tar_samples if archive.name.endswith(".tar") else parquet_samples
+        read = READERS[archive.kind]
         pending: list[Sample] = []
         row = 0  # rows of this shard given out so far
         samples = 0  # samples (not member-level failures), for the stats file's count

@@ -12,10 +12,12 @@ last one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 from featx.data.archives import Sample
@@ -48,6 +50,20 @@ def sample_key(name: str) -> tuple[str, str]:
 IMAGE_EXTENSIONS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class Member:
+    """One file of a sample, whatever holds it (a tar member, a file in a shard folder)."""
+
+    name: str
+    size: int
+    kind: str  # "" for a regular file, else what it is ("symbolic link", …): never read
+    read: Callable[[], bytes]  # its bytes, at most ``size``; BrokenArchive if it cannot be
+
+    @property
+    def regular(self) -> bool:
+        return not self.kind
+
+
 def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
     """The samples of the tar at ``path``, in member order; BrokenArchive if it is cut short."""
     with open(path, "rb") as handle:
@@ -57,23 +73,30 @@ def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
         except TAR_ERRORS as error:
             raise BrokenArchive(f"not a tar archive ({error})") from None
         with tar:
-            yield from _grouped(tar, label_from, max_bytes)
+            yield from group_samples(_members(tar), label_from, max_bytes)
             _check_end(handle, tar.offset, size)
 
 
-def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[Sample]:
-    finished: dict[str, str] = {}  # key of every sample already given → its first member
-    group: _Group | None = None
+def _members(tar: tarfile.TarFile) -> Iterator[Member]:
     while True:
         try:
             member = tar.next()
         except TAR_ERRORS as error:
             raise BrokenArchive(f"unreadable member header ({error})") from None
         if member is None:
-            break
+            return
         tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header; a million-member tar need not
-        if member.isdir():
-            continue
+        if not member.isdir():
+            kind = "" if member.isreg() else _kind(member)
+            yield Member(member.name, member.size, kind, functools.partial(_read, tar, member))
+
+
+def group_samples(members: Iterable[Member], label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """Members → samples: consecutive members of one key make a sample (see the module's
+    docstring); whatever breaks the rule is a failure with its reason."""
+    finished: dict[str, str] = {}  # key of every sample already given → its first member
+    group: _Group | None = None
+    for member in members:
         key, extension = sample_key(member.name)
         if group is not None and key != group.key:
             finished[group.key] = group.first
@@ -89,7 +112,7 @@ def _grouped(tar: tarfile.TarFile, label_from: str, max_bytes: int) -> Iterator[
             )
             continue
         group = group or _Group(key, member.name, label_from)
-        group.add(member, extension, tar, max_bytes)
+        group.add(member, extension, max_bytes)
     if group is not None:
         yield from group.samples()
 
@@ -127,7 +150,7 @@ class _Group:
         self.names: list[str] = []
         self.extra: list[Sample] = []  # members that fail on their own
 
-    def add(self, member: tarfile.TarInfo, extension: str, tar: Any, max_bytes: int) -> None:
+    def add(self, member: Member, extension: str, max_bytes: int) -> None:
         name = member.name
         if name in self.names:
             self.extra.append(
@@ -145,8 +168,8 @@ class _Group:
                         uncounted=True,
                     )
                 )
-            elif not member.isreg():
-                self.image = (name, None, f"NotAFile: a {_kind(member)} member, not image data")
+            elif not member.regular:
+                self.image = (name, None, f"NotAFile: a {member.kind} member, not image data")
             elif member.size > max_bytes:
                 self.image = (
                     name,
@@ -155,11 +178,11 @@ class _Group:
                     f"limit of {max_bytes}",
                 )
             else:
-                self.image = (name, _read(tar, member), "")
+                self.image = (name, member.read(), "")
         elif extension == "cls" and self.label_from == "cls":
-            self.label, self.label_error = _class_label(tar, member)
+            self.label, self.label_error = _class_label(member)
         elif extension == "json" and self.label_from.startswith("json:"):
-            self.label, self.label_error = _json_label(tar, member, self.label_from[5:])
+            self.label, self.label_error = _json_label(member, self.label_from[5:])
 
     def samples(self) -> Iterator[Sample]:
         if self.image is None:
@@ -181,21 +204,21 @@ def _kind(member: tarfile.TarInfo) -> str:
     return "device, FIFO or other non-file"
 
 
-def _read(tar: Any, member: tarfile.TarInfo, limit: int | None = None) -> bytes:
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     handle = tar.extractfile(member)
     if handle is None:
         return b""
     try:
-        return bytes(handle.read(limit if limit is not None else member.size))
+        return bytes(handle.read(member.size))
     except TAR_ERRORS as error:
         raise BrokenArchive(f"truncated: member {member.name} is cut short ({error})") from None
 
 
-def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
+def _class_label(member: Member) -> tuple[int | None, str]:
     """(the integer class of a ``.cls`` member, or the error that makes the sample fail)."""
-    if not member.isreg() or member.size > 64:
+    if not member.regular or member.size > 64:
         return None, f"BadLabel: {member.name} is not a short file holding an integer class"
-    text = _read(tar, member).decode("ascii", "replace").strip()
+    text = member.read().decode("ascii", "replace").strip()
     if not text.isdigit() or int(text) > MAX_CLASS:
         return None, (
             f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0 to {MAX_CLASS})"
@@ -203,13 +226,13 @@ def _class_label(tar: Any, member: tarfile.TarInfo) -> tuple[int | None, str]:
     return int(text), ""
 
 
-def _json_label(tar: Any, member: tarfile.TarInfo, field: str) -> tuple[str | None, str]:
+def _json_label(member: Member, field: str) -> tuple[str | None, str]:
     """(the label at ``field`` of a ``.json`` member, dots naming nested keys, or the error);
     a missing field leaves the sample unlabelled."""
-    if not member.isreg() or member.size > MAX_LABEL_BYTES:
+    if not member.regular or member.size > MAX_LABEL_BYTES:
         return None, f"BadLabel: {member.name} is not a JSON file under {MAX_LABEL_BYTES} bytes"
     try:
-        value: Any = json.loads(_read(tar, member))
+        value: Any = json.loads(member.read())
     except (ValueError, RecursionError):
         return None, f"BadLabel: {member.name} is not JSON"
     return json_field(value, field, member.name)

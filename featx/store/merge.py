@@ -107,7 +107,7 @@ def _check_parts(parts: list[Path]) -> tuple[list[Path], list[_Part]]:
             parts_read.append(_Part(f.attrs, len(f), len(f.failed)))
     reference = parts_read[0].attrs
     # Archive parts number their own classes (from the labels they saw): merged below.
-    archives = reference.get("inputs") in ("tar", "parquet")
+    archives = reference.get("inputs") in ("tar", "parquet", "sample-folder")
     same = [k for k in schema.SAME_IN_EVERY_PART if not (archives and k == "class_names")]
     expected_from = 0
     for path, meta in zip(ordered, parts_read, strict=True):
