@@ -431,6 +431,66 @@ def test_a_files_shard_whose_count_differs_from_its_stats_file_is_not_written(im
         extract(folder, tmp_path / "f.h5", CONFIG)
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """A run that gets as far as loading a model fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("featx.models.load_backbone", refuse)
+    monkeypatch.setattr("featx.pipeline.load_backbone", refuse)
+
+
+def _refused_before_the_model(cli, source: Path, out: Path, line: str) -> None:
+    """Exit 2 with one line, and nothing left beside the output: no file, work folder or lock."""
+    out.parent.mkdir()
+    result = cli("extract", source, "-o", out, *SETTINGS)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"featx: error: {line}"]
+    assert list(out.parent.iterdir()) == []
+
+
+def test_metadata_only_parquet_files_are_refused_before_the_model_loads(
+    images, tmp_path, cli, no_model
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["c"]}), folder / "00000.parquet")
+    _refused_before_the_model(
+        cli,
+        folder,
+        tmp_path / "out" / "f.h5",
+        f"{folder}/00000.parquet: a parquet file without an image column (looked for jpg, "
+        "jpeg, png, webp, image): metadata, not image shards",
+    )
+
+
+def test_parquet_shards_without_pyarrow_are_refused_before_the_model_loads(
+    images, tmp_path, cli, no_model, monkeypatch
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"key": ["a"], "jpg": pa.array([images[0]], pa.binary())}),
+        folder / "00000.parquet",
+    )
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    _refused_before_the_model(
+        cli,
+        folder,
+        tmp_path / "out" / "f.h5",
+        "parquet shards need pyarrow: pip install 'featx[parquet]'",
+    )
+
+
 # --- remote: fsspec over HTTP and S3 on 127.0.0.1 ------------------------------------------------
 
 
