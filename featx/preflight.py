@@ -13,6 +13,7 @@ from pathlib import Path
 
 from featx.config import ExtractConfig
 from featx.data.archives import ArchiveList, is_archive_source, list_archives
+from featx.data.parquet_samples import check_parquet_shards
 from featx.data.worklist import IMAGE_SUFFIXES, ImageList, scan_folder
 from featx.errors import UsageError
 from featx.store import schema
@@ -41,7 +42,9 @@ def preflight(
                 "--labels CSV applies to image folders and lists; archives take labels from "
                 ".cls members or --label-from json:FIELD"
             )
-        return list_archives(os.fspath(source), config.label_from)
+        archives = list_archives(os.fspath(source), config.label_from)
+        check_parquet_shards(archives)
+        return archives
     images = source if isinstance(source, ImageList) else scan_folder(source)
     if config.labels_csv and images.labels_from != config.labels_csv:
         images = images.relabelled(config.labels_csv)

@@ -103,3 +103,29 @@ def http_server(folder: Path) -> Iterator[tuple[str, list[tuple[str, str, str | 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def files_format(folder: Path, images: list[bytes], per_shard: int, labels: list[str]) -> list[str]:
+    """img2dataset's ``--output_format files``: ``00000/`` folders of ``NNNNNNNNN.jpg``,
+    ``.json`` (``{"label": name}``) and ``.txt``, beside a metadata-only ``00000.parquet`` and
+    ``00000_stats.json``; returns the row names, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = []
+    for start in range(0, len(images), per_shard):
+        shard = f"{start // per_shard:05d}"
+        (folder / shard).mkdir(parents=True)
+        keys = [f"{key:09d}" for key in range(start, min(start + per_shard, len(images)))]
+        for key in keys:
+            (folder / shard / f"{key}.jpg").write_bytes(images[int(key)])
+            (folder / shard / f"{key}.json").write_text(
+                json.dumps({"key": key, "label": labels[int(key)]})
+            )
+            (folder / shard / f"{key}.txt").write_text(f"a caption of {key}")
+            names.append(f"{shard}/{key}.jpg")
+        metadata = {"key": keys, "status": ["success"] * len(keys), "caption": keys}
+        pq.write_table(pa.table(metadata), folder / f"{shard}.parquet")
+        stats = {"count": len(keys), "successes": len(keys)}
+        (folder / f"{shard}_stats.json").write_text(json.dumps(stats))
+    return names

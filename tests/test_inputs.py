@@ -29,7 +29,15 @@ from featx.data.braces import expand_braces
 from featx.data.prefetch import Prefetcher
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store.merge import merge
-from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar
+from tests.archives import (
+    crops,
+    files_format,
+    http_server,
+    jpeg,
+    member,
+    webdataset,
+    write_tar,
+)
 from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
 
 CONFIG = SETTINGS_CONFIG
@@ -373,6 +381,117 @@ def test_img2dataset_parquet_shards_are_read_with_failed_downloads_in_failed(
     assert data["labels"] == [0, 0, 1, 0, 0, 1]
 
 
+# --- img2dataset's files format: a folder per shard ---------------------------------------------
+
+LABELS = [["cat", "dog"][i % 3 == 0] for i in range(20)]  # the tars' JSON labels
+
+
+def test_img2dataset_files_format_gives_the_rows_and_features_of_the_same_tars(
+    images, shards, from_tars, tmp_path
+):
+    folder = tmp_path / "files"
+    names = files_format(folder, images, per_shard=4, labels=LABELS)
+    assert names == [name.replace(".tar/", "/") for name in shards[1]]
+    extract(folder, tmp_path / "f.h5", CONFIG.replace(label_from="json:label"))
+    data, reference = read(tmp_path / "f.h5"), read(from_tars)
+    assert data["paths"] == names and data["failed"] == {}
+    np.testing.assert_array_equal(data["features"], reference["features"])
+    assert json.loads(data["attrs"]["class_names"]) == ["cat", "dog"]
+    assert data["labels"] == [int(label == "dog") for label in LABELS]
+    assert data["attrs"]["inputs"] == "sample-folder"
+
+
+def test_a_files_shard_never_follows_links_and_bounds_every_read(images, tmp_path):
+    folder = tmp_path / "files"
+    files_format(folder, images[:3], per_shard=3, labels=["a", "b", "c"])
+    shard = folder / "00000"
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(images[5])
+    (shard / "link.jpg").symlink_to(secret)
+    (shard / "big.jpg").write_bytes(images[4] + b"\0" * 200_000)
+    (shard / "000000001.json").write_text(json.dumps({"label": "b", "pad": "x" * (2 << 20)}))
+    (folder / "00000_stats.json").write_text(json.dumps({"count": 6, "successes": 5}))
+    config = CONFIG.replace(label_from="json:label", max_file_bytes=100_000, max_failures="none")
+    extract(folder, tmp_path / "f.h5", config)
+    data = read(tmp_path / "f.h5")
+    assert data["paths"] == ["00000/000000000.jpg", "00000/000000002.jpg"]
+    assert data["failed"] == {
+        "00000/000000001.jpg": "BadLabel: 000000001.json is not a JSON file under 1048576 bytes",
+        "00000/big.jpg": f"ValueError: file of {len(images[4]) + 200_000} bytes, over the "
+        "--max-file-bytes limit of 100000",
+        "00000/link.jpg": "NotAFile: a symbolic link member, not image data",
+    }
+
+
+def test_a_files_shard_whose_count_differs_from_its_stats_file_is_not_written(images, tmp_path):
+    folder = tmp_path / "files"
+    files_format(folder, images[:8], per_shard=4, labels=["a"] * 8)
+    for lost in (folder / "00001").glob("000000005.*"):
+        lost.unlink()
+    with pytest.raises(FeatxError, match="00001: holds 3 samples, its stats file says 4"):
+        extract(folder, tmp_path / "f.h5", CONFIG)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A run that gets as far as loading a model fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("featx.models.load_backbone", refuse)
+    monkeypatch.setattr("featx.pipeline.load_backbone", refuse)
+
+
+def _refused_before_the_model(cli, source: Path, out: Path, line: str) -> None:
+    """Exit 2 with one line, and nothing left beside the output: no file, work folder or lock."""
+    out.parent.mkdir()
+    result = cli("extract", source, "-o", out, *SETTINGS)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"featx: error: {line}"]
+    assert list(out.parent.iterdir()) == []
+
+
+def test_metadata_only_parquet_files_are_refused_before_the_model_loads(
+    images, tmp_path, cli, no_model
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["c"]}), folder / "00000.parquet")
+    _refused_before_the_model(
+        cli,
+        folder,
+        tmp_path / "out" / "f.h5",
+        f"{folder}/00000.parquet: a parquet file without an image column (looked for jpg, "
+        "jpeg, png, webp, image): metadata, not image shards",
+    )
+
+
+def test_parquet_shards_without_pyarrow_are_refused_before_the_model_loads(
+    images, tmp_path, cli, no_model, monkeypatch
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"key": ["a"], "jpg": pa.array([images[0]], pa.binary())}),
+        folder / "00000.parquet",
+    )
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    _refused_before_the_model(
+        cli,
+        folder,
+        tmp_path / "out" / "f.h5",
+        "parquet shards need pyarrow: pip install 'featx[parquet]'",
+    )
+
+
 # --- remote: fsspec over HTTP and S3 on 127.0.0.1 ------------------------------------------------
 
 
@@ -611,6 +730,24 @@ def test_train_head_on_tar_features_then_predict_on_the_tars(shards, from_tars, 
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0].startswith("path,predicted_class")
     assert [row.split(",")[0] for row in rows[1:]] == shards[1]
+
+
+def test_predict_on_a_tar_folder_and_on_its_one_tar_report_the_same_failed_samples(
+    images, from_tars, cli, tmp_path
+):
+    head = tmp_path / "t.head"
+    assert cli("train-head", from_tars, "-o", head, "-q").exit_code == 0
+    folder = write_tar(
+        tmp_path / "tars" / "00000.tar",
+        [("a.jpg", images[0]), ("bad.jpg", b"not a JPEG"), ("c.jpg", images[2])],
+    ).parent
+    reported = []
+    for source in (folder, folder / "00000.tar"):
+        out = tmp_path / f"{len(reported)}.csv"
+        result = cli("predict", source, "--head", head, "-o", out, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        reported.append([item["path"] for item in json.loads(result.stdout)["failed"]])
+    assert reported == [["00000.tar/bad.jpg"], ["00000.tar/bad.jpg"]]
 
 
 def test_remote_stats_files_are_found_in_the_listing_and_checked_when_their_tar_is_read(

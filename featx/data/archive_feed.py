@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from featx.data.archives import ArchiveList, Sample
+from featx.data.archives import FOLDER_KIND, Archive, ArchiveList, Sample
+from featx.data.folder_samples import folder_samples
 from featx.data.parquet_samples import parquet_samples
 from featx.data.prefetch import Prefetcher
 from featx.data.remote import is_url
@@ -24,6 +25,9 @@ from featx.data.tar_samples import BrokenArchive, tar_samples
 from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
+
+# An archive's kind → the reader of its samples (each yields the same ``Sample`` objects).
+READERS = {"parquet": parquet_samples, FOLDER_KIND: folder_samples}  # and tars: _samples
 
 
 def archive_batches(
@@ -44,7 +48,7 @@ def archive_batches(
         row = 0  # rows of this shard given out so far
         samples = 0  # samples (not member-level failures), for the stats file's count
         try:
-            for sample in _samples(fetched.path, archive.url, archives.label_from, max_bytes):
+            for sample in _samples(archive, fetched.path, archives.label_from, max_bytes):
                 samples += not sample.uncounted
                 pending.append(sample)
                 if len(pending) == batch_size:
@@ -70,14 +74,14 @@ def archive_batches(
         yield _spec(shard, row, pending, last=True)
 
 
-def _samples(path: str, url: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def _samples(archive: Archive, path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
     """A tar is indexed here and its images read by the workers, from byte ranges of the file,
-    when the file outlives the read: a local archive. A fetched copy
-    is removed as soon as it is read (the next download needs its space), so its images are
-    read here."""
-    if path.endswith(".tar"):
-        return tar_samples(path, label_from, max_bytes, ranges=not is_url(url))
-    return parquet_samples(path, label_from, max_bytes)
+    when the file outlives the read: a local archive. A fetched copy is removed as soon as it
+    is read (the next download needs its space), so its images are read here, as are parquet
+    cells and a shard folder's files."""
+    if archive.kind == "tar":
+        return tar_samples(path, label_from, max_bytes, ranges=not is_url(archive.url))
+    return READERS[archive.kind](path, label_from, max_bytes)
 
 
 def _broken(shard: int, why: str) -> WorkBatch:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 
 from featx.data import remote
+from featx.data.filesystem import Entry, filesystem_of
 from featx.data.work import FileRange
 from featx.errors import FeatxError, UsageError
 from featx.safe_text import shortlist
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
+FOLDER_KIND = "sample-folder"  # img2dataset's files format: NNNNN/ folders of one file a member
 MAX_STATS_BYTES = 1 << 20
 LABEL_SOURCES = "cls, json:FIELD or none"
 
@@ -37,6 +38,10 @@ class Archive:
     version: str
     expected: int | None = None  # samples img2dataset's stats file says it holds (read now)
     stats: str | None = None  # a remote stats file, read when the archive is: see counted()
+
+    @property
+    def kind(self) -> str:
+        return os.path.splitext(self.name)[1][1:] or FOLDER_KIND
 
     def counted(self) -> int | None:
         """The samples its stats file says it holds (None without one)."""
@@ -63,7 +68,8 @@ class ArchiveList:
 
     @property
     def kind(self) -> str:
-        return "parquet" if self.archives[0].name.endswith(".parquet") else "tar"
+        """``tar``, ``parquet`` or ``sample-folder`` (img2dataset's ``files`` format)."""
+        return self.archives[0].kind
 
     def digest(self) -> str:
         """sha256 over the archives' names (and the root, for a URL) and the label source: the
@@ -71,7 +77,7 @@ class ArchiveList:
         where the data is mounted elsewhere still merge. Sizes and ETags (or mtimes) are checked
         per shard instead (``Archive.identity``), so an archive re-fetched after it broke is read
         on resume while the finished shards are kept."""
-        root = self.root if remote.is_url(self.root) else ""
+        root = self.root if filesystem_of(self.root).remote else ""
         digest = hashlib.sha256(f"labels={self.label_from}\nroot={root}\n".encode())
         for archive in self.archives:
             digest.update(f"{archive.name}\n".encode())
@@ -91,7 +97,7 @@ class ArchiveList:
 
     def describe(self) -> str:
         count = len(self.archives)
-        where = "remote " if remote.is_url(self.root) else ""
+        where = "remote " if filesystem_of(self.root).remote else ""
         text = f"{count:,} {where}{self.kind} shard{'s' * (count != 1)} in {self.root}"
         total = self.expected_images(range(count))
         if total is not None:
@@ -121,52 +127,39 @@ def is_archive_source(source: str) -> bool:
     list, or a folder (local or a URL) whose top level holds archives."""
     if len(remote.expand_braces(source)) > 1 or source.endswith(ARCHIVE_SUFFIXES):
         return True
-    if remote.is_url(source):
-        return bool(_archives_in(sorted(_remote_entries(source))))
-    path = remote.local_path(source)
-    return os.path.isdir(path) and bool(_archives_in(sorted(_listdir(path))))
+    entries = _folder_entries(source)
+    return entries is not None and bool(_archives_in(entries))
 
 
-def _remote_entries(folder: str) -> dict[str, dict]:
-    """The files at the top level of a remote folder: name → fsspec info."""
-    fs, path = remote.filesystem(folder)
-    with remote.asking(folder, "no such file or folder"):
-        fs.invalidate_cache(path)  # fsspec keeps listings per process: read it as it is now
-        entries = fs.ls(path, detail=True)
-    return {_basename(e["name"]): e for e in entries if e.get("type") != "directory"}
+def _folder_entries(source: str) -> dict[str, Entry] | None:
+    """The top level of a folder; None when ``source`` is a local non-folder (a URL is listed
+    whatever it is: asking first would cost a request)."""
+    fs = filesystem_of(source)
+    if not fs.remote and not fs.is_dir(source):
+        return None
+    return fs.listing(source)
 
 
 def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     """The archives ``source`` names, in sorted order (a brace list keeps its own order)."""
     check_label_from(label_from)
     names = remote.expand_braces(source)
-    listed: set[str] | None = None  # URLs of remote files known to exist (stats files)
+    listed: set[str] | None = None  # URLs of files known to exist (stats files)
     if len(names) == 1 and not names[0].endswith(ARCHIVE_SUFFIXES):
-        root, found, listed = _folder(names[0])
+        root, found, listed, not_read = _folder(names[0])
     else:
         wrong = [n for n in names if not n.endswith(ARCHIVE_SUFFIXES)]
         if wrong:
             raise UsageError(f"{wrong[0]}: not a .tar or .parquet file")
         root = remote.common_root(names)
-        found, listed = _stat_all(names)
+        (found, listed), not_read = _stat_all(names), ()
     kinds = {os.path.splitext(name)[1] for name, _, _ in found}
     if len(kinds) > 1:
         raise UsageError(f"{source}: both .tar and .parquet archives; name one kind")
     archives, without = _with_stats(root, found, listed)
     if not archives:
         raise UsageError(f"source {source}: no finished archives (no _stats.json for any)")
-    return ArchiveList(root, archives, label_from, tuple(without), _not_read(names[0]))
-
-
-def _not_read(source: str) -> tuple[str, ...]:
-    """The subfolders and image files at a local archive folder's top level."""
-    path = remote.local_path(source)
-    if remote.is_url(source) or not os.path.isdir(path):
-        return ()
-    from featx.data.worklist import is_image_name
-
-    names = sorted(n for n in _listdir(path) if not n.startswith("."))
-    return tuple(n for n in names if is_image_name(n) or os.path.isdir(os.path.join(path, n)))
+    return ArchiveList(root, archives, label_from, tuple(without), not_read)
 
 
 def check_label_from(label_from: str) -> None:
@@ -175,104 +168,76 @@ def check_label_from(label_from: str) -> None:
     raise UsageError(f"--label-from {label_from!r}: expected {LABEL_SOURCES}")
 
 
-def _folder(folder: str) -> tuple[str, list[tuple[str, int, str]], set[str] | None]:
-    """(root, [(url, size, version)], remote listing) of the archives at a folder's top level."""
+Found = list[tuple[str, int, str]]  # (url, size, version) of each archive
+
+
+def _folder(folder: str) -> tuple[str, Found, set[str], tuple[str, ...]]:
+    """(root, archives, the files listed, what is not read) of a folder's top level."""
     root = folder.rstrip("/") + "/"
-    if remote.is_url(folder):
-        listed = _remote_entries(folder)
-        chosen = _archives_in(sorted(listed))
-        if not chosen:
-            raise UsageError(f"source {folder}: no .tar or .parquet archives in it")
-        found = [(root + name, *_known(root + name, listed[name])) for name in chosen]
-        return root, found, {root + name for name in listed}
-    path = remote.local_path(folder)
-    if not os.path.isdir(path):
+    entries = _folder_entries(folder)
+    if entries is None:
         raise UsageError(f"source {folder}: no such file or folder")
-    chosen = _archives_in(sorted(_listdir(path)))
+    chosen = _archives_in(entries)
     if not chosen:
         raise UsageError(f"source {folder}: no .tar or .parquet archives in it")
-    found = [(os.path.join(path, name), *_stat(os.path.join(path, name))) for name in chosen]
-    return root, found, None
+    fs = filesystem_of(folder)
+    found = []
+    for name in chosen:
+        url = remote.join(root, name)
+        stat = fs.folder_stat if entries[name].is_dir else fs.stat
+        found.append((url, *(_known(entries[name]) or stat(url))))
+    listed = {remote.join(root, name) for name, entry in entries.items() if not entry.is_dir}
+    return root, found, listed, _not_read(entries, chosen)
 
 
-def _archives_in(names: list[str]) -> list[str]:
-    """Tars if there are any (img2dataset's parquet files beside tars are only metadata),
-    else parquet files."""
-    visible = [n for n in names if not n.startswith(".")]
-    tars = [n for n in visible if n.endswith(".tar")]
-    return tars or [n for n in visible if n.endswith(".parquet")]
+def _not_read(entries: dict[str, Entry], chosen: list[str]) -> tuple[str, ...]:
+    """The subfolders and image files at an archive folder's top level that are not read."""
+    from featx.data.worklist import is_image_name
+
+    visible = sorted(n for n in entries if not n.startswith(".") and n not in chosen)
+    return tuple(n for n in visible if is_image_name(n) or entries[n].is_dir)
 
 
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError as error:
-        raise UsageError(f"source {path}: {error.strerror}") from None
+def _archives_in(entries: dict[str, Entry]) -> list[str]:
+    """Tars if there are any (img2dataset's parquet files beside tars are only metadata), else
+    img2dataset's ``files`` shards (subfolders beside a parquet or stats file of their name,
+    the parquet then only metadata), else parquet files."""
+    visible = sorted(n for n in entries if not n.startswith("."))
+    files = {n for n in visible if not entries[n].is_dir}
+    tars = [n for n in visible if n.endswith(".tar") and n in files]
+    folders = [
+        n for n in visible if entries[n].is_dir and ({f"{n}.parquet", f"{n}_stats.json"} & files)
+    ]
+    return tars or folders or [n for n in visible if n.endswith(".parquet") and n in files]
 
 
-def _stat(url: str) -> tuple[int, str]:
-    """(size, version) of one archive; a missing one is a usage error."""
-    if remote.is_url(url):
-        fs, path = remote.filesystem(url)
-        with remote.asking(url, "no such file"):
-            info = fs.info(path)
-        return _size(info), _version(info)
-    path = remote.local_path(url)
-    try:
-        info = os.stat(path)
-    except OSError as error:
-        raise UsageError(f"{url}: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{url}: not a regular file")
-    return info.st_size, f"mtime={info.st_mtime_ns}"
-
-
-def _stat_all(urls: list[str]) -> tuple[list[tuple[str, int, str]], set[str] | None]:
-    """(url, size, version) of each archive, and the remote files seen: one listing per remote
-    folder rather than a request per archive (where the folder can be listed)."""
-    if not all(remote.is_url(url) for url in urls):
-        return [(url, *_stat(url)) for url in urls], None
-    seen: dict[str, dict] = {}
-    for folder in dict.fromkeys(url.rsplit("/", 1)[0] + "/" for url in urls):
+def _stat_all(urls: list[str]) -> tuple[Found, set[str] | None]:
+    """(url, size, version) of each archive, and the files seen: one listing per folder rather
+    than a request per archive (where the folder can be listed)."""
+    seen: dict[str, Entry] = {}
+    for folder in dict.fromkeys(remote.common_root([url]) for url in urls):
         try:
-            entries = _remote_entries(folder)
+            entries = filesystem_of(folder or ".").listing(folder or ".")
         except FeatxError:
             continue  # not listable (an HTTP server without an index page): ask per archive
-        seen.update({folder + name: info for name, info in entries.items()})
-    found = [(url, *(_known(url, seen[url]) if url in seen else _stat(url))) for url in urls]
+        seen.update({folder + name: entry for name, entry in entries.items()})
+    found = []
+    for url in urls:
+        known = _known(seen[url]) if url in seen else None
+        found.append((url, *(known or filesystem_of(url).stat(url))))
     return found, set(seen) if seen else None
 
 
-def _known(url: str, info: dict) -> tuple[int, str]:
-    """(size, version) from a listing; a listing without them (an HTTP index page) is completed
-    by asking for the one file."""
-    if info.get("size") is None or not _version(info):
-        return _stat(url)
-    return _size(info), _version(info)
-
-
-def _size(info: dict) -> int:
-    size = info.get("size")
-    return int(size) if size is not None else -1
-
-
-def _version(info: dict) -> str:
-    """ETag where the store gives one, else the modification time."""
-    for key in ("ETag", "etag", "md5", "generation"):
-        if info.get(key):
-            return f"{key.lower()}={str(info[key]).strip(chr(34))}"
-    for key in ("LastModified", "last_modified", "mtime", "updated", "Last-Modified"):
-        if info.get(key):
-            return f"mtime={info[key]}"
-    return ""
-
-
-def _basename(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1]
+def _known(entry: Entry) -> tuple[int, str] | None:
+    """(size, version) from a listing; None where it did not say (a local folder, an HTTP
+    index page): the file is then asked for."""
+    if entry.size is None or not entry.version:
+        return None
+    return entry.size, entry.version
 
 
 def _with_stats(
-    root: str, found: list[tuple[str, int, str]], listed: set[str] | None
+    root: str, found: Found, listed: set[str] | None
 ) -> tuple[list[Archive], list[str]]:
     """Archives with their stats files; where any stats file exists, those without one are
     left out (returned by name). Local stats files are read now; remote ones when their archive
@@ -280,13 +245,13 @@ def _with_stats(
     has = {url: _has_stats(_stats_url(url), listed) for url, _, _ in found}
     archives, without = [], []
     for url, size, version in found:
-        name = url[len(root) :] if url.startswith(root) else _basename(url)
+        name = url[len(root) :] if url.startswith(root) else url.rsplit("/", 1)[-1]
         stats = _stats_url(url)
         if any(has.values()) and not has[url]:
             without.append(name)
         elif not has[url]:
             archives.append(Archive(name, url, size, version))
-        elif remote.is_url(stats):
+        elif filesystem_of(stats).remote:
             archives.append(Archive(name, url, size, version, stats=stats))
         else:
             archives.append(Archive(name, url, size, version, expected=read_stats(stats)))
@@ -296,11 +261,7 @@ def _with_stats(
 def _has_stats(url: str, listed: set[str] | None) -> bool:
     if listed is not None:
         return url in listed
-    if remote.is_url(url):
-        fs, path = remote.filesystem(url)
-        with remote.asking(url, "no such file"):
-            return bool(fs.exists(path))
-    return os.path.isfile(remote.local_path(url))
+    return filesystem_of(url).exists(url)
 
 
 def _stats_url(url: str) -> str:
@@ -310,13 +271,7 @@ def _stats_url(url: str) -> str:
 def read_stats(url: str) -> int:
     """The number of samples img2dataset wrote (``successes``) by its stats file at ``url``."""
     try:
-        if remote.is_url(url):
-            data = remote.read_remote(url, MAX_STATS_BYTES)
-        else:
-            from featx.inputs import read_input
-
-            data = read_input(remote.local_path(url), "stats file", MAX_STATS_BYTES)
-        stats = json.loads(data)
+        stats = json.loads(filesystem_of(url).read(url, "stats file", MAX_STATS_BYTES))
         count = stats["successes"]
         if type(count) is not int or count < 0:
             raise ValueError("'successes' is not a count")

@@ -9,7 +9,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from featx.data.archives import Sample
+from featx.data.archives import ArchiveList, Sample
+from featx.data.filesystem import filesystem_of
+from featx.data.remote import local_path
 from featx.data.tar_samples import MAX_CLASS, BrokenArchive, json_field
 from featx.errors import UsageError
 
@@ -17,11 +19,40 @@ IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
 ROWS_PER_READ = 256
 
 
-def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def parquet_module() -> Any:
+    """``pyarrow.parquet``, or the one line that says how to install it."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UsageError("parquet shards need pyarrow: pip install 'featx[parquet]'") from None
+    return pq
+
+
+def check_parquet_shards(archives: ArchiveList) -> None:
+    """Refuse, before any model loads, parquet shards that cannot give images: pyarrow
+    missing, or a local shard whose schema (its footer, read alone) has no image column
+    (img2dataset's ``files`` and ``webdataset`` formats write metadata-only parquet files).
+    A remote shard's schema is checked when it is fetched."""
+    if archives.kind != "parquet":
+        return
+    pq = parquet_module()
+    for archive in archives.archives:
+        if filesystem_of(archive.url).remote:
+            continue
+        path = local_path(archive.url)
+        try:
+            names = pq.read_schema(path).names
+        except Exception as error:
+            raise UsageError(f"{archive.url}: not a parquet file ({error})") from None
+        if not any(column in names for column in IMAGE_COLUMNS):
+            raise UsageError(
+                f"{archive.url}: a parquet file without an image column (looked for "
+                f"{', '.join(IMAGE_COLUMNS)}): metadata, not image shards"
+            )
+
+
+def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    pq = parquet_module()
     try:
         table = pq.ParquetFile(path)
     except Exception as error:

@@ -12,20 +12,30 @@ last one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from featx.data.archives import Sample
-from featx.data.tar_index import BrokenArchive, Member, TarReader
+from featx.data.tar_index import BrokenArchive, TarReader
 from featx.data.work import FileRange
 from featx.data.worklist import IMAGE_SUFFIXES
 
 MAX_LABEL_BYTES = 1 << 20  # a .cls or .json member read for the label
 MAX_CLASS = 1 << 20  # a class number above this is a broken label, not a million-class set
-__all__ = ["BrokenArchive", "MAX_CLASS", "json_field", "sample_key", "tar_samples"]
+__all__ = [
+    "BrokenArchive",
+    "MAX_CLASS",
+    "Member",
+    "group_samples",
+    "json_field",
+    "sample_key",
+    "tar_samples",
+]
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -40,6 +50,21 @@ def sample_key(name: str) -> tuple[str, str]:
 IMAGE_EXTENSIONS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class Member:
+    """One file of a sample, whatever holds it (a tar member, a file in a shard folder)."""
+
+    name: str
+    size: int
+    kind: str  # "" for a regular file, else what it is ("symbolic link", …): never read
+    read: Callable[[], bytes]  # its bytes, at most ``size``; BrokenArchive if it cannot be
+    where: FileRange | None = None  # where a worker can read its bytes itself, if it can
+
+    @property
+    def regular(self) -> bool:
+        return not self.kind
+
+
 def tar_samples(
     path: str, label_from: str, max_bytes: int, ranges: bool = False
 ) -> Iterator[Sample]:
@@ -52,19 +77,30 @@ def tar_samples(
         if not stat.S_ISREG(info.st_mode):
             raise BrokenArchive("not a regular file (a FIFO, device or folder named like a tar)")
         reader = TarReader(fd, info.st_size)
-        yield from _grouped(reader, label_from, max_bytes, path if ranges else None)
+        yield from group_samples(_members(reader, path if ranges else None), label_from, max_bytes)
     finally:
         os.close(fd)
 
 
-def _grouped(
-    reader: TarReader, label_from: str, max_bytes: int, ranges_of: str | None
-) -> Iterator[Sample]:
-    finished: dict[str, str] = {}  # key of every sample already given → its first member
-    group: _Group | None = None
+def _members(reader: TarReader, ranges_of: str | None) -> Iterator[Member]:
     for member in reader.members():
         if member.kind == "folder":
             continue
+        yield Member(
+            member.name,
+            member.size,
+            "" if member.is_file else member.kind,
+            functools.partial(reader.read, member, member.size),
+            FileRange(ranges_of, member.offset, member.size) if ranges_of else None,
+        )
+
+
+def group_samples(members: Iterable[Member], label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """Members → samples: consecutive members of one key make a sample (see the module's
+    docstring); whatever breaks the rule is a failure with its reason."""
+    finished: dict[str, str] = {}  # key of every sample already given → its first member
+    group: _Group | None = None
+    for member in members:
         key, extension = sample_key(member.name)
         if group is not None and key != group.key:
             finished[group.key] = group.first
@@ -80,7 +116,7 @@ def _grouped(
             )
             continue
         group = group or _Group(key, member.name, label_from)
-        group.add(member, extension, reader, max_bytes, ranges_of)
+        group.add(member, extension, max_bytes)
     if group is not None:
         yield from group.samples()
 
@@ -96,14 +132,7 @@ class _Group:
         self.names: list[str] = []
         self.extra: list[Sample] = []  # members that fail on their own
 
-    def add(
-        self,
-        member: Member,
-        extension: str,
-        tar: TarReader,
-        max_bytes: int,
-        ranges_of: str | None,
-    ) -> None:
+    def add(self, member: Member, extension: str, max_bytes: int) -> None:
         name = member.name
         if name in self.names:
             self.extra.append(
@@ -121,7 +150,7 @@ class _Group:
                         uncounted=True,
                     )
                 )
-            elif not member.is_file:
+            elif not member.regular:
                 self.image = (name, None, f"NotAFile: a {member.kind} member, not image data")
             elif member.size > max_bytes:
                 self.image = (
@@ -130,14 +159,12 @@ class _Group:
                     f"ValueError: file of {member.size} bytes, over the --max-file-bytes "
                     f"limit of {max_bytes}",
                 )
-            elif ranges_of is not None:
-                self.image = (name, FileRange(ranges_of, member.offset, member.size), "")
             else:
-                self.image = (name, tar.read(member, member.size), "")
+                self.image = (name, member.where or member.read(), "")
         elif extension == "cls" and self.label_from == "cls":
-            self.label, self.label_error = _class_label(tar, member)
+            self.label, self.label_error = _class_label(member)
         elif extension == "json" and self.label_from.startswith("json:"):
-            self.label, self.label_error = _json_label(tar, member, self.label_from[5:])
+            self.label, self.label_error = _json_label(member, self.label_from[5:])
 
     def samples(self) -> Iterator[Sample]:
         if self.image is None:
@@ -151,11 +178,11 @@ class _Group:
         yield from self.extra
 
 
-def _class_label(tar: TarReader, member: Member) -> tuple[int | None, str]:
+def _class_label(member: Member) -> tuple[int | None, str]:
     """(the integer class of a ``.cls`` member, or the error that makes the sample fail)."""
-    if not member.is_file or member.size > 64:
+    if not member.regular or member.size > 64:
         return None, f"BadLabel: {member.name} is not a short file holding an integer class"
-    text = tar.read(member, 64).decode("ascii", "replace").strip()
+    text = member.read().decode("ascii", "replace").strip()
     if not text.isdigit() or int(text) > MAX_CLASS:
         return None, (
             f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0 to {MAX_CLASS})"
@@ -163,13 +190,13 @@ def _class_label(tar: TarReader, member: Member) -> tuple[int | None, str]:
     return int(text), ""
 
 
-def _json_label(tar: TarReader, member: Member, field: str) -> tuple[str | None, str]:
+def _json_label(member: Member, field: str) -> tuple[str | None, str]:
     """(the label at ``field`` of a ``.json`` member, dots naming nested keys, or the error);
     a missing field leaves the sample unlabelled."""
-    if not member.is_file or member.size > MAX_LABEL_BYTES:
+    if not member.regular or member.size > MAX_LABEL_BYTES:
         return None, f"BadLabel: {member.name} is not a JSON file under {MAX_LABEL_BYTES} bytes"
     try:
-        value: Any = json.loads(tar.read(member, MAX_LABEL_BYTES))
+        value: Any = json.loads(member.read())
     except (ValueError, RecursionError):
         return None, f"BadLabel: {member.name} is not JSON"
     return json_field(value, field, member.name)

@@ -56,11 +56,20 @@ def extraction_config(head: Head, config: PredictConfig = PredictConfig()) -> Ex
     )
 
 
+@dataclass(frozen=True)
+class Features:
+    """The features a command reads, and whether this run extracted them: only then is the
+    file's list of failed images this run's news."""
+
+    path: Path
+    extracted: bool
+
+
 @contextlib.contextmanager
 def features_of(
     source: str | os.PathLike[str], head: Head, config: PredictConfig, out: Path
-) -> Iterator[Path]:
-    """A features file for ``source``: itself, or extracted from an image folder into
+) -> Iterator[Features]:
+    """The features of ``source``: itself, or extracted from images (a folder, archives) into
     :func:`scratch_features` of ``out``, removed once used. An interrupted extraction keeps its
     finished shards there, so running the same command again resumes it."""
     from featx.data.archives import is_archive_source
@@ -69,7 +78,7 @@ def features_of(
     path = Path(source)
     archives = is_archive_source(os.fspath(source))  # tars, parquet shards, a URL
     if path.is_file() and not archives:
-        yield path
+        yield Features(path, extracted=False)
         return
     if not path.is_dir() and not archives:
         raise UsageError(f"source {source}: no such file or folder")
@@ -86,7 +95,7 @@ def features_of(
                 f"{source}: extracting with the settings head {head.path} records did not "
                 f"reproduce its features ({'; '.join(changes)})"
             )
-        yield scratch
+        yield Features(scratch, extracted=True)
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -116,9 +125,10 @@ def _device(spec: str) -> Any:
     return pick_device(spec)
 
 
-def _failures(data: FeatureFile, source: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Images of this run that could not be used (a features file's own list is old news)."""
-    if not Path(source).is_dir():
+def _failures(data: FeatureFile, features: Features) -> list[dict[str, str]]:
+    """Images this run could not use, as its extraction recorded them (a features file given
+    as the source holds old news)."""
+    if not features.extracted:
         return []
     return [{"path": path, "error": error} for path, error in data.failed]
 
@@ -171,11 +181,11 @@ def predict(
     counts = np.zeros(len(names), dtype=np.int64)
     with atomic_output(out, config.overwrite) as temporary:
         with (
-            features_of(source, head, config, out) as path,
-            FeatureFile(path) as data,
+            features_of(source, head, config, out) as features,
+            FeatureFile(features.path) as data,
             open(temporary, "w", newline="", encoding="utf-8") as handle,
         ):
-            failed = _failures(data, source)
+            failed = _failures(data, features)
             writer = csv.writer(handle)
             writer.writerow(csv_columns(top_k))
             for positions, probs in probabilities(head, data, config):
@@ -228,14 +238,17 @@ def evaluate(
     metrics_path = Path(out) if out else evaluation_path(source, head.path or "head")
     check_output(metrics_path, config.overwrite)
     picture_path = report_paths(metrics_path)[1]
-    with features_of(source, head, config, metrics_path) as path, FeatureFile(path) as data:
+    with (
+        features_of(source, head, config, metrics_path) as features,
+        FeatureFile(features.path) as data,
+    ):
         head.check(data)
         require_labels(data, data.labels, "evaluate")
         truth = label_map(data, head.class_names)[data.labels]
         predicted = np.empty(len(data), dtype=np.int64)
         for positions, probs in probabilities(head, data, config):
             predicted[positions] = probs.argmax(axis=1)
-        failed = _failures(data, source)
+        failed = _failures(data, features)
     metrics = {
         "head": str(head.path),
         "source": str(source),
