@@ -101,7 +101,7 @@ def bench(
     work = ImageList(
         images.root, images.paths * repeats, images.labels * repeats, images.class_names
     )
-    end_to_end, writer_share, steady_batches = _end_to_end(work, config)
+    end_to_end, writer_share, writer_busy, steady_batches = _end_to_end(work, config)
     bottleneck = min(ceilings, key=lambda stage: ceilings[stage])
     if end_to_end < 0.7 * slowest:
         bottleneck = "pipeline (reading files, writing, or overlap)"
@@ -126,6 +126,7 @@ def bench(
         "end_to_end_vs_ceiling": round(end_to_end / slowest, 3),
         "end_to_end_steady_batches": steady_batches,
         "writer_share_of_wall_time": round(writer_share, 4),
+        "writer_process_busy_share": round(writer_busy, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_memory_mb": peak_gpu,
         "bottleneck": bottleneck,
@@ -195,9 +196,10 @@ def _rate(work: Callable[[], Any], items: int, device: torch.device, min_seconds
             return calls * items / elapsed
 
 
-def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float, int]:
+def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float, float, int]:
     """Steady images/s of a real run (from its first finished batch), the writer's share of
-    the loop's wall time, and the batches timed."""
+    the loop's wall time (the CPU time it costs this process: handing rows over), the share of
+    it the writer process was busy writing, and the batches timed."""
     with tempfile.TemporaryDirectory() as folder:
         plan = make_plan(
             images,
@@ -215,7 +217,8 @@ def _end_to_end(images: ImageList, config: ExtractConfig) -> tuple[float, float,
     steady_batches = math.ceil(
         (timings.computed - timings.first_batch_files) / plan.feed.batch_size
     )
-    return timings.steady_rate(), ran.writer_s / max(timings.loop_s, 1e-9), steady_batches
+    wall = max(timings.loop_s, 1e-9)
+    return timings.steady_rate(), ran.writer_main_s / wall, ran.writer_s / wall, steady_batches
 
 
 def _sync(device: torch.device) -> None:

@@ -24,7 +24,8 @@ from featx.data.worklist import ImageList, printable
 from featx.errors import ResumeMismatch
 from featx.store import schema
 from featx.store.assemble import ArchiveRows, RowTable, WorkListRows, archive_classes
-from featx.store.shards import ShardSink
+from featx.store.shards import ShardSink, Sink
+from featx.store.sink_process import apart
 from featx.store.workdir import WorkDir, changed_archives
 
 
@@ -33,7 +34,7 @@ class ShardWork:
     """What the loop reads and where its rows go, for this process's unfinished shards."""
 
     batches: Iterable[WorkBatch]  # a list (files), or an iterator (archives, read as they go)
-    sink: ShardSink
+    sink: Sink  # in a process of its own, or (--no-write-behind) in this one
     fetcher: Prefetcher | None = None  # remote archives fetched ahead; closed after the loop
 
     def close(self) -> None:
@@ -87,7 +88,8 @@ class FileSource:
             for first, stop in [work.shard_range(shard)]
             for start in range(first, stop, size)
         ]
-        return ShardWork(batches, ShardSink(work, config.dtype, config.compression))
+        sink = ShardSink(work, config.dtype, config.compression)
+        return ShardWork(batches, apart(sink, config.write_behind))
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
         paths = [printable(path) for path in self.images.paths]
@@ -151,7 +153,7 @@ class ArchiveSource:
         batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
         identities = [archive.identity for archive in self.images.archives]
         sink = ShardSink(work, config.dtype, config.compression, identities)
-        return ShardWork(batches, sink, fetcher)
+        return ShardWork(batches, apart(sink, config.write_behind), fetcher)
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
         """Class names are decided now, from every shard's labels (and recorded in ``attrs``)."""

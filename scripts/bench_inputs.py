@@ -319,7 +319,8 @@ def bench(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, list[fl
     import fsspec
     import torch
 
-    from featx.data.decode import DecodePolicy, read_file
+    from featx.data.decode import DecodePolicy
+    from featx.data.reading import read_file
     from featx.models import load_backbone
 
     torch.set_num_threads(1)

@@ -103,7 +103,7 @@ def test_the_resize_is_recorded_and_a_resume_across_a_change_is_refused(photos, 
     assert plan.fingerprint["decode"]["resize"] == RESIZE
     before = copy.deepcopy(plan.fingerprint)
     del before["decode"]["resize"]  # a run started before the resize was recorded
-    open_work_dir(out, before, FAST.shard_size, len(plan.source.images), overwrite=False)
+    open_work_dir(out, before, plan.shard_size, len(plan.source.images), overwrite=False)
     with pytest.raises(ResumeMismatch, match="decode.resize"):
         extract(photos, out, FAST)
 

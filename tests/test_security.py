@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from featx.config import ExtractConfig, HeadConfig
-from featx.data.decode import read_file
+from featx.data.reading import read_file
 from featx.data.worklist import scan_folder
 from featx.errors import UsageError
 from featx.heads.model import HEADER_KEY, load_head
@@ -128,7 +128,7 @@ def plant_run(tiny: Path, out: Path, value: float) -> Path:
 
     config = ExtractConfig(model="resnet18", weights="none", image_size=32)  # as TINY
     plan = make_plan(str(tiny), out, config)
-    work = open_work_dir(out, plan.fingerprint, config.shard_size, len(plan.source.images), False)
+    work = open_work_dir(out, plan.fingerprint, plan.shard_size, len(plan.source.images), False)
     writer = ShardWriter(work, 0, "float32")
     dim = plan.fingerprint["shapes"]["flatten"][0]
     writer.append(ShardRows([0, 1], {"flatten": np.full((2, dim), value, np.float32)}))

@@ -18,12 +18,13 @@ import pytest
 
 import featx
 import featx.pipeline
+from featx import defaults
 from featx.config import ExtractConfig
 from featx.data.worklist import scan_folder
 from featx.errors import Interrupted
 from featx.heads import apply
 from featx.models import offline_ready
-from featx.pipeline import Timings, extract
+from featx.pipeline import Timings, extract, make_plan
 from featx.preflight import _may_have_cuda
 from tests.conftest import save
 from tests.test_resume import wait_for_shards
@@ -142,9 +143,16 @@ def test_sigint_to_a_real_process_prints_stopping_then_the_images_kept(many_phot
     assert "Traceback" not in stderr
 
 
-def test_the_default_shard_is_about_a_minute_of_resnet50_on_a_slow_cpu():
+def test_the_default_shard_is_about_a_minute_on_a_slow_cpu_and_a_second_or_more_on_a_gpu(
+    photos, tmp_path
+):
     slow_cpu_images_per_second = 4  # ResNet-50, 2 slow cores (the issue measured 4-9)
-    assert ExtractConfig().shard_size / slow_cpu_images_per_second <= 70
+    assert defaults.shard_size_for("cpu") / slow_cpu_images_per_second <= 70
+    h100_resnet50_fp16_images_per_second = 12_268  # the model's eager ceiling, measured
+    assert defaults.shard_size_for("cuda") / h100_resnet50_fp16_images_per_second >= 1
+    # unset, the rule for the run's device decides; given, the option does
+    assert make_plan(photos, tmp_path / "a.h5", TINY_CONFIG).shard_size == 256
+    assert make_plan(photos, tmp_path / "b.h5", TINY_CONFIG.replace(shard_size=3)).shard_size == 3
 
 
 # --- 3. predict on images: a resume that is real ------------------------------------------------

@@ -34,9 +34,9 @@ from featx.data.decode import (
     decode_bytes,
     describe_error,
     open_checked,
-    read_file,
     resize_crop,
 )
+from featx.data.reading import read_file
 
 # files, device → one uint8 [3, H, W] image per file, or raise for the whole call
 BatchDecoder = Callable[[list[torch.Tensor], torch.device], Sequence[torch.Tensor]]

@@ -20,10 +20,10 @@ from featx.data.decode import (
     DecoderCrashed,
     decode_bytes,
     describe_error,
-    read_payload,
     resize_crop,
 )
 from featx.data.gpu_decode import prepare_bytes
+from featx.data.reading import read_payload
 from featx.data.work import FileRange, WorkBatch, WorkItem
 from featx.data.worklist import ImageList
 from featx.errors import FeatxError

@@ -172,6 +172,9 @@ def writing_hdf5(path: Path) -> Iterator[h5py.File]:
     try:
         with h5py.File(disk, "w", track_order=True) as f:
             yield f
+    except OSError:
+        disk.check()  # the disk's own error (ENOSPC, EFBIG) says more than HDF5's rewording
+        raise
     finally:
         disk.close()
     disk.check()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -195,8 +196,7 @@ class ShardSink:
         )
         held.names.extend(piece.names)
         held.labels.extend(piece.labels)
-        if piece.last:
-            self.open.pop(shard)
+        if piece.last:  # published, then forgotten: a failed publish is discarded whole
             if self.identities is None:
                 held.writer.finish()
             else:
@@ -204,11 +204,29 @@ class ShardSink:
                     {schema.SHARD_NAMES: held.names, schema.SHARD_LABELS: held.labels},
                     {schema.SHARD_ARCHIVE: self.identities[shard]},
                 )
+            del self.open[shard]
 
     def discard(self) -> None:
         for held in self.open.values():
             held.writer.discard()
         self.open.clear()
+
+    def close(self) -> None:
+        """Nothing to wait for: each shard was published when its last batch arrived."""
+
+
+class Sink(Protocol):
+    """Where a run's rows go: a :class:`ShardSink`, or one in its own process
+    (``store.sink_process``)."""
+
+    busy_s: float
+    broken: dict[int, str]
+
+    def write(self, rows: ShardRows, piece: ShardPiece) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""A sample's bytes, read with bounds: a file (a regular one, identified by its first bytes and
+checked against ``--max-file-bytes`` before it is read whole), a byte range of a local archive,
+or a URL in one GET. What the decode workers call; no decoding here."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from featx.data.work import FileRange, Payload
+
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # what featx decodes
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "is_image_signature", "read_file", "read_payload"]
+
+
+def read_payload(payload: Payload, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes | bytearray:
+    """A sample's bytes wherever they are: a file (checked as :func:`read_file` does), a byte
+    range of a local archive (sized when it was indexed), or bytes already read."""
+    if isinstance(payload, bytes):
+        return payload
+    if payload.length < 0:
+        return read_file(payload.path, max_bytes)
+    return read_range(payload, max_bytes)
+
+
+def read_range(where: FileRange, max_bytes: int) -> bytes:
+    """``where.length`` bytes at ``where.offset`` of a regular file, in one ``pread``."""
+    if where.length > max_bytes:
+        raise ValueError(
+            f"file of {where.length} bytes, over the --max-file-bytes limit of {max_bytes}"
+        )
+    fd = os.open(where.path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("the archive is no longer a regular file")
+        data = os.pread(fd, where.length, where.offset)
+    finally:
+        os.close(fd)
+    if len(data) != where.length:
+        raise OSError(f"the archive ended inside this member ({len(data)} of {where.length})")
+    return data
+
+
+WHOLE_READ_BYTES = 8 << 20  # a file this small is read in one call, then identified
+
+
+def _read_checked(fd: int, size: int, max_bytes: int) -> bytes | bytearray:
+    """A file's bytes, identified by its first bytes: a small file in one read call (the common
+    case), a big one only once its head is an image signature. One byte more than the size it
+    had is asked for, so a file that grew is noticed (the caller checks the limit)."""
+    from PIL import UnidentifiedImageError
+
+    with open(fd, "rb", buffering=0, closefd=False) as handle:
+        if size <= WHOLE_READ_BYTES:
+            data = _read_up_to(handle, min(size, max_bytes) + 1)
+            if data and not is_image_signature(bytes(data[:SIGNATURE_BYTES])):
+                raise UnidentifiedImageError(UNIDENTIFIED)
+            return data
+        head = handle.read(SIGNATURE_BYTES)
+        if head and not is_image_signature(head):
+            raise UnidentifiedImageError(UNIDENTIFIED)
+        return head + _read_up_to(handle, max_bytes + 1 - len(head))
+
+
+def _read_up_to(handle: Any, count: int) -> bytearray:
+    """Up to ``count`` bytes, into one buffer (a regular file gives them in one call)."""
+    data = bytearray(count)
+    view, got = memoryview(data), 0
+    while got < count and (n := handle.readinto(view[got:])):
+        got += n
+    view.release()
+    del data[got:]
+    return data
+
+
+def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes | bytearray:
+    """A regular file's bytes, read only once its first bytes are an image signature and its
+    size is within ``max_bytes``. A folder, FIFO or device named like an image is refused:
+    reading a FIFO would wait forever and ``/dev/zero`` never ends. A URL is read through
+    fsspec, in one GET, under the same limit."""
+    if "://" in path:
+        from featx.data.remote import is_url, read_remote
+
+        if is_url(path):
+            data = read_remote(path, max_bytes)
+            if not is_image_signature(data[:SIGNATURE_BYTES]):
+                from PIL import UnidentifiedImageError
+
+                raise UnidentifiedImageError(UNIDENTIFIED)
+            return data
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO cannot hang
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError("not a regular file (a pipe, socket or device named like an image)")
+        if info.st_size > max_bytes:
+            raise ValueError(
+                f"file of {info.st_size} bytes, over the --max-file-bytes limit of {max_bytes}"
+            )
+        whole = _read_checked(fd, info.st_size, max_bytes)
+    finally:
+        os.close(fd)
+    if not whole:
+        raise ValueError("empty file (0 bytes)")
+    if len(whole) > max_bytes:  # it grew while being read
+        raise ValueError(f"file of more than {max_bytes} bytes (--max-file-bytes)")
+    return whole
+
+
+SIGNATURE_BYTES = 12
+_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    PNG_SIGNATURE,
+    b"BM",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\0",  # TIFF, little- and big-endian, and BigTIFF
+    b"MM\0*",
+    b"II+\0",
+    b"MM\0+",
+)
+UNIDENTIFIED = (
+    f"cannot identify image file: not {', '.join(PILLOW_FORMATS)} (the formats featx "
+    "decodes), or a broken header"
+)
+
+
+def is_image_signature(head: bytes) -> bool:
+    """Whether a file's first bytes start one of the formats featx decodes."""
+    webp = head.startswith(b"RIFF") and head[8:12] == b"WEBP"
+    return webp or head.startswith(_SIGNATURES)
