@@ -136,7 +136,7 @@ class ExtractConfig:
     device: str = _device()
     compile: bool = option(False, "torch.compile the cut model (fixed batch shape).")
     compression: str = option("none", "none | lzf")  # never gzip: ~21 MB/s caps a whole run
-    write_behind: bool = True  # write shards on a thread, overlapping compute
+    write_behind: bool = True  # write shards in a writer process, overlapping compute
     max_failures: int | str = option("50%", "Exit 3 when more images fail: a count, P% or none")
     shard: tuple[int, int] | None = option(
         None,

@@ -440,7 +440,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("featx.models.load_backbone", refuse)
-    monkeypatch.setattr("featx.pipeline.load_backbone", refuse)
+    monkeypatch.setattr("featx.plan.load_backbone", refuse)
 
 
 def _refused_before_the_model(cli, source: Path, out: Path, line: str) -> None:

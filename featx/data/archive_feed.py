@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from featx.data.archives import FOLDER_KIND, Archive, ArchiveList, Sample
 from featx.data.folder_samples import folder_samples
 from featx.data.parquet_samples import parquet_samples
-from featx.data.prefetch import Prefetcher
-from featx.data.remote import is_url
+from featx.data.prefetch import Fetched, Prefetcher
 from featx.data.tar_samples import BrokenArchive, tar_samples
 from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
@@ -48,7 +47,7 @@ def archive_batches(
         row = 0  # rows of this shard given out so far
         samples = 0  # samples (not member-level failures), for the stats file's count
         try:
-            for sample in _samples(archive, fetched.path, archives.label_from, max_bytes):
+            for sample in _samples(archive, fetched, archives.label_from, max_bytes):
                 samples += not sample.uncounted
                 pending.append(sample)
                 if len(pending) == batch_size:
@@ -74,13 +73,16 @@ def archive_batches(
         yield _spec(shard, row, pending, last=True)
 
 
-def _samples(archive: Archive, path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def _samples(
+    archive: Archive, fetched: Fetched, label_from: str, max_bytes: int
+) -> Iterator[Sample]:
     """A tar is indexed here and its images read by the workers, from byte ranges of the file,
     when the file outlives the read: a local archive. A fetched copy is removed as soon as it
     is read (the next download needs its space), so its images are read here, as are parquet
     cells and a shard folder's files."""
+    path = str(fetched.path)
     if archive.kind == "tar":
-        return tar_samples(path, label_from, max_bytes, ranges=not is_url(archive.url))
+        return tar_samples(path, label_from, max_bytes, ranges=not fetched.copy)
     return READERS[archive.kind](path, label_from, max_bytes)
 
 

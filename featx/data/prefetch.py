@@ -27,6 +27,7 @@ class Fetched:
     index: int
     path: str | None
     error: str = ""
+    copy: bool = False  # a scratch copy, removed once read (a local archive stays where it is)
 
 
 SCRATCH_BYTES = 8 << 30  # downloaded archives on disk at once (the current one and the next)
@@ -146,7 +147,7 @@ class Prefetcher:
                 got = handle.written
             if size >= 0 and got != size:
                 raise OSError(f"fetched {got} bytes, the listing said {size}")
-            return Fetched(index, str(target))
+            return Fetched(index, str(target), copy=True)
         except Exception as error:  # network and storage errors: this archive's, reported
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
