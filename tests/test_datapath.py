@@ -233,7 +233,13 @@ def test_a_resume_without_a_shard_size_finishes_the_run_with_the_size_it_started
 
 FEATX = Path(__file__).resolve().parent.parent / "featx"
 # sources.source_of is the one place that maps a work list to its source
-SEAMS = ["pipeline.py", "data/loader.py", "data/work.py", "store/shards.py", "store/sink_process.py"]
+SEAMS = [
+    "pipeline.py",
+    "data/loader.py",
+    "data/work.py",
+    "store/shards.py",
+    "store/sink_process.py",
+]
 
 
 @pytest.mark.parametrize("module", SEAMS)
