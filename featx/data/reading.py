@@ -28,7 +28,8 @@ def read_payload(payload: Payload, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> b
 
 
 def read_range(where: FileRange, max_bytes: int) -> bytes:
-    """``where.length`` bytes at ``where.offset`` of a regular file, in one ``pread``."""
+    """``where.length`` bytes at ``where.offset`` of a regular file, in one ``pread`` (a range
+    over :data:`WHOLE_READ_BYTES` only once its first bytes are an image signature)."""
     if where.length > max_bytes:
         raise ValueError(
             f"file of {where.length} bytes, over the --max-file-bytes limit of {max_bytes}"
@@ -37,6 +38,8 @@ def read_range(where: FileRange, max_bytes: int) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError("the archive is no longer a regular file")
+        if where.length > WHOLE_READ_BYTES:  # a big member is identified before it is read
+            _identify(os.pread(fd, SIGNATURE_BYTES, where.offset))
         data = os.pread(fd, where.length, where.offset)
     finally:
         os.close(fd)
@@ -52,17 +55,13 @@ def _read_checked(fd: int, size: int, max_bytes: int) -> bytes | bytearray:
     """A file's bytes, identified by its first bytes: a small file in one read call (the common
     case), a big one only once its head is an image signature. One byte more than the size it
     had is asked for, so a file that grew is noticed (the caller checks the limit)."""
-    from PIL import UnidentifiedImageError
-
     with open(fd, "rb", buffering=0, closefd=False) as handle:
         if size <= WHOLE_READ_BYTES:
             data = _read_up_to(handle, min(size, max_bytes) + 1)
-            if data and not is_image_signature(bytes(data[:SIGNATURE_BYTES])):
-                raise UnidentifiedImageError(UNIDENTIFIED)
+            _identify(bytes(data[:SIGNATURE_BYTES]))
             return data
         head = handle.read(SIGNATURE_BYTES)
-        if head and not is_image_signature(head):
-            raise UnidentifiedImageError(UNIDENTIFIED)
+        _identify(head)
         return head + _read_up_to(handle, max_bytes + 1 - len(head))
 
 
@@ -87,10 +86,7 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes | byt
 
         if is_url(path):
             data = read_remote(path, max_bytes)
-            if not is_image_signature(data[:SIGNATURE_BYTES]):
-                from PIL import UnidentifiedImageError
-
-                raise UnidentifiedImageError(UNIDENTIFIED)
+            _identify(data[:SIGNATURE_BYTES] or b"?")  # an empty download is no image either
             return data
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO cannot hang
     try:
@@ -129,6 +125,15 @@ UNIDENTIFIED = (
     f"cannot identify image file: not {', '.join(PILLOW_FORMATS)} (the formats featx "
     "decodes), or a broken header"
 )
+
+
+def _identify(head: bytes) -> None:
+    """Refuse what does not start like an image featx decodes (an empty head: the caller's
+    "empty file" error says more)."""
+    if head and not is_image_signature(head):
+        from PIL import UnidentifiedImageError
+
+        raise UnidentifiedImageError(UNIDENTIFIED)
 
 
 def is_image_signature(head: bytes) -> bool:
