@@ -41,6 +41,8 @@ from tests.conftest import (
     SETTINGS_CONFIG,
     assert_same_file,
     featx_process,
+    pause_at,
+    shim_env,
     wait_for_shards,
 )
 
@@ -544,22 +546,17 @@ def as_ordinary_user() -> list[str]:
 def decoder_shim(tmp_path: Path, before_decoding: str) -> dict[str, str]:
     """An environment whose ``featx`` runs ``before_decoding`` (given ``data``, the file's bytes)
     before each decode: a sitecustomize on PYTHONPATH stands in for a misbehaving decoder."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
     body = "\n".join("    " + line for line in before_decoding.strip().splitlines())
-    (shim / "sitecustomize.py").write_text(
+    return shim_env(
+        tmp_path,
         "import ctypes, os, signal, time\n"
         "import featx.data.decode\n"
         "_decode_bytes = featx.data.decode.decode_bytes\n"
         "def decode_bytes(data, policy):\n"
         f"{body}\n"
         "    return _decode_bytes(data, policy)\n"
-        "featx.data.decode.decode_bytes = decode_bytes\n"
+        "featx.data.decode.decode_bytes = decode_bytes\n",
     )
-    # The shim imports featx before `-m` puts the working folder on sys.path: keep PYTHONPATH,
-    # or a checkout other than the installed one tests the installed featx.
-    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path}
 
 
 # Decoding a file whose bytes carry a marker kills its own process, as a segfault in libjpeg or
@@ -775,28 +772,23 @@ def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
     out = tmp_path / "feats.h5"
     command = [sys.executable, "-m", "featx", "extract", str(many_photos), "-o", str(out)]
     command += SETTINGS
-    # The first run reads as from a slow disk until the second one has been refused, so that it
-    # is still writing then; HDF5's own locking is off for both.
-    flag = tmp_path / "slow"
-    flag.touch()
-    slow = decoder_shim(tmp_path, f"if os.path.exists({str(flag)!r}): time.sleep(0.3)")
+    # The first run stops before its 5th image (the first of its second shard) until the second
+    # run has been refused: it has published a shard and holds the lock all along. HDF5's own
+    # locking is off for both.
+    unlocked = {"HDF5_USE_FILE_LOCKING": "FALSE"}
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5, unlocked)
     first = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**slow, "HDF5_USE_FILE_LOCKING": "FALSE"},
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pause.env
     )
-    wait_for_shards(out, 1, first)
-    second = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"},
-    )
-    assert first.poll() is None, "the first run was still writing"
-    flag.unlink()
+    try:
+        pause.wait(first)
+        wait_for_shards(out, 1, first)
+        second = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, **unlocked}
+        )
+        assert first.poll() is None, "the first run was still writing"
+    finally:
+        pause.release()
     assert second.returncode == 1
     assert second.stderr.startswith(f"featx: error: output {out} is being written by featx pid")
     assert len(second.stderr.strip().splitlines()) == 1

@@ -12,13 +12,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from featx import FeatureFile
+from tests.conftest import pause_at
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATX = f"{shlex.quote(sys.executable)} -m featx"
@@ -223,6 +223,7 @@ def test_every_help_has_an_example(cli):
 
 def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
     """SLURM may send TERM before the first batch: still 143, one line, no traceback."""
+    pause = pause_at(tmp_path, "featx.pipeline.make_plan")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -237,10 +238,14 @@ def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=pause.env,
     )
-    time.sleep(1.5)  # past interpreter start-up, while torch and the model load
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        pause.wait(process)  # featx has started: its handler is set, no image is read yet
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        pause.release()
     assert process.returncode == 143
     assert "Traceback" not in stderr
     assert "run the same command again to resume" in stderr
