@@ -661,9 +661,12 @@ def test_sigkill_at_chosen_and_random_moments_then_a_final_run_gives_the_same_fi
 
 def test_sigint_keeps_finished_shards_and_exits_130(many_photos, uninterrupted, tmp_path, cli):
     out = tmp_path / "feats.h5"
-    process = featx_process(many_photos, out)
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)  # the 2nd shard's 1st image
+    process = featx_process(many_photos, out, env=pause.env)
+    pause.wait(process)
     wait_for_shards(out, 1, process)
     process.send_signal(signal.SIGINT)
+    pause.release()  # the batch in flight finishes, then the run stops
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "interrupted by SIGINT" in stderr and "run the same command again to resume" in stderr

@@ -29,7 +29,7 @@ from featx.data.remote import Prefetcher, expand_braces
 from featx.errors import FeatxError, ResumeMismatch, UsageError
 from featx.store.merge import merge
 from tests.archives import crops, http_server, jpeg, member, webdataset, write_tar
-from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
+from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file, pause_at, wait_for_shards
 
 CONFIG = SETTINGS_CONFIG
 
@@ -261,14 +261,15 @@ def test_a_finished_shard_whose_tar_changed_is_refused_on_resume(shards, tmp_pat
 def test_sigkill_mid_tar_then_resume_gives_the_identical_file(shards, from_tars, tmp_path):
     out = tmp_path / "feats.h5"
     work = out.with_name(out.name + ".featx")
+    # The run stops before the first sample of the second tar: it cannot finish before the kill.
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)
     process = subprocess.Popen(  # batches of 2: a tar of 4 takes two
         [sys.executable, "-m", "featx", "extract", str(shards[0]), "-o", str(out), *SETTINGS],
         stderr=subprocess.PIPE,
+        env=pause.env,
     )
-    deadline = time.monotonic() + 120
-    while not list(work.glob("shard-*.h5")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(0.002)
+    pause.wait(process)
+    wait_for_shards(out, 1, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     kept = sorted(p.name for p in work.glob("shard-*.h5"))
