@@ -302,6 +302,7 @@ def peak_memory_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_huge_but_legal_images_are_extracted_in_bounded_memory(good, clean, tmp_path):
     folder = among_good(good, tmp_path)
@@ -598,6 +599,7 @@ def crashed(good, tmp_path_factory) -> Rows:
     return Rows.read(out)
 
 
+@pytest.mark.slow
 def test_decoder_that_kills_its_worker_is_recorded_and_the_run_goes_on(crashed, clean):
     crash = "DecoderCrashed: the process decoding this file was killed by"
     assert crashed.failed["animal/killer.jpg"] == f"{crash} SIGKILL"
@@ -608,6 +610,7 @@ def test_decoder_that_kills_its_worker_is_recorded_and_the_run_goes_on(crashed, 
         np.testing.assert_allclose(crashed.features[path], vector, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_recorded(crashed):
     assert crashed.failed["animal/secret.jpg"] == "PermissionError: Permission denied"
 
@@ -659,6 +662,7 @@ def test_sigkill_at_chosen_and_random_moments_then_a_final_run_gives_the_same_fi
     assert_same_file(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigint_keeps_finished_shards_and_exits_130(many_photos, uninterrupted, tmp_path, cli):
     out = tmp_path / "feats.h5"
     pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)  # the 2nd shard's 1st image
@@ -696,6 +700,7 @@ def assert_disk_full_error(done: subprocess.CompletedProcess, out: Path, strerro
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no HDF5 trace, no crash
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clear_error_and_resume_completes(
     many_photos, uninterrupted, tmp_path, cli
 ):
@@ -728,6 +733,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_finished_shards_and_resume_after_freeing_space_completes(
     many_photos, uninterrupted, small_disk, cli
 ):
@@ -769,6 +775,7 @@ def test_unwritable_output_and_missing_source_fail_before_any_work(photos, tmp_p
     assert list(tmp_path.iterdir()) == [locked]
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
     many_photos, uninterrupted, tmp_path
 ):

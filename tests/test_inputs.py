@@ -278,6 +278,7 @@ def test_sigkill_mid_tar_then_resume_gives_the_identical_file(shards, from_tars,
     assert_same_file(out, from_tars)
 
 
+@pytest.mark.slow
 def test_shard_parts_then_merge_give_the_single_process_file(shards, tmp_path):
     config = {**CONFIG.__dict__, "label_from": "json:label"}
     single = tmp_path / "single.h5"
@@ -501,6 +502,7 @@ def s3(shards):
             os.environ[key] = value
 
 
+@pytest.mark.slow
 def test_tars_over_s3_give_the_local_file(s3, from_tars, tmp_path):
     extract(f"{s3}/", tmp_path / "s3.h5", CONFIG)
     _same_rows(tmp_path / "s3.h5", from_tars)

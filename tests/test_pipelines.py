@@ -40,6 +40,7 @@ def shell(
     )
 
 
+@pytest.mark.slow
 def test_paths_on_stdin_and_json_summary_through_a_pipe(photos, tmp_path):
     result = shell(
         f"find {photos} -name '*.jpg' | {FEATX} extract - -o {tmp_path}/new.h5 "
@@ -54,6 +55,7 @@ def test_paths_on_stdin_and_json_summary_through_a_pipe(photos, tmp_path):
         assert f.labels.tolist() == [-1, -1, -1]
 
 
+@pytest.mark.slow
 def test_nul_separated_paths_from_find_print0(photos, tmp_path):
     odd = tmp_path / "odd names"
     odd.mkdir()
@@ -107,6 +109,7 @@ def test_stdout_carries_only_machine_output(photos, tmp_path, cli, monkeypatch):
     assert "img/s" in forced.stderr and "\x1b[" not in forced.stderr
 
 
+@pytest.mark.slow
 def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
     result = shell(
         f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL} --json | head -1; "

@@ -170,6 +170,7 @@ def test_gpu_paths_match_the_cpu_path(photos, tmp_path):
         np.testing.assert_allclose(other, cpu, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_bench_reports_every_stage_and_a_bottleneck(photos, cli):
     result = cli(
         "bench", photos, "--model", "resnet18", "--image-size", "64", "--workers", "0", "--json"
@@ -200,9 +201,10 @@ def thumbnails(photo_arrays, tmp_path_factory):
 
 
 # A stage made to sleep this long (a decoder per image, the model per batch of 2) is slower than
-# the other stage by 20x or more, even on a busy machine, and a sleep is as long on a busy
-# machine as on an idle one: the verdict does not depend on the machine's speed.
-SLEEP_S = 0.2
+# the other stage by 10x or more on a busy 2-core machine (measured: 14x at a load of 5), and a
+# sleep is as long on a busy machine as on an idle one. The verdict needs only the order of the
+# two ceilings; the test checks a 5x gap, so that it fails on the bench, not on the machine.
+SLEEP_S = 0.3
 
 
 @pytest.mark.parametrize("slow_stage", ["decode", "model"])
@@ -246,5 +248,5 @@ def test_bench_names_the_stage_made_slow_as_the_bottleneck(
     report = json.loads(result.stdout)
     decode, model = report["decode_ceiling_images_per_second"], report["model_images_per_second"]
     fast, slow = (model, decode) if slow_stage == "decode" else (decode, model)
-    assert fast > 10 * slow, report  # what the test built; the bench's verdict must follow
+    assert fast > 5 * slow, report  # what the test built; the bench's verdict must follow
     assert report["bottleneck"] == slow_stage, report
