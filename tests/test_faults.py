@@ -819,6 +819,7 @@ def test_second_run_on_the_same_output_is_refused_even_without_hdf5_locking(
     assert_same_file(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_stdout_closed_early_is_quiet_and_the_output_is_intact(
     many_photos, uninterrupted, tmp_path
 ):

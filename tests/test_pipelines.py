@@ -123,12 +123,18 @@ def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
 @pytest.mark.parametrize(
     ("script", "code"),
     [
-        ("{featx} extract {photos} -o {tmp}/ok.h5 {small} -q", 0),
+        pytest.param(  # a whole run in a subprocess; the fast lane has others
+            "{featx} extract {photos} -o {tmp}/ok.h5 {small} -q", 0, marks=pytest.mark.slow
+        ),
         ("{featx} extract {photos} -o {tmp}/x.h5 {small} --pool mean", 2),
         ("{featx} extract {photos} -o {tmp}/x.h5 {small} --no-such-flag", 2),
         ("{featx} extract {tmp}/missing -o {tmp}/x.h5 {small}", 2),
         ("{featx} info {tmp}/missing.h5", 2),
-        ("{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1", 3),
+        pytest.param(  # exit 3 in the fast lane: test_faults.py's test_max_failures_exits_3...
+            "{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1",
+            3,
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_documented_exit_codes(photos, tmp_path, script, code):

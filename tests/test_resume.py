@@ -88,6 +88,7 @@ def test_resume_with_different_layer_is_refused(killed, many_photos, tmp_path, c
     assert fresh.exit_code == 0, fresh.output
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_finished_shards_and_exits_143(many_photos, uninterrupted, tmp_path, cli):
     out = tmp_path / "feats.h5"
     pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)  # the 2nd shard's 1st image

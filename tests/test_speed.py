@@ -207,7 +207,7 @@ def thumbnails(photo_arrays, tmp_path_factory):
 SLEEP_S = 0.3
 
 
-@pytest.mark.parametrize("slow_stage", ["decode", "model"])
+@pytest.mark.parametrize("slow_stage", [pytest.param("decode", marks=pytest.mark.slow), "model"])
 def test_bench_names_the_stage_made_slow_as_the_bottleneck(
     slow_stage, thumbnails, cli, monkeypatch
 ):
