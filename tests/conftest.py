@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -158,12 +160,15 @@ SETTINGS_CONFIG = ExtractConfig(  # SETTINGS, as a library call
 )
 
 
-def featx_process(source: Path, out: Path, *extra: str) -> subprocess.Popen:
+def featx_process(
+    source: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "featx", "extract", str(source), "-o", str(out), *SETTINGS, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
 
 
@@ -206,14 +211,82 @@ def assert_same_file(a: Path, b: Path) -> None:
                 assert str(fa.attrs[key]) == str(fb.attrs[key]), key
 
 
-def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: float = 120) -> None:
+def wait_until(
+    condition: Callable[[], bool], process: subprocess.Popen, what: str, limit: float = 300
+) -> None:
+    """Return once ``condition()`` holds; fail at once if ``process`` ends first. ``limit`` only
+    turns a hang into a failure: how fast the process gets there does not matter."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.communicate()[1]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {limit} s")
+        time.sleep(0.005)
+
+
+def wait_for_shards(out: Path, count: int, process: subprocess.Popen, limit: float = 300) -> None:
     """Return once ``process``'s run into ``out`` has published ``count`` shards."""
     work = out.with_name(out.name + ".featx")
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if len(list(work.glob("shard-*.h5"))) >= count:
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"run ended before {count} shards: {process.communicate()[1]}")
-        time.sleep(0.005)
-    raise AssertionError("no shard appeared in time")
+
+    def published() -> bool:
+        return len(list(work.glob("shard-*.h5"))) >= count
+
+    wait_until(published, process, f"{count} published shards", limit)
+
+
+def shim_env(folder: Path, code: str) -> dict[str, str]:
+    """An environment whose Python processes run ``code`` first (a sitecustomize on PYTHONPATH):
+    how a test puts a misbehaving decoder or a pause into a real ``featx`` process."""
+    shim = folder / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(code)
+    # The shim imports featx before `-m` puts the working folder on sys.path: keep PYTHONPATH,
+    # or a checkout other than the installed one tests the installed featx.
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@dataclass
+class Pause:
+    """A point in a real ``featx`` process where it stops until the test lets it go on.
+
+    Run the process with ``env``; ``wait(process)`` returns once it has stopped there (so what
+    it did before is done, and it does nothing more until ``release()``).
+    """
+
+    env: dict[str, str]
+    held: Path  # while this file exists, the process waits
+    reached: Path  # the process creates this file when it stops
+
+    def wait(self, process: subprocess.Popen) -> None:
+        wait_until(self.reached.exists, process, "the pause")
+
+    def release(self) -> None:
+        self.held.unlink(missing_ok=True)
+
+
+def pause_at(folder: Path, function: str, call: int = 1, env: dict | None = None) -> Pause:
+    """Pause featx processes at the ``call``-th call of ``function`` ("module.name"), e.g.
+    ``pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)``: before the 5th image is decoded
+    (with ``--workers 0`` the main process decodes, in order)."""
+    module, name = function.rsplit(".", 1)
+    held, reached = folder / "pause-held", folder / "pause-reached"
+    held.touch()
+    code = f"""\
+import importlib, os, time
+_module = importlib.import_module({module!r})
+_original = getattr(_module, {name!r})
+_calls = 0
+def _paused(*args, **kwargs):
+    global _calls
+    _calls += 1
+    if _calls == {call}:
+        open({str(reached)!r}, "w").close()
+        while os.path.exists({str(held)!r}):
+            time.sleep(0.01)
+    return _original(*args, **kwargs)
+setattr(_module, {name!r}, _paused)
+"""
+    shimmed = shim_env(folder, code)
+    return Pause({**shimmed, **(env or {})}, held, reached)

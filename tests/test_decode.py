@@ -386,6 +386,7 @@ FILES = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=300,
     deadline=None,

@@ -212,6 +212,7 @@ def test_a_batch_leaves_a_worker_as_two_tensors_whatever_its_size(jpegs):
     assert [bytes(f.numpy()) for f in batch.encoded.files()[:3]] == list(jpegs.values())
 
 
+@pytest.mark.slow
 def test_a_big_gpu_batch_with_two_workers_needs_few_file_descriptors(jpegs, tmp_path):
     """Issue 12 item 5: one shared-memory tensor per encoded JPEG ran 2 workers out of file
     descriptors at ulimit -n 1024 and batch 1024 (EMFILE, then a hang). Scaled down: 128 fds."""

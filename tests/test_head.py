@@ -127,6 +127,7 @@ def separable(tmp_path_factory) -> Path:
 # --- as good as scikit-learn ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_linear_head_matches_sklearn_logistic_regression_on_digits_images(
     digits_features, tmp_path, cli
 ):
@@ -375,6 +376,7 @@ def test_mlp_head_learns_what_a_linear_head_cannot(tmp_path):
 # --- memory -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_streams_a_file_larger_than_the_memory_budget(tmp_path):
     x, y = blobs(4000, 512, 4, spread=12.0)
     path = write_features(tmp_path / "big.h5", x.astype(np.float16), y, list("wxyz"))
@@ -468,6 +470,7 @@ def test_weights_spec_turns_recorded_weights_back_into_a_weights_option(tmp_path
         weights_spec(recorded)
 
 
+@pytest.mark.slow
 def test_predict_on_images_equals_extract_then_predict_on_features(
     photos, resnet18_file, tmp_path, cli
 ):

@@ -38,7 +38,13 @@ from tests.archives import (
     webdataset,
     write_tar,
 )
-from tests.conftest import SETTINGS, SETTINGS_CONFIG, assert_same_file
+from tests.conftest import (
+    SETTINGS,
+    SETTINGS_CONFIG,
+    assert_same_file,
+    pause_at,
+    wait_for_shards,
+)
 
 CONFIG = SETTINGS_CONFIG
 
@@ -270,14 +276,15 @@ def test_a_finished_shard_whose_tar_changed_is_refused_on_resume(shards, tmp_pat
 def test_sigkill_mid_tar_then_resume_gives_the_identical_file(shards, from_tars, tmp_path):
     out = tmp_path / "feats.h5"
     work = out.with_name(out.name + ".featx")
+    # The run stops before the first sample of the second tar: it cannot finish before the kill.
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)
     process = subprocess.Popen(  # batches of 2: a tar of 4 takes two
         [sys.executable, "-m", "featx", "extract", str(shards[0]), "-o", str(out), *SETTINGS],
         stderr=subprocess.PIPE,
+        env=pause.env,
     )
-    deadline = time.monotonic() + 120
-    while not list(work.glob("shard-*.h5")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(0.002)
+    pause.wait(process)
+    wait_for_shards(out, 1, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     kept = sorted(p.name for p in work.glob("shard-*.h5"))
@@ -286,6 +293,7 @@ def test_sigkill_mid_tar_then_resume_gives_the_identical_file(shards, from_tars,
     assert_same_file(out, from_tars)
 
 
+@pytest.mark.slow
 def test_shard_parts_then_merge_give_the_single_process_file(shards, tmp_path):
     config = {**CONFIG.__dict__, "label_from": "json:label"}
     single = tmp_path / "single.h5"
@@ -620,6 +628,7 @@ def s3(shards):
             os.environ[key] = value
 
 
+@pytest.mark.slow
 def test_tars_over_s3_give_the_local_file(s3, from_tars, tmp_path):
     extract(f"{s3}/", tmp_path / "s3.h5", CONFIG)
     _same_rows(tmp_path / "s3.h5", from_tars)

@@ -181,6 +181,7 @@ def _no_network_prefix() -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_offline_with_nothing_cached_fails_fast_naming_the_ways_out(photos, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-cache")}
     prefix = _no_network_prefix()

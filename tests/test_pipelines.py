@@ -12,13 +12,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from featx import FeatureFile
+from tests.conftest import pause_at
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATX = f"{shlex.quote(sys.executable)} -m featx"
@@ -40,6 +40,7 @@ def shell(
     )
 
 
+@pytest.mark.slow
 def test_paths_on_stdin_and_json_summary_through_a_pipe(photos, tmp_path):
     result = shell(
         f"find {photos} -name '*.jpg' | {FEATX} extract - -o {tmp_path}/new.h5 "
@@ -54,6 +55,7 @@ def test_paths_on_stdin_and_json_summary_through_a_pipe(photos, tmp_path):
         assert f.labels.tolist() == [-1, -1, -1]
 
 
+@pytest.mark.slow
 def test_nul_separated_paths_from_find_print0(photos, tmp_path):
     odd = tmp_path / "odd names"
     odd.mkdir()
@@ -107,6 +109,7 @@ def test_stdout_carries_only_machine_output(photos, tmp_path, cli, monkeypatch):
     assert "img/s" in forced.stderr and "\x1b[" not in forced.stderr
 
 
+@pytest.mark.slow
 def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
     result = shell(
         f"{FEATX} extract {photos} -o {tmp_path}/f.h5 {SMALL} --json | head -1; "
@@ -120,12 +123,18 @@ def test_broken_pipe_is_quiet_and_the_output_intact(photos, tmp_path):
 @pytest.mark.parametrize(
     ("script", "code"),
     [
-        ("{featx} extract {photos} -o {tmp}/ok.h5 {small} -q", 0),
+        pytest.param(  # a whole run in a subprocess; the fast lane has others
+            "{featx} extract {photos} -o {tmp}/ok.h5 {small} -q", 0, marks=pytest.mark.slow
+        ),
         ("{featx} extract {photos} -o {tmp}/x.h5 {small} --pool mean", 2),
         ("{featx} extract {photos} -o {tmp}/x.h5 {small} --no-such-flag", 2),
         ("{featx} extract {tmp}/missing -o {tmp}/x.h5 {small}", 2),
         ("{featx} info {tmp}/missing.h5", 2),
-        ("{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1", 3),
+        pytest.param(  # exit 3 in the fast lane: test_faults.py's test_max_failures_exits_3...
+            "{featx} extract {dirty} -o {tmp}/x.h5 {small} --max-failures 1",
+            3,
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_documented_exit_codes(photos, tmp_path, script, code):
@@ -223,6 +232,7 @@ def test_every_help_has_an_example(cli):
 
 def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
     """SLURM may send TERM before the first batch: still 143, one line, no traceback."""
+    pause = pause_at(tmp_path, "featx.pipeline.make_plan")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -237,10 +247,14 @@ def test_sigterm_during_start_up_exits_143_with_one_line(photos, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=pause.env,
     )
-    time.sleep(1.5)  # past interpreter start-up, while torch and the model load
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        pause.wait(process)  # featx has started: its handler is set, no image is read yet
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        pause.release()
     assert process.returncode == 143
     assert "Traceback" not in stderr
     assert "run the same command again to resume" in stderr

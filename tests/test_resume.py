@@ -23,6 +23,7 @@ from tests.conftest import (
     SETTINGS_CONFIG,
     assert_same_file,
     featx_process,
+    pause_at,
     wait_for_shards,
 )
 
@@ -38,7 +39,10 @@ def work_of(out: Path) -> Path:
 
 
 def killed_run(many_photos: Path, out: Path, after_shards: int) -> Killed:
-    process = featx_process(many_photos, out)
+    # The run stops before the first image of the next shard: it cannot finish before the kill.
+    pause = pause_at(out.parent, "featx.data.decode.decode_bytes", 4 * after_shards + 1)
+    process = featx_process(many_photos, out, env=pause.env)
+    pause.wait(process)
     wait_for_shards(out, after_shards, process)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
@@ -86,12 +90,16 @@ def test_resume_with_different_layer_is_refused(killed, many_photos, tmp_path, c
     assert fresh.exit_code == 0, fresh.output
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_finished_shards_and_exits_143(many_photos, uninterrupted, tmp_path, cli):
     out = tmp_path / "feats.h5"
-    process = featx_process(many_photos, out)
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)  # the 2nd shard's 1st image
+    process = featx_process(many_photos, out, env=pause.env)
+    pause.wait(process)
     wait_for_shards(out, 1, process)
     assert process.poll() is None
     process.send_signal(signal.SIGTERM)
+    pause.release()  # the batch in flight finishes, then the run stops
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143
     assert "run the same command again to resume" in stderr

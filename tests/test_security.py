@@ -608,6 +608,7 @@ def tiff_with_libtiff_warnings(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_quiet_silences_decoder_warnings_even_from_c_libraries(tiny, tmp_path, capfd):
     from featx.data.decode import DecodePolicy, load_image
 
@@ -622,6 +623,7 @@ def test_quiet_silences_decoder_warnings_even_from_c_libraries(tiny, tmp_path, c
 # --- item 11: many workers under an address-space limit -----------------------------------------
 
 
+@pytest.mark.slow
 def test_many_workers_under_an_address_space_limit_fail_in_one_line_and_exit(tiny, tmp_path):
     # The report's 4 GB left torch a few hundred MB: the limit is set from what torch and the
     # model map here (more with CUDA), so it leaves the same room on every machine.

@@ -108,9 +108,19 @@ def _classifier_input(model: nn.Module) -> int:
 
 
 CLASSIFIERS = sorted(torchvision.models.list_models(module=torchvision.models))
+# One small model of most families runs in the fast lane (`-m "not slow"`); the whole zoo in CI.
+FAST_LANE = {"alexnet", "convnext_tiny", "efficientnet_b0", "googlenet", "inception_v3"}
+FAST_LANE |= {"mnasnet0_5", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "resnext50_32x4d"}
+FAST_LANE |= {"shufflenet_v2_x0_5", "squeezenet1_0", "swin_t", "vgg11", "vit_b_16"}
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        name if name in FAST_LANE else pytest.param(name, marks=pytest.mark.slow)
+        for name in CLASSIFIERS
+    ],
+)
 def test_every_torchvision_classifier_lists_layers_and_defaults_to_its_classifier_input(name, cli):
     """The model zoo sweep, cheap: `featx layers` builds the model on the meta device (shapes,
     no arithmetic). The default layer's pooled dim is what the classifier of torchvision's own

@@ -26,8 +26,7 @@ from featx.heads import apply
 from featx.models import offline_ready
 from featx.pipeline import Timings, extract, make_plan
 from featx.preflight import _may_have_cuda
-from tests.conftest import save
-from tests.test_resume import wait_for_shards
+from tests.conftest import pause_at, save, wait_for_shards
 
 TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0"]
 TINY_CONFIG = ExtractConfig(
@@ -130,9 +129,12 @@ def test_sigint_to_a_real_process_prints_stopping_then_the_images_kept(many_phot
     out = tmp_path / "f.h5"
     command = [sys.executable, "-m", "featx", "extract", str(many_photos), "-o", str(out)]
     command += [*TINY, "--shard-size", "4", "--batch-size", "2"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    pause = pause_at(tmp_path, "featx.data.decode.decode_bytes", 5)  # the 2nd shard's 1st image
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=pause.env)
+    pause.wait(process)
     wait_for_shards(out, 1, process)
     process.send_signal(signal.SIGINT)
+    pause.release()  # the batch in flight finishes, then the run stops
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     lines = stderr.strip().splitlines()
