@@ -211,19 +211,19 @@ SLEEP_S = 0.3
 def test_bench_names_the_stage_made_slow_as_the_bottleneck(
     slow_stage, thumbnails, cli, monkeypatch
 ):
-    import featx.data.decode
+    import featx.data.loader
     from featx.models import CutModel
 
     calls = []
     if slow_stage == "decode":
-        decode_bytes = featx.data.decode.decode_bytes
+        decode_bytes = featx.data.loader.decode_bytes  # what a decode worker calls
 
         def slow_decode(*args, **kwargs):
             calls.append(1)
             time.sleep(SLEEP_S)
             return decode_bytes(*args, **kwargs)
 
-        monkeypatch.setattr(featx.data.decode, "decode_bytes", slow_decode)
+        monkeypatch.setattr(featx.data.loader, "decode_bytes", slow_decode)
     else:
         forward = CutModel.forward
 
