@@ -1,7 +1,7 @@
 """Input sources compared: the same JPEGs as loose files, local tars, tars over HTTP and over S3.
 
     python scripts/bench_inputs.py                          # 2000 JPEGs of 500x375, 500 per tar
-    python scripts/bench_inputs.py --images 400 --repeat 1 --out /tmp/bench_inputs.md
+    python scripts/bench_inputs.py --repeat 1 --out /tmp/bench_inputs.md
 
 Builds, in a temporary folder, ``--images`` JPEGs (quality 85, ``--size`` pixels, cut and resized
 from scikit-image's photos, so real photo content) as loose files and the same bytes as WebDataset
@@ -17,12 +17,16 @@ figure is the best of ``--repeat`` runs (default 3), as the machine may be busy 
 * read-only, loose files: ``featx.data.decode.read_file`` on each file;
 * read-only, tars: ``list_archives`` + ``prefetch.Prefetcher`` (remote archives fetched whole, one
   ahead, into a fresh scratch folder) + ``archive_feed.archive_batches`` (``tar_samples``, batches
-  of 32 as on a CPU), every image's bytes taken;
+  of 32 as on a CPU), every image's bytes taken (``reading.read_payload``: a local tar's images
+  are byte ranges that a worker reads, a fetched copy's are bytes already read);
 * decoded: the same, plus decode + resize + 224 crop of each image (``load_image`` for files,
-  ``EncodedDataset`` for archive bytes) with ResNet-50's transform;
+  ``loader.SampleDataset`` for archive items) with ResNet-50's transform;
 * loose files over HTTP, one request per image: fsspec ``cat_file`` on each image URL (one GET),
   and featx's ``read_file`` on each URL (featx's path for a remote image folder, with whatever
   requests it makes per image), to compare per-image requests with streaming tars.
+
+Every timed run covers at least :data:`MIN_BATCHES` batches of 32 (2,000 images: 64 batches
+over 4 tars of 500); fewer ``--images`` are refused.
 
 Cold: before the run every input file is written back and evicted from the page cache
 (``os.fsync`` + ``os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)``): the loose files and tars
@@ -53,9 +57,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 BUCKET = "featx-bench"
 BATCH = 32  # featx's batch size on a CPU
+MIN_BATCHES = 60  # batches each timed run covers at least
 MAX_BYTES = 1 << 30  # featx's default --max-file-bytes
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
@@ -239,7 +245,7 @@ def forget_filesystems() -> None:
 # --- the runs ------------------------------------------------------------------------------
 
 
-Decode = Callable[[int, bytes], None]
+Decode = Callable[[int, Any], None]  # (row, payload: a tar's FileRange or bytes)
 
 
 def archive_run(source: str, scratch_root: Path, decode: Decode | None) -> tuple[int, int]:
@@ -247,6 +253,7 @@ def archive_run(source: str, scratch_root: Path, decode: Decode | None) -> tuple
     from featx.data.archive_feed import archive_batches
     from featx.data.archives import list_archives
     from featx.data.prefetch import Prefetcher
+    from featx.data.reading import read_payload
 
     archives = list_archives(source)
     shards = list(range(len(archives)))
@@ -256,13 +263,15 @@ def archive_run(source: str, scratch_root: Path, decode: Decode | None) -> tuple
         fetcher = Prefetcher(urls, [a.size for a in archives.archives], Path(scratch))
         try:
             for batch in archive_batches(archives, shards, BATCH, fetcher, MAX_BYTES):
-                if batch.tag.broken or batch.tag.failures:
-                    raise RuntimeError(f"{source}: {batch.tag.broken or batch.tag.failures}")
-                for row, data in batch:
+                if batch.piece.broken or batch.piece.failures:
+                    raise RuntimeError(f"{source}: {batch.piece.broken or batch.piece.failures}")
+                for row, payload in batch.items:
                     if decode is not None:
-                        decode(row, data)
+                        decode(row, payload)  # reads the payload, as a worker does
+                        total += payload.length if isinstance(payload, tuple) else len(payload)
+                    else:
+                        total += len(read_payload(payload, MAX_BYTES))
                     images += 1
-                    total += len(data)
         finally:
             fetcher.close()
     return images, total
@@ -295,14 +304,14 @@ def measure(
 
 
 def decoder(policy: object) -> tuple[Decode, Callable[[str], bytes]]:
-    """(archive bytes → checked decode, path → checked decode) under ``policy``."""
-    from featx.data.archive_feed import EncodedDataset
+    """(archive item → checked read + decode, path → checked decode) under ``policy``."""
     from featx.data.decode import load_image
+    from featx.data.loader import SampleDataset
 
-    dataset = EncodedDataset(policy)  # type: ignore[arg-type]
+    dataset = SampleDataset(policy)  # type: ignore[arg-type]
 
-    def from_bytes(row: int, data: bytes) -> None:
-        _, image, error = dataset[(row, data)]
+    def from_bytes(row: int, payload: Any) -> None:
+        _, image, error = dataset[(row, payload)]
         if image is None or tuple(image.shape[1:]) != (224, 224):
             raise RuntimeError(f"row {row}: {error or 'wrong shape'}")
 
@@ -440,6 +449,14 @@ def main() -> None:
     if args.serve is not None:
         serve(args.serve)
         return
+    # batches never mix two tars: each full tar's, then the last one's
+    full_tars, rest = divmod(args.images, args.per_tar)
+    batches = full_tars * -(-args.per_tar // BATCH) + -(-rest // BATCH)
+    if batches < MIN_BATCHES:
+        parser.error(
+            f"--images {args.images} with --per-tar {args.per_tar} makes {batches} batches of "
+            f"{BATCH}; each timed run must cover at least {MIN_BATCHES}"
+        )
     with tempfile.TemporaryDirectory(prefix="featx-bench-inputs-", dir=args.workdir) as tmp:
         rows, facts = bench(args, Path(tmp))
     text = table(rows, facts, args)

@@ -1,11 +1,17 @@
 """On a GPU: the same tars through ``--decode cpu`` and ``--decode gpu`` on CUDA, against the CPU.
 
-    python scripts/gpu_archives.py --images 2048 --per-tar 256
+    python scripts/gpu_archives.py --images 16384 --per-tar 1024
 
-Builds tars of real-photo JPEGs (500x375) in a temporary folder, extracts ResNet-50 features
-three ways (CPU fp32; CUDA with ``--decode cpu``; CUDA with ``--decode gpu``, both fp16 by
-default) and prints images/s and the largest relative difference of each CUDA run from the CPU
-run. Random weights: nothing is downloaded.
+Builds tars of real-photo JPEGs (500x375; at most 2,048 different ones, repeated) in a temporary
+folder, extracts ResNet-50 features three ways (CPU fp32 on the first ``--cpu-images``; CUDA with
+``--decode cpu``; CUDA with ``--decode gpu``, both fp16 by default) and prints images/s and the
+largest relative difference of each CUDA run from the CPU run. Random weights: nothing is
+downloaded.
+
+The steady figure is timed from a run's first batch, so ``--images`` must give at least
+:data:`MIN_BATCHES` batches of 256 (CUDA's default batch) after it: 16,384 images make 64. Up to
+``workers x prefetch`` batches were decoded while the first one waited for the model, so fewer
+batches would overstate the steady rate (16 batches once gave 11,499 img/s on an H100).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ sys.path.insert(0, str(ROOT))
 from featx import ExtractConfig, extract  # noqa: E402
 from tests.archives import jpeg, webdataset  # noqa: E402
 
+CUDA_BATCH = 256  # featx's batch size on CUDA
+MIN_BATCHES = 60  # batches timed after the first, at least
+DISTINCT = 2048  # different JPEGs made; more images repeat them
+
 
 def photos(count: int) -> list[bytes]:
     import skimage.data as data
@@ -32,35 +42,48 @@ def photos(count: int) -> list[bytes]:
 
     sources = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut()]
     out = []
-    for i in range(count):
+    for i in range(min(count, DISTINCT)):
         array = sources[i % 4]
         h, w = array.shape[:2]
         top, left = (i * 7) % (h // 4), (i * 13) % (w // 4)
         crop = Image.fromarray(array[top : top + 3 * h // 4, left : left + 3 * w // 4])
         out.append(jpeg(np.asarray(crop.resize((500, 375)))))
-    return out
+    return [out[i % len(out)] for i in range(count)]  # repeats share their bytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--per-tar", type=int, default=256)
+    parser.add_argument("--images", type=int, default=16384)
+    parser.add_argument("--per-tar", type=int, default=1024)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--cpu-images", type=int, default=256, help="compared on the CPU")
     args = parser.parse_args()
+    # batches never mix two tars: each full tar's, then the last one's
+    full_tars, rest = divmod(args.images, args.per_tar)
+    batches = full_tars * -(-args.per_tar // CUDA_BATCH) + -(-rest // CUDA_BATCH)
+    if batches - 1 < MIN_BATCHES:
+        parser.error(
+            f"--images {args.images} with --per-tar {args.per_tar} makes {batches} batches of "
+            f"{CUDA_BATCH}: at least {MIN_BATCHES} must follow the first"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "tars"
-        webdataset(folder, photos(args.images), per_tar=args.per_tar)
+        folder, cpu_folder = Path(tmp) / "tars", Path(tmp) / "cpu-tars"
+        images = photos(args.images)
+        webdataset(folder, images, per_tar=args.per_tar)
+        # the first --cpu-images of the same images, in the same order, for the CPU reference
+        webdataset(cpu_folder, images[: args.cpu_images], per_tar=args.cpu_images)
         base = ExtractConfig(model=args.model, weights="none", progress=False, quiet=True)
         runs = {
             "cuda, --decode cpu": base.replace(device="cuda", decode="cpu"),
             "cuda, --decode gpu": base.replace(device="cuda", decode="gpu"),
         }
-        first = f"{folder}/{{00000..{max(0, args.cpu_images // args.per_tar - 1):05d}}}.tar"
-        extract(first, Path(tmp) / "cpu.h5", base.replace(device="cpu", batch_size=64))
+        extract(cpu_folder, Path(tmp) / "cpu.h5", base.replace(device="cpu", batch_size=64))
         with h5py.File(Path(tmp) / "cpu.h5") as f:
             reference = f["features/flatten"][:]
-        print(f"{args.images} JPEGs 500x375 in tars of {args.per_tar}, {args.model}")
+        print(
+            f"{args.images} JPEGs 500x375 in tars of {args.per_tar}, {args.model}, "
+            f"{batches} batches of {CUDA_BATCH} ({batches - 1} timed)"
+        )
         for name, config in runs.items():
             out = Path(tmp) / f"{name.replace(' ', '_').replace(',', '')}.h5"
             started = time.perf_counter()
