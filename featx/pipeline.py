@@ -198,7 +198,8 @@ def compute(
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
     with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
-    return PendingRows(batch.indices, devices.to_host(outputs, count), batch.failures, batch.piece)
+    features = devices.to_host(outputs, count, plan.precision)
+    return PendingRows(batch.indices, features, batch.failures, batch.piece)
 
 
 @dataclass(frozen=True)

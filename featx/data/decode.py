@@ -228,7 +228,9 @@ _UINT8_MODES = ("bilinear", "bicubic")  # torch's native uint8 antialiased kerne
 
 
 def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
-    """Resize the shorter side, then centre-crop, uint8 ``[3, H, W]`` → ``[3, crop, crop]``.
+    """Resize the shorter side, then centre-crop, uint8 ``[3, H, W]`` → ``[3, crop, crop]``; a
+    batch ``[n, 3, H, W]`` of images of one size in one call, each image's pixels identical to
+    its own call's.
 
     On the CPU the resize runs on uint8 (:data:`RESIZE`); elsewhere, and for interpolations
     without a uint8 kernel, it is torchvision v2's float resize rounded back to uint8.
@@ -251,14 +253,7 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
     if (height, width) == new:
         resized = image
     elif image.device.type == "cpu" and mode.value in _UINT8_MODES and image.dtype == torch.uint8:
-        batch = image.unsqueeze(0)
-        if batch.is_contiguous(memory_format=torch.channels_last):
-            # decode_jpeg's HWC memory: restrided so interpolate keeps it and skips a repack, as
-            # torchvision v2 does (pytorch/pytorch#68430)
-            batch = image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
-        resized = torch.nn.functional.interpolate(
-            batch, size=new, mode=mode.value, align_corners=False, antialias=antialias
-        )[0]
+        resized = _uint8_resize(image, new, mode.value, antialias)
     else:
         resized = F.resize(image, [size], interpolation=mode, antialias=antialias)
     crop = transform["crop"]
@@ -267,6 +262,21 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
         return F.center_crop(resized, [crop])  # pads, as torchvision does
     top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
     return resized[..., top : top + crop, left : left + crop]  # torchvision's centre, no copy
+
+
+def _uint8_resize(
+    image: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool
+) -> torch.Tensor:
+    """torch's native uint8 antialiased kernel on one image or a batch of them."""
+    batch = image if image.ndim == 4 else image.unsqueeze(0)
+    if image.ndim == 3 and batch.is_contiguous(memory_format=torch.channels_last):
+        # decode_jpeg's HWC memory: restrided so interpolate keeps it and skips a repack, as
+        # torchvision v2 does (pytorch/pytorch#68430)
+        batch = image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
+    resized = torch.nn.functional.interpolate(
+        batch, size=size, mode=mode, align_corners=False, antialias=antialias
+    )
+    return resized if image.ndim == 4 else resized[0]
 
 
 def describe_error(error: BaseException) -> str:

@@ -133,46 +133,81 @@ def decode_each_alike(
 
 def decode_on_device(
     encoded: Encoded, policy: DecodePolicy, device: torch.device, decoder: BatchDecoder = nvjpeg
-) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:
-    """Batched decode + resize/crop on the device: (rows, their crops, failures). A file the
-    decoder refuses on its own is decoded on the CPU, and reported only if that fails too."""
+) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]], list[torch.Tensor]]:
+    """Batched decode + resize/crop on the device: (rows, their crops, failures, the decoded
+    images the crops were made from). A file the decoder refuses on its own is decoded on the
+    CPU, and reported only if that fails too. Images of one size are resized in one call."""
     files = encoded.files()
-    indices, crops, failures = [], [], []
+    decoded: dict[int, torch.Tensor] = {}
+    failures = []
     for index, data, image in zip(
         encoded.indices, files, decode_each_alike(files, device, decoder), strict=True
     ):
         try:
             if isinstance(image, Exception):
                 image = decode_bytes(data.numpy().tobytes(), policy).to(device)
-            crops.append(resize_crop(image, policy.transform))
-            indices.append(index)
+            decoded[index] = image
         except Exception as error:
             if is_device_error(error):
                 raise
             failures.append((index, describe_error(error)))
-    return indices, crops, failures
+    crops = grouped_resize_crop(decoded, policy.transform)
+    indices = sorted(crops)
+    return indices, [crops[i] for i in indices], failures, list(decoded.values())
+
+
+def grouped_resize_crop(
+    images: dict[int, torch.Tensor], transform: dict[str, Any]
+) -> dict[int, torch.Tensor]:
+    """``resize_crop`` of each image, one call per image size (a batch of photos from one
+    camera is one call instead of one per image): the same pixels as one call each."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in images.items():
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    crops: dict[int, torch.Tensor] = {}
+    for indices in by_size.values():
+        group = torch.stack([images[i] for i in indices])
+        crops.update(zip(indices, resize_crop(group, transform), strict=True))
+    return crops
 
 
 class DecodeStream:
     """Where device decoding runs, and the ordering of its consumers after it.
 
     On CUDA the decode and resize run on a stream of their own (torchvision's nvJPEG writes
-    from its own stream too, pytorch/vision#9606); the model's stream waits for it on the
-    device (no host synchronisation) and the caching allocator is told the tensors are used
-    there. Without that order the model could read images still being written. Elsewhere both
-    are no-ops, so CPU tests run this same code.
+    from its own stream too, pytorch/vision#9606); the model's stream waits for one event per
+    batch on the device (no host synchronisation) and the caching allocator is told the batch
+    is used there. The decoded full-size images are held until the resize that read them has
+    finished (a host wait before the next decode, on work long done by then): freed earlier,
+    their memory could be handed to the next batch's nvJPEG, whose hardware decoder does not
+    follow stream order (torchcodec PR 1634), while the resize kernels still read it. Elsewhere
+    all of this is a no-op, so CPU tests run this same code.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._held: tuple[list[torch.Tensor], Any] | None = None
 
     def running(self) -> contextlib.AbstractContextManager[Any]:
         return (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         )
 
+    def release_previous(self) -> None:
+        """Before a decode: the previous batch's decoded images may be reused now."""
+        if self._held is not None:
+            self._held[1].synchronize()
+            self._held = None
+
+    def hold(self, decoded: list[torch.Tensor]) -> None:
+        """Keep ``decoded`` until the work queued on the decode stream so far has run."""
+        if self.stream is not None and decoded:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self._held = (decoded, event)
+
     def consumed(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``, safe to use on the current stream."""
+        """``tensor``, safe to use on the current stream: one wait per batch."""
         if self.stream is None or tensor.device.type != "cuda":
             return tensor
         current = torch.cuda.current_stream(tensor.device)
@@ -196,17 +231,18 @@ def on_device(
             return batch
         return replace(batch, images=batch.images.to(device, non_blocking=True))
     stream = stream or DecodeStream(device)
+    stream.release_previous()
     with stream.running():
-        indices, crops, failures = decode_on_device(batch.encoded, policy, device, decoder)
-        crops = [crop.contiguous() for crop in crops]
-    crops = [stream.consumed(crop) for crop in crops]
-    rows = list(batch.images.to(device, non_blocking=True)) if batch.images is not None else []
-    by_index = dict(zip(batch.indices + indices, rows + crops, strict=True))
-    order = sorted(by_index)
+        indices, crops, failures, decoded = decode_on_device(batch.encoded, policy, device, decoder)
+        rows = list(batch.images.to(device, non_blocking=True)) if batch.images is not None else []
+        by_index = dict(zip(batch.indices + indices, rows + crops, strict=True))
+        order = sorted(by_index)
+        images = torch.stack([by_index[i] for i in order]) if order else None
+        stream.hold(decoded)
     return replace(
         batch,
         indices=order,
-        images=torch.stack([by_index[i] for i in order]) if order else None,
+        images=stream.consumed(images) if images is not None else None,
         failures=sorted(batch.failures + failures),
         encoded=None,
     )

@@ -123,31 +123,58 @@ def bound_device(device: torch.device, local_rank: int | None, device_count: int
 class Pending:
     """Tensors on their way to the host. On CUDA the copies are non-blocking into page-locked
     buffers and ``wait`` (called on the writer thread) blocks on their event, so the loop never
-    waits for a batch's results; elsewhere there is nothing to wait for (the event is None)."""
+    waits for a batch's results; elsewhere there is nothing to wait for (the event is None).
+    ``finite`` says, per output, whether every value is finite: computed on the device with the
+    batch, so a non-finite row is refused without a host synchronisation in the loop."""
 
     tensors: dict[str, torch.Tensor]
     event: Any = None
+    finite: torch.Tensor | None = None  # bool [outputs], in the order of ``tensors``
+    precision: str = "fp32"  # what made them, for the advice when they are not finite
 
     def wait(self) -> dict[str, np.ndarray]:
         if self.event is not None:
             self.event.synchronize()
+        if self.finite is not None and not bool(self.finite.all()):
+            flags = self.finite.tolist()
+            bad = [name for name, ok in zip(self.tensors, flags, strict=True) if not ok]
+            raise FeatxError(non_finite_message(bad, self.precision))
         return {name: tensor.numpy() for name, tensor in self.tensors.items()}
 
 
-def to_host(outputs: dict[str, torch.Tensor], count: int) -> Pending:
+def non_finite_message(layers: list[str], precision: str) -> str:
+    """Why a batch's features were refused, and what to run instead."""
+    where = f"non-finite features (inf or NaN) in {', '.join(layers)} at --precision {precision}"
+    if precision == "fp16":
+        advice = (
+            "fp16 overflows above 65,504: run again with --precision bf16 or fp32 and "
+            "--overwrite (precision is part of the run's fingerprint)"
+        )
+    else:
+        advice = "the model itself gives them (check its weights); nothing of them was written"
+    return f"{where}: {advice}; finished shards are kept"
+
+
+def to_host(outputs: dict[str, torch.Tensor], count: int, precision: str = "fp32") -> Pending:
     """The first ``count`` rows of each output as float32 on the host, copying asynchronously
-    on CUDA (see :class:`Pending`)."""
+    on CUDA (see :class:`Pending`), with whether each output is finite: a batch with inf or NaN
+    is refused on the writer thread, never written."""
     first = next(iter(outputs.values()), None)
-    if first is None or first.device.type != "cuda":
-        return Pending({name: value[:count].float().cpu() for name, value in outputs.items()})
+    if first is None:
+        return Pending({})
+    rows = {name: value[:count].float() for name, value in outputs.items()}
+    finite = torch.stack([torch.isfinite(value).all() for value in rows.values()])
+    if first.device.type != "cuda":
+        return Pending({n: v.cpu() for n, v in rows.items()}, None, finite, precision)
     host = {}
-    for name, value in outputs.items():
-        value = value[:count].float()
+    for name, value in rows.items():
         buffer = torch.empty(value.shape, dtype=torch.float32, pin_memory=True)
         host[name] = buffer.copy_(value, non_blocking=True)
+    flags = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+    flags.copy_(finite, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    return Pending(host, event)
+    return Pending(host, event, flags, precision)
 
 
 @contextlib.contextmanager

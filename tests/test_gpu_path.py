@@ -1,0 +1,63 @@
+"""The GPU path's orchestration, driven on the CPU through the same code (streams and events
+are no-ops here; the batch decoder is injected): grouped resizes, and features that are not
+finite refused instead of written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featx.data.decode import resize_crop
+from featx.data.gpu_decode import grouped_resize_crop
+from featx.errors import FeatxError
+from featx.models import CutModel
+
+TRANSFORMS = [
+    {"resize": 40, "crop": 32, "interpolation": "bilinear", "antialias": True},  # uint8 kernel
+    {"resize": 40, "crop": 32, "interpolation": "nearest", "antialias": False},  # v2 float path
+    {"resize": 80, "crop": 72, "interpolation": "bicubic", "antialias": True},  # crop pads
+]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: t["interpolation"])
+def test_images_of_one_size_resized_in_one_call_equal_one_call_each(transform):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(50, 70), (50, 70), (64, 48), (50, 70), (33, 33)]
+    images = {
+        row: torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+        for row, (h, w) in zip([4, 0, 7, 2, 9], sizes, strict=True)
+    }
+    grouped = grouped_resize_crop(images, transform)
+    assert sorted(grouped) == sorted(images)
+    for row, image in images.items():
+        assert torch.equal(grouped[row], resize_crop(image, transform)), row
+
+
+def _first_row_inf(value: torch.Tensor) -> torch.Tensor:
+    value = value.clone()
+    value[0] = float("inf")
+    return value
+
+
+def test_features_that_are_not_finite_are_refused_in_one_line_and_never_written(
+    photos, tmp_path, cli, monkeypatch
+):
+    forward = CutModel.forward
+
+    def overflowing(self, images):  # the first row of every batch overflows
+        outputs = forward(self, images)
+        return {name: _first_row_inf(value) for name, value in outputs.items()}
+
+    monkeypatch.setattr(CutModel, "forward", overflowing)
+    out = tmp_path / "f.h5"
+    settings = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]
+    result = cli("extract", photos, "-o", out, *settings, "--workers", "0", "--device", "cpu", "-q")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "non-finite features (inf or NaN) in flatten at --precision fp32" in line
+    assert not out.exists()
+    assert not list((tmp_path / "f.h5.featx").glob("shard-*.h5"))
+    with pytest.raises(FeatxError, match="--precision bf16 or fp32"):
+        from featx.runtime.device import to_host
+
+        to_host({"x": torch.tensor([[1.0], [float("nan")]])}, 2, "fp16").wait()
