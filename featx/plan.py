@@ -136,6 +136,28 @@ def file_attributes(plan: Plan) -> dict[str, Any]:
         import timm
 
         attrs["timm_version"] = timm.__version__
+    attrs.update(device_attributes(plan.device, plan.policy.mode))
+    return attrs
+
+
+def device_attributes(device: torch.device, decode: str) -> dict[str, Any]:
+    """On CUDA: which GPU computed the features and, with ``--decode gpu``, which decoder made
+    the pixels (torchvision's nvJPEG, built against this CUDA; torchvision does not say whether
+    the GPU's hardware JPEG engine or its CUDA decoder ran, so neither does the file)."""
+    if device.type != "cuda":
+        return {}
+    attrs: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(device),
+        "cuda_version": torch.version.cuda or "",
+    }
+    if decode == "gpu":
+        import torchvision
+
+        attrs["gpu_decoder"] = {
+            "library": f"torchvision {torchvision.__version__} decode_jpeg (nvJPEG)",
+            "cuda": torch.version.cuda or "",
+            "backend": "not reported by torchvision (hardware engine or CUDA)",
+        }
     return attrs
 
 

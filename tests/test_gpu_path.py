@@ -61,3 +61,28 @@ def test_features_that_are_not_finite_are_refused_in_one_line_and_never_written(
         from featx.runtime.device import to_host
 
         to_host({"x": torch.tensor([[1.0], [float("nan")]])}, 2, "fp16").wait()
+
+
+def test_a_cpu_run_names_no_gpu(photos, tmp_path, cli):
+    import h5py
+
+    out = tmp_path / "f.h5"
+    settings = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "-q"]
+    assert cli("extract", photos, "-o", out, *settings, "--device", "cpu").exit_code == 0
+    with h5py.File(out, "r") as f:
+        assert "gpu" not in f.attrs and "gpu_decoder" not in f.attrs
+
+
+@pytest.mark.gpu
+def test_a_gpu_run_records_the_gpu_and_the_decoder(photos, tmp_path, cli):
+    import json
+
+    import h5py
+
+    out = tmp_path / "f.h5"
+    settings = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "-q"]
+    result = cli("extract", photos, "-o", out, *settings, "--device", "cuda", "--decode", "gpu")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        assert f.attrs["gpu"] == torch.cuda.get_device_name(0)
+        assert "nvJPEG" in json.loads(f.attrs["gpu_decoder"])["library"]
