@@ -86,3 +86,43 @@ def test_a_gpu_run_records_the_gpu_and_the_decoder(photos, tmp_path, cli):
     with h5py.File(out, "r") as f:
         assert f.attrs["gpu"] == torch.cuda.get_device_name(0)
         assert "nvJPEG" in json.loads(f.attrs["gpu_decoder"])["library"]
+
+
+class _Viewing(torch.nn.Module):
+    """A model that view()s its 4-D input, as some do: channels_last memory cannot be viewed."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor):
+        flat = x.view(x.shape[0], -1)
+        return self.inner(flat.view(x.shape))
+
+
+def test_a_model_that_cannot_run_channels_last_runs_in_the_default_layout(monkeypatch):
+    from featx.models import load_backbone
+
+    backbone = load_backbone("resnet18", "none", 32)
+    cut = backbone.cut
+    monkeypatch.setattr(type(backbone), "cut", lambda self, layers: _Viewing(cut(layers)))
+    model = CutModel(backbone, ["flatten"], "avg").eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        got = model(images)["flatten"]
+        # torchvision's own modules, default layout
+        reference = backbone.model.eval()
+        x = images.float().div(255).sub(model.mean).div(model.std)
+        x = reference.avgpool(
+            reference.layer4(
+                reference.layer3(
+                    reference.layer2(
+                        reference.layer1(
+                            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+                        )
+                    )
+                )
+            )
+        )
+    assert model.memory_format == torch.contiguous_format
+    torch.testing.assert_close(got, torch.flatten(x, 1), rtol=1e-4, atol=1e-5)
