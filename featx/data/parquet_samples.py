@@ -6,6 +6,8 @@ own status and error message), rows named by the ``key`` column.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,9 +61,21 @@ def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Samp
     column stays encoded, so one cell repeated a million times is counted, not expanded)."""
     pq = parquet_module()
     try:
-        schema = pq.read_schema(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open cannot hang
+    except OSError as error:
+        raise BrokenArchive(error.strerror or str(error)) from None
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BrokenArchive("not a regular file (a FIFO, device or folder named like one)")
+        yield from _row_groups(pq, handle, label_from, max_bytes)
+
+
+def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    try:
+        schema = pq.read_schema(handle)
         # Strings and bytes are read dictionary-encoded as stored: sized before expanded.
-        table = pq.ParquetFile(path, read_dictionary=[f.name for f in schema if _is_text(f.type)])
+        text = [f.name for f in schema if _is_text(f.type)]
+        table = pq.ParquetFile(handle, read_dictionary=text)
     except Exception as error:
         raise BrokenArchive(f"not a parquet file ({error})") from None
     names = schema.names
