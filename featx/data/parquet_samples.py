@@ -5,11 +5,12 @@ own status and error message), rows named by the ``key`` column.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from featx.data.archives import ArchiveList, Sample
 from featx.data.filesystem import filesystem_of
@@ -42,9 +43,9 @@ def check_parquet_shards(archives: ArchiveList) -> None:
     for archive in archives.archives:
         if filesystem_of(archive.url).remote:
             continue
-        path = local_path(archive.url)
         try:
-            names = pq.read_schema(path).names
+            with _opened(local_path(archive.url)) as handle:
+                names = pq.read_schema(handle).names
         except Exception as error:
             raise UsageError(f"{archive.url}: not a parquet file ({error})") from None
         if not any(column in names for column in IMAGE_COLUMNS):
@@ -60,14 +61,22 @@ def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Samp
     before its cells are copied out (their sizes, from the offsets: a dictionary-encoded
     column stays encoded, so one cell repeated a million times is counted, not expanded)."""
     pq = parquet_module()
+    with _opened(path) as handle:
+        yield from _row_groups(pq, handle, label_from, max_bytes)
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[BinaryIO]:
+    """The file at ``path`` if it is a regular file (a FIFO's open cannot hang, nor a device's
+    read run for ever), else BrokenArchive."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open cannot hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise BrokenArchive(error.strerror or str(error)) from None
     with open(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BrokenArchive("not a regular file (a FIFO, device or folder named like one)")
-        yield from _row_groups(pq, handle, label_from, max_bytes)
+        yield handle
 
 
 def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterator[Sample]:
