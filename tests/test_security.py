@@ -8,6 +8,7 @@ to another uid. Nothing outside tmp_path is ever written.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import resource
@@ -649,3 +650,323 @@ def test_many_workers_under_an_address_space_limit_fail_in_one_line_and_exit(tin
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(errors) == 1
     assert "--workers 16" in errors[0] and "ulimit -v" in errors[0]
+
+
+# --- [bounds] local: archives, parquet cells, names and folders (issue 21) ---------------------
+
+RUN = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu"]
+RSS_BOUND = 1536 << 20  # a normal run of the tiny model peaks near 0.9 GB
+PEAK_RUN = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=120)\n"
+    "sys.stderr.write(done.stderr)\n"
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def peak_run(*args: object, env: dict[str, str] | None = None) -> tuple[int, str, int]:
+    """(exit code, stderr, peak RSS in bytes of featx and its workers): run in a fresh child,
+    so no earlier test's children count. 120 s is generous: the old code took far longer."""
+    command = [
+        sys.executable,
+        "-c",
+        PEAK_RUN,
+        sys.executable,
+        "-m",
+        "featx",
+        "extract",
+        *map(str, args),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    code, kilobytes = map(int, done.stdout.split())
+    return code, done.stderr, kilobytes << 10
+
+
+def errors_of(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("featx: error:")]
+
+
+def good_jpeg(photo_arrays) -> bytes:
+    from tests.archives import jpeg
+
+    return jpeg(photo_arrays["coffee"][::8, ::8])
+
+
+def test_a_sparse_tar_member_claiming_a_gigabyte_fails_unread_in_bounded_memory(
+    tmp_path, photo_arrays
+):
+    import tarfile
+
+    from tests.archives import member
+
+    tar = tmp_path / "data" / "00000.tar"
+    tar.parent.mkdir()
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as handle:
+        member(handle, "a.jpg")
+        member(handle, "b.jpg", good_jpeg(photo_arrays))
+    raw = bytearray(tar.read_bytes())
+    raw[156:157] = b"S"  # a.jpg becomes GNU sparse: 999,999,999 bytes of holes
+    raw[483:495] = b"%011o\0" % 999_999_999
+    raw[148:156] = b"        "
+    raw[148:156] = b"%06o\0 " % sum(raw[:512])
+    tar.write_bytes(bytes(raw))
+    assert tar.stat().st_size < 20_000
+    out = tmp_path / "o.h5"
+    code, stderr, peak = peak_run(tar, "-o", out, *RUN, "-q", "--max-failures", "none")
+    assert code == 0 and not errors_of(stderr) and peak < RSS_BOUND, (stderr, peak)
+    with h5py.File(out, "r") as f:
+        assert len(f["paths"]) == 1
+        reasons = [r.decode() for r in f["failed/errors"][:]]
+    assert len(reasons) == 1 and reasons[0].startswith("NotAFile"), reasons
+
+
+def test_a_pax_header_claiming_three_gigabytes_breaks_its_archive_unread(tmp_path):
+    import tarfile
+
+    tar = tmp_path / "00000.tar"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 3_000_000_000
+    tar.write_bytes(header.tobuf(tarfile.USTAR_FORMAT))
+    os.truncate(tar, 512 + 3_000_000_512)  # holes: the claim is real on disk, nothing stored
+    code, stderr, peak = peak_run(tar, "-o", tmp_path / "o.h5", *RUN, "-q")
+    (error,) = errors_of(stderr)
+    assert code == 1 and "00000.tar" in error and peak < RSS_BOUND, (stderr, peak)
+
+
+SWAP_AFTER_LISTING = """
+import os
+import featx.preflight
+_list = featx.preflight.list_archives
+def list_archives(*args, **kwargs):
+    listed = _list(*args, **kwargs)
+    path = os.environ["FEATX_TEST_SWAP"]
+    os.unlink(path)
+    if os.environ["FEATX_TEST_SWAP_TO"] == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    return listed
+featx.preflight.list_archives = list_archives
+"""
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet"])
+@pytest.mark.parametrize("swap_to", ["fifo", "/dev/zero"])
+def test_a_local_archive_swapped_after_the_listing_fails_its_shard_in_one_line(
+    tmp_path, photo_arrays, kind, swap_to
+):
+    from tests.archives import write_tar
+
+    data = tmp_path / "data"
+    image = good_jpeg(photo_arrays)
+    if kind == "tar":
+        for i in range(2):
+            write_tar(data / f"0000{i}.tar", [(f"s{i}.jpg", image)])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data.mkdir()
+        for i in range(2):
+            pq.write_table(pa.table({"key": [f"s{i}"], "jpg": [image]}), data / f"0000{i}.parquet")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SWAP_AFTER_LISTING)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
+        "FEATX_TEST_SWAP": str(data / f"00000.{kind}"),
+        "FEATX_TEST_SWAP_TO": swap_to,
+    }
+    code, stderr, _ = peak_run(data, "-o", tmp_path / "o.h5", *RUN, "-q", env=env)
+    (error,) = errors_of(stderr)
+    # A parquet footer is read again before the model loads (exit 2), a tar's when it is read.
+    assert code == (1 if kind == "tar" else 2) and f"00000.{kind}" in error, stderr
+
+
+@pytest.mark.parametrize("swap_to", ["fifo", "/dev/zero"])
+def test_a_stats_file_that_is_a_fifo_or_dev_zero_fails_its_archive(
+    tmp_path, photo_arrays, cli, swap_to
+):
+    from tests.archives import write_tar
+
+    data = tmp_path / "data"
+    for i in range(2):
+        write_tar(data / f"0000{i}.tar", [(f"s{i}.jpg", good_jpeg(photo_arrays))])
+        (data / f"0000{i}_stats.json").write_text('{"successes": 1}')
+    stats = data / "00000_stats.json"
+    stats.unlink()
+    os.mkfifo(stats) if swap_to == "fifo" else stats.symlink_to("/dev/zero")
+    result = cli("extract", data, "-o", tmp_path / "o.h5", *TINY)
+    error = one_line_error(result, code=1)
+    assert "00000.tar" in error and "00000_stats.json" in error and "regular file" in error
+
+
+def parquet_bomb(path: Path, cells: int, cell_bytes: int) -> Path:
+    """Zero-filled image cells, zstd-compressed: a few KB on disk, ``cells * cell_bytes`` read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    zeros = pa.array([bytes(cell_bytes)], pa.binary())
+    with pq.ParquetWriter(
+        path,
+        pa.schema([("key", pa.string()), ("jpg", pa.binary())]),
+        compression="zstd",
+        use_dictionary=False,
+    ) as writer:
+        for i in range(cells):  # one row group per cell: the writer holds one cell at a time
+            writer.write_table(pa.table({"key": [f"k{i}"], "jpg": zeros}))
+    return path
+
+
+def test_a_zstd_parquet_bomb_fails_unread_in_bounded_memory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = tmp_path / "data" / "00000.parquet"
+    big.parent.mkdir()
+    zeros = pa.array([bytes(100 << 20)], pa.binary())
+    # One row group of forty 100 MB cells of zeros, from one dictionary entry: 4 GB read.
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * 40, pa.int32()), zeros)
+    keys = pa.array([f"k{i}" for i in range(40)])
+    pq.write_table(pa.table({"key": keys, "jpg": column}), big, compression="zstd")
+    over = parquet_bomb(tmp_path / "data" / "00001.parquet", cells=2, cell_bytes=64 << 20)
+    assert big.stat().st_size < 1 << 20 and over.stat().st_size < 1 << 20
+    out = tmp_path / "o.h5"
+    code, stderr, peak = peak_run(
+        big.parent, "-o", out, *RUN, "-q", "--max-file-bytes", "32MB", "--max-failures", "none"
+    )
+    (error,) = errors_of(stderr)
+    assert code == 1 and "00000.parquet" in error and "bound" in error, stderr
+    assert peak < RSS_BOUND, peak
+    with h5py.File(out.with_name("o.h5.featx") / "shard-000001.h5", "r") as f:
+        reasons = [r.decode() for r in f["failed/errors"][:]]
+    assert len(reasons) == 2 and all("--max-file-bytes" in r for r in reasons), reasons
+
+
+def test_a_parquet_sample_with_a_deeply_nested_json_label_fails_alone(tmp_path, photo_arrays, cli):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    image = good_jpeg(photo_arrays)
+    labels = ['{"label": "cat"}', "[" * 100_000 + "]" * 100_000]
+    table = pa.table({"key": ["ok", "deep"], "jpg": [image, image], "json": labels})
+    pq.write_table(table, data / "00000.parquet")
+    out = tmp_path / "o.h5"
+    result = cli(
+        "extract",
+        data,
+        "-o",
+        out,
+        *TINY,
+        "--label-from",
+        "json:json.label",
+        "--max-failures",
+        "none",
+    )
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert len(f["paths"]) == 1
+        assert [r.decode() for r in f["failed/errors"][:]][0].startswith("BadLabel")
+
+
+def test_a_class_number_above_the_heads_cap_is_a_bad_label(tmp_path, photo_arrays, cli):
+    from featx.limits import MAX_CLASSES
+    from tests.archives import write_tar
+
+    image = good_jpeg(photo_arrays)
+    tar = write_tar(
+        tmp_path / "00000.tar",
+        [("a.jpg", image), ("a.cls", b"1"), ("b.jpg", image), ("b.cls", b"1048576")],
+    )
+    out = tmp_path / "o.h5"
+    result = cli("extract", tar, "-o", out, *TINY, "--max-failures", "none")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert len(json.loads(f.attrs["class_names"])) <= 2 < MAX_CLASSES
+        assert [r.decode() for r in f["failed/errors"][:]][0].startswith("BadLabel")
+
+
+def test_escape_sequences_in_class_and_file_names_never_reach_stderr(
+    tmp_path, photo_arrays, cli, monkeypatch
+):
+    monkeypatch.setenv("NO_COLOR", "1")  # the bar's own colour codes are not a name's
+    root = tmp_path / "hostile"
+    save(photo_arrays["chelsea"][::8, ::8], root / "\x1b]0;pwned\x07\x1b[2J" / "a\x1b[31m.png")
+    save(photo_arrays["coffee"][::8, ::8], root / "plain" / "b.png")
+    (root / "\x1b[2J.png").write_bytes(b"a stray image beside the class folders")
+    result = cli("extract", root, "-o", tmp_path / "o.h5", *TINY[:-1], "--progress")
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+
+
+SINKS = {"print", "echo", "write", "tqdm"}
+
+
+def _escaped(node: ast.expr, safe_attributes: set[str]) -> bool:
+    """Text that cannot carry a control character: a constant, JSON (which escapes them),
+    for_terminal's result, or an attribute that was assigned one."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.Call):
+        name = (
+            node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        )
+        if name in ("for_terminal", "dumps"):
+            return True
+        if name == "encode" and isinstance(node.func, ast.Attribute):
+            return _escaped(node.func.value, safe_attributes)
+    if isinstance(node, ast.BinOp):
+        return _escaped(node.left, safe_attributes) and _escaped(node.right, safe_attributes)
+    return isinstance(node, ast.Attribute) and node.attr in safe_attributes
+
+
+def test_every_line_featx_writes_to_a_terminal_goes_through_for_terminal():
+    package = Path(__file__).resolve().parents[1] / "featx"
+    unescaped = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        safe = {
+            target.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and _escaped(node.value, set())
+            for target in node.targets
+            if isinstance(target, ast.Attribute)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name not in SINKS:
+                continue
+            if name == "write" and not (
+                isinstance(func, ast.Attribute)
+                and ast.unparse(func.value) in ("sys.stdout", "sys.stderr", "os")
+            ):
+                continue  # a file's write, not a terminal's
+            if name == "tqdm":
+                text = [k.value for k in node.keywords if k.arg == "desc"]
+            elif isinstance(func, ast.Attribute) and ast.unparse(func) == "os.write":
+                text = node.args[1:2] if ast.unparse(node.args[0]) in ("1", "2") else []
+            else:
+                text = node.args[:1]
+            if not all(_escaped(arg, safe) for arg in text):
+                unescaped.append(f"{path.relative_to(package)}:{node.lineno}: {ast.unparse(node)}")
+    assert not unescaped, "\n".join(unescaped)
+
+
+def test_a_read_only_work_folder_or_scratch_folder_is_one_line(
+    tmp_path, photo_arrays, cli, monkeypatch, tiny
+):
+    import featx.store.workdir as workdir
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(workdir.os, "mkdir", read_only)
+    result = cli("extract", tiny, "-o", tmp_path / "o.h5", *TINY)
+    assert "Permission denied" in one_line_error(result, code=1)

@@ -42,7 +42,7 @@ RESUME_HINT = (
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"featx {__version__}")
+        typer.echo(for_terminal(f"featx {__version__}"))
         raise typer.Exit()
 
 
@@ -66,10 +66,10 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FeatxError as error:
-            typer.echo(f"featx: error: {for_terminal(str(error))}", err=True)
+            typer.echo(for_terminal(f"featx: error: {error}"), err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo(f"featx: interrupted by SIGINT; {RESUME_HINT}", err=True)
+            typer.echo(for_terminal(f"featx: interrupted by SIGINT; {RESUME_HINT}"), err=True)
             raise typer.Exit(EXIT_SIGINT) from None
         except BrokenPipeError:
             # The reader of stdout went away (`| head -1`): nothing to report, nothing lost.
@@ -120,6 +120,12 @@ def emit(data: Any) -> None:
     """Machine output: JSON on stdout, one document."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def show(line: str) -> None:
+    """A line of a command's output on stdout: names in it come from files, so controls are
+    escaped."""
+    print(for_terminal(line))
 
 
 def say(message: str, quiet: bool = False) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._app import app, emit, reports_errors, say, show
 from featx.cli._options import (
     Config,
     FeatureLayer,
@@ -23,7 +23,6 @@ from featx.cli._options import (
 )
 from featx.config import ExtractConfig, settings
 from featx.errors import UsageError
-from featx.safe_text import for_terminal
 
 
 @app.command()
@@ -59,16 +58,11 @@ def layers(
         )
         return
     width = max(len(info.name) for info in infos)
-    print(f"{'layer':<{width}}  {'shape':<18} {'dim':>9} {'MB/1k img':>10}")
+    show(f"{'layer':<{width}}  {'shape':<18} {'dim':>9} {'MB/1k img':>10}")
     for info in infos:
         mark = "  (default)" if info.name == default else ""
         shape = "x".join(str(v) for v in info.shape)
-        print(f"{info.name:<{width}}  {shape:<18} {info.dim:>9} {info.mb_per_1000:>10.2f}{mark}")
-
-
-def show(line: str) -> None:
-    """A line for a person's terminal: names in it come from files, so controls are escaped."""
-    print(for_terminal(line))
+        show(f"{info.name:<{width}}  {shape:<18} {info.dim:>9} {info.mb_per_1000:>10.2f}{mark}")
 
 
 @app.command()
@@ -142,7 +136,7 @@ def models(
     if not shown:
         raise UsageError(_no_models_hint(pattern, timm_models, offline))
     for name in shown:
-        print(name)
+        show(name)
 
 
 def _no_models_hint(pattern: str | None, timm_models: bool, offline: bool) -> str:

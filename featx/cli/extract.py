@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featx.cli._app import app, emit, libraries_silenced, reports_errors, say
+from featx.cli._app import app, emit, libraries_silenced, reports_errors, say, show
 from featx.cli._options import (
     BatchSize,
     Compile,
@@ -237,18 +237,18 @@ def bench(
         ("model on pre-made tensors", report["model_images_per_second"]),
         ("end to end", report["end_to_end_images_per_second"]),
     ]
-    print(
+    show(
         f"{report['model']} {','.join(report['layers'])} on {report['device']} "
         f"({report['precision']}, batch {report['batch_size']}, {report['images']} images)"
     )
     for name, value in rows:
         if value is not None:
-            print(f"  {name:<32} {value:>9.1f} img/s")
-    print(f"  {'writer share of wall time':<32} {report['writer_share_of_wall_time']:>9.1%}")
-    print(f"  {'peak RSS':<32} {report['peak_rss_mb']:>9.0f} MB")
+            show(f"  {name:<32} {value:>9.1f} img/s")
+    show(f"  {'writer share of wall time':<32} {report['writer_share_of_wall_time']:>9.1%}")
+    show(f"  {'peak RSS':<32} {report['peak_rss_mb']:>9.0f} MB")
     if report["peak_gpu_memory_mb"] is not None:
-        print(f"  {'peak GPU memory':<32} {report['peak_gpu_memory_mb']:>9.0f} MB")
-    print(f"  bottleneck: {report['bottleneck']}")
+        show(f"  {'peak GPU memory':<32} {report['peak_gpu_memory_mb']:>9.0f} MB")
+    show(f"  bottleneck: {report['bottleneck']}")
 
 
 @app.command()

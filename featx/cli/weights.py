@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from featx.cli._app import app, emit, reports_errors, say
+from featx.cli._app import app, emit, reports_errors, say, show
 from featx.cli._options import Json, ModelName
 
 weights_app = typer.Typer(
@@ -29,7 +29,7 @@ def weights_fetch(
     """
     from featx.models import fetch_weights
 
-    print(fetch_weights(model, weights))
+    show(str(fetch_weights(model, weights)))
 
 
 @weights_app.command("list")
@@ -48,6 +48,6 @@ def weights_list(
         emit([{"path": str(path), "bytes": size} for path, size in files])
         return
     for path, size in files:
-        print(f"{size / 1e6:10.1f} MB  {path}")
+        show(f"{size / 1e6:10.1f} MB  {path}")
     if not files:
         say("no cached weights (featx weights fetch MODEL downloads some)")

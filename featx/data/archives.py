@@ -251,11 +251,23 @@ def _with_stats(
             without.append(name)
         elif not has[url]:
             archives.append(Archive(name, url, size, version))
-        elif filesystem_of(stats).remote:
+        elif (expected := _read_now(stats)) is None:
             archives.append(Archive(name, url, size, version, stats=stats))
         else:
-            archives.append(Archive(name, url, size, version, expected=read_stats(stats)))
+            archives.append(Archive(name, url, size, version, expected=expected))
     return archives, without
+
+
+def _read_now(stats: str) -> int | None:
+    """A local stats file's count; None for a remote one, or a local one that cannot be read
+    (a pipe, a device, too big, not JSON: read again with its archive, which then fails in one
+    line while the others run)."""
+    if filesystem_of(stats).remote:
+        return None
+    try:
+        return read_stats(stats)
+    except UsageError:
+        return None
 
 
 def _has_stats(url: str, listed: set[str] | None) -> bool:

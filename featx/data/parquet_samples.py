@@ -5,18 +5,22 @@ own status and error message), rows named by the ``key`` column.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from featx.data.archives import ArchiveList, Sample
 from featx.data.filesystem import filesystem_of
 from featx.data.remote import local_path
-from featx.data.tar_samples import MAX_CLASS, BrokenArchive, json_field
+from featx.data.tar_samples import BrokenArchive, json_field
 from featx.errors import UsageError
+from featx.limits import MAX_CLASSES
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
-ROWS_PER_READ = 256
+MAX_ROW_GROUP_BYTES = 1 << 30  # read at once: a row group's columns, and its images copied out
 
 
 def parquet_module() -> Any:
@@ -39,9 +43,9 @@ def check_parquet_shards(archives: ArchiveList) -> None:
     for archive in archives.archives:
         if filesystem_of(archive.url).remote:
             continue
-        path = local_path(archive.url)
         try:
-            names = pq.read_schema(path).names
+            with _opened(local_path(archive.url)) as handle:
+                names = pq.read_schema(handle).names
         except Exception as error:
             raise UsageError(f"{archive.url}: not a parquet file ({error})") from None
         if not any(column in names for column in IMAGE_COLUMNS):
@@ -52,12 +56,38 @@ def check_parquet_shards(archives: ArchiveList) -> None:
 
 
 def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """The samples of a parquet shard, one row group at a time: each row group's size is
+    checked before it is read (its column chunks' uncompressed sizes, from the footer) and
+    before its cells are copied out (their sizes, from the offsets: a dictionary-encoded
+    column stays encoded, so one cell repeated a million times is counted, not expanded)."""
     pq = parquet_module()
+    with _opened(path) as handle:
+        yield from _row_groups(pq, handle, label_from, max_bytes)
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[BinaryIO]:
+    """The file at ``path`` if it is a regular file (a FIFO's open cannot hang, nor a device's
+    read run for ever), else BrokenArchive."""
     try:
-        table = pq.ParquetFile(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise BrokenArchive(error.strerror or str(error)) from None
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BrokenArchive("not a regular file (a FIFO, device or folder named like one)")
+        yield handle
+
+
+def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    try:
+        schema = pq.read_schema(handle)
+        # Strings and bytes are read dictionary-encoded as stored: sized before expanded.
+        text = [f.name for f in schema if _is_text(f.type)]
+        table = pq.ParquetFile(handle, read_dictionary=text)
     except Exception as error:
         raise BrokenArchive(f"not a parquet file ({error})") from None
-    names = table.schema_arrow.names
+    names = schema.names
     image = next((c for c in IMAGE_COLUMNS if c in names), None)
     if image is None:
         raise BrokenArchive(f"no image column (looked for {', '.join(IMAGE_COLUMNS)})")
@@ -65,15 +95,75 @@ def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Samp
     wanted = [c for c in (image, "key", "status", "error_message", label) if c and c in names]
     row = 0
     try:
-        for batch in table.iter_batches(batch_size=ROWS_PER_READ, columns=wanted):
-            columns = {name: batch.column(name).to_pylist() for name in wanted}
-            for i in range(batch.num_rows):
-                yield _sample(columns, i, row + i, image, label, label_from, max_bytes)
-            row += batch.num_rows
+        for group in range(table.num_row_groups):
+            _check_stored_size(table.metadata.row_group(group), wanted, group)
+            rows = table.read_row_group(group, columns=wanted)
+            yield from _row_group(rows, row, image, label, label_from, max_bytes)
+            row += rows.num_rows
     except BrokenArchive:
         raise
     except Exception as error:
         raise BrokenArchive(f"unreadable after row {row} ({error})") from None
+
+
+def _check_stored_size(group: Any, wanted: list[str], index: int) -> None:
+    columns = (group.column(j) for j in range(group.num_columns))
+    size = sum(
+        c.total_uncompressed_size for c in columns if c.path_in_schema.split(".")[0] in wanted
+    )
+    if size > MAX_ROW_GROUP_BYTES:
+        raise BrokenArchive(
+            f"row group {index} holds {size:,} bytes uncompressed, over the bound of "
+            f"{MAX_ROW_GROUP_BYTES:,} per row group: not read"
+        )
+
+
+def _is_text(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(
+        pa.types.is_binary(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_large_string(kind)
+    )
+
+
+def _expanded_bytes(column: Any) -> int:
+    """A column's bytes once its dictionary (if any) is expanded, counted without expanding."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_dictionary(column.type):
+        return int(column.nbytes)
+    return sum(
+        pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0
+        for chunk in column.chunks
+    )
+
+
+def _row_group(
+    rows: Any, first: int, image: str, label: str | None, label_from: str, max_bytes: int
+) -> Iterator[Sample]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = rows.column(image).combine_chunks()
+    if not pa.types.is_dictionary(cells.type):
+        cells = cells.dictionary_encode()
+    sizes = pc.take(pc.binary_length(cells.dictionary), cells.indices)
+    total = sum(_expanded_bytes(rows.column(n)) for n in rows.column_names if n != image)
+    total += pc.sum(sizes).as_py() or 0
+    if total > MAX_ROW_GROUP_BYTES:
+        raise BrokenArchive(
+            f"rows {first} to {first + len(cells) - 1} hold {total:,} bytes once expanded, "
+            f"over the bound of {MAX_ROW_GROUP_BYTES:,} per row group: not read"
+        )
+    columns = {n: rows.column(n).to_pylist() for n in rows.column_names if n != image}
+    for i, size in enumerate(sizes.to_pylist()):
+        index = cells.indices[i].as_py()
+        data = None if size is None or size > max_bytes else cells.dictionary[index].as_py()
+        yield _sample(columns, i, first + i, size, data, label, label_from, max_bytes)
 
 
 def _label_column(label_from: str, names: list[str]) -> str | None:
@@ -89,28 +179,28 @@ def _sample(
     columns: dict[str, list[Any]],
     i: int,
     row: int,
-    image: str,
+    size: int | None,
+    data: bytes | None,
     label: str | None,
     label_from: str,
     max_bytes: int,
 ) -> Sample:
     key = columns.get("key", [None] * (i + 1))[i]
     name = str(key) if key not in (None, "") else f"row-{row}"
-    data = columns[image][i]
-    if data is None:
+    if size is None:
         status = columns.get("status", [None] * (i + 1))[i] or "no image"
         reason = columns.get("error_message", [None] * (i + 1))[i]
         error = f"NoImage: {status}" + (f" ({reason})" if reason else "")
         return Sample(name, None, error=error, uncounted=True)  # img2dataset's failures
-    if len(data) > max_bytes:
+    if data is None:
         return Sample(
             name,
             None,
-            error=f"ValueError: file of {len(data)} bytes, over the --max-file-bytes limit "
+            error=f"ValueError: file of {size} bytes, over the --max-file-bytes limit "
             f"of {max_bytes}",
         )
     value, error = _label(columns, i, label, label_from)
-    return Sample(name, None if error else bytes(data), value, error)
+    return Sample(name, None if error else data, value, error)
 
 
 def _label(
@@ -122,7 +212,7 @@ def _label(
     if label_from == "cls":
         if value is None:
             return None, ""
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CLASS:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_CLASSES:
             return None, f"BadLabel: cls is {value!r}, not a class number (0, 1, …)"
         return value, ""
     field = label_from[5:]
@@ -131,7 +221,7 @@ def _label(
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # one sample's label, as in a tar
                 return None, f"BadLabel: {label} is not JSON"
         return json_field(value, rest, label)
     return json_field({"v": value}, "v", label)

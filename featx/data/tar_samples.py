@@ -24,12 +24,11 @@ from featx.data.archives import Sample
 from featx.data.tar_index import BrokenArchive, TarReader
 from featx.data.work import FileRange
 from featx.data.worklist import IMAGE_SUFFIXES
+from featx.limits import MAX_CLASSES
 
 MAX_LABEL_BYTES = 1 << 20  # a .cls or .json member read for the label
-MAX_CLASS = 1 << 20  # a class number above this is a broken label, not a million-class set
 __all__ = [
     "BrokenArchive",
-    "MAX_CLASS",
     "Member",
     "group_samples",
     "json_field",
@@ -183,9 +182,10 @@ def _class_label(member: Member) -> tuple[int | None, str]:
     if not member.regular or member.size > 64:
         return None, f"BadLabel: {member.name} is not a short file holding an integer class"
     text = member.read().decode("ascii", "replace").strip()
-    if not text.isdigit() or int(text) > MAX_CLASS:
+    if not text.isdigit() or int(text) >= MAX_CLASSES:
         return None, (
-            f"BadLabel: {member.name} holds {text[:20]!r}, not a class number (0 to {MAX_CLASS})"
+            f"BadLabel: {member.name} holds {text[:20]!r}, not a class number "
+            f"(0 to {MAX_CLASSES - 1})"
         )
     return int(text), ""
 

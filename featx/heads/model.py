@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from featx.errors import HeadMismatch, UsageError
+from featx.limits import MAX_CLASSES
 from featx.store import schema
 from featx.store.durable import atomic_output
 from featx.store.reader import FeatureFile
@@ -153,7 +154,6 @@ def load_head(path: str | os.PathLike[str]) -> Head:
 
 # Far above any real head, far below what would exhaust memory: a hostile header is refused
 # before anything is allocated from it.
-MAX_CLASSES = 100_000
 MAX_DIM = 1 << 24
 MAX_HIDDEN = 1 << 16
 MAX_NAME = 1000

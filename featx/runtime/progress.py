@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any
 
+from featx.safe_text import for_terminal
+
 
 def show_progress(requested: bool | None) -> bool:
     if requested is not None:
@@ -21,7 +23,7 @@ def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> A
         initial=initial,
         disable=not enabled,
         unit="img",
-        desc=desc,
+        desc=for_terminal(desc),
         file=sys.stderr,
         dynamic_ncols=True,
         smoothing=0.05,
@@ -32,4 +34,4 @@ def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> A
 def note(message: str | None, quiet: bool = False, kind: str = "") -> None:
     """One line for a person on stderr (``kind``: "warning: "), unless quiet or nothing to say."""
     if message and not quiet:
-        print(f"featx: {kind}{message}", file=sys.stderr, flush=True)
+        print(for_terminal(f"featx: {kind}{message}"), file=sys.stderr, flush=True)

@@ -7,6 +7,8 @@ import signal
 import threading
 from typing import Any
 
+from featx.safe_text import for_terminal
+
 
 class StopSignals:
     """Turn SIGINT/SIGTERM into a flag the loop checks between batches."""
@@ -14,7 +16,7 @@ class StopSignals:
     def __init__(self, notice: str = "") -> None:
         """``notice`` is written to stderr at once on the first signal (the batch in flight
         may take seconds to finish, and a bare ``^C`` looks like a hang)."""
-        self.notice = notice
+        self.notice = for_terminal(notice, newlines=True)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 

@@ -93,12 +93,15 @@ class WorkDir:
         if type(rank) is not int or rank < 0:  # a path is built from it: never free text
             raise ValueError(f"a rank is a non-negative int, not {rank!r}")
         path = self.path / f"fetch-{socket.gethostname()}-{rank}"
-        if os.path.lexists(path):
-            if os.path.islink(path) or not os.path.isdir(path):
-                os.unlink(path)
-            else:
-                shutil.rmtree(path)
-        os.mkdir(path, 0o700)
+        try:
+            if os.path.lexists(path):
+                if os.path.islink(path) or not os.path.isdir(path):
+                    os.unlink(path)
+                else:
+                    shutil.rmtree(path)
+            os.mkdir(path, 0o700)
+        except OSError as error:  # a read-only work folder: one line, not a traceback
+            raise FeatxError(f"cannot make the scratch folder {path}: {error.strerror}") from None
         return path
 
     def write_error(self, error: OSError) -> FeatxError:
@@ -230,6 +233,8 @@ def _start_run(path: Path, fingerprint: dict[str, Any], shard_size: int, total: 
         os.chmod(path, 0o700)  # whatever the umask
     except FileExistsError:
         return
+    except OSError as error:  # a read-only folder: one line, not a traceback
+        raise FeatxError(f"cannot make the work folder {path}: {error.strerror}") from None
     meta = {
         "fingerprint": fingerprint,
         "shard_size": shard_size,
