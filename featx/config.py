@@ -343,7 +343,7 @@ class ProbeConfig:
     epochs: int = option(5, "At most this many L-BFGS epochs (20 iterations) a fit")
     seed: int = option(0, "Seeds the folds and the subsample")
     protocol: tuple[str, ...] = option(
-        PROTOCOLS, "linear, knn or linear,knn", parse=listed(str, "--protocol")
+        PROTOCOLS, "linear and/or knn", parse=listed(str, "--protocol")
     )
     knn_k: int = option(20, "kNN: training rows that vote (DINO's 20)")
     knn_temperature: float = option(0.07, "kNN: a neighbour's vote is exp(similarity / T)")
@@ -358,9 +358,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if not self.protocol or not set(self.protocol) <= set(PROTOCOLS):
-            raise UsageError(
-                f"--protocol {','.join(self.protocol)!r}: expected linear, knn or linear,knn"
-            )
+            raise UsageError(f"--protocol {','.join(self.protocol)}: expected linear and/or knn")
         if self.knn_k < 1 or not self.knn_temperature > 0 or min(self.per_class, default=1) < 1:
             raise UsageError("--knn-k and each --per-class N: at least 1; --knn-temperature: > 0")
         if self.folds < 2:
