@@ -14,7 +14,7 @@ from featx import defaults
 from featx.data.archives import check_label_from
 from featx.defaults import available_cores, default_workers
 from featx.errors import UsageError
-from featx.options import load_toml, option, settings
+from featx.options import listed, load_toml, option, settings
 
 __all__ = [
     "ExtractConfig",
@@ -37,6 +37,7 @@ POOLS = ("avg", "max", "flatten", "none", "cls")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = ("float32", "float16")
 DECODES = ("cpu", "fast", "gpu")
+PROTOCOLS = ("linear", "knn")
 # Upper bounds of the size options: far above any real use, far below what exhausts memory
 # (an --image-size of 100000 would allocate 240 GB for one batch).
 MAX_IMAGE_SIZE = 4096
@@ -341,11 +342,25 @@ class ProbeConfig:
     # 100 iterations at most per fit at the default: scikit-learn's max_iter
     epochs: int = option(5, "At most this many L-BFGS epochs (20 iterations) a fit")
     seed: int = option(0, "Seeds the folds and the subsample")
+    protocol: tuple[str, ...] = option(
+        PROTOCOLS, "linear and/or knn", parse=listed(str, "--protocol")
+    )
+    knn_k: int = option(20, "kNN: training rows that vote (DINO's 20)")
+    knn_temperature: float = option(0.07, "kNN: a neighbour's vote is exp(similarity / T)")
+    per_class: tuple[int, ...] = option(
+        (),
+        "Learning curve: N[,N...] labelled rows per class, 5 draws each",
+        parse=listed(int, "--per-class"),
+    )
     device: str = _device()
     # a layer that fits is read once; larger ones stream per fit
     memory_budget: str = _memory_budget()
 
     def __post_init__(self) -> None:
+        if not self.protocol or not set(self.protocol) <= set(PROTOCOLS):
+            raise UsageError(f"--protocol {','.join(self.protocol)}: expected linear and/or knn")
+        if self.knn_k < 1 or not self.knn_temperature > 0 or min(self.per_class, default=1) < 1:
+            raise UsageError("--knn-k and each --per-class N: at least 1; --knn-temperature: > 0")
         if self.folds < 2:
             raise UsageError("--folds must be at least 2")
         if self.inner_folds < 2:

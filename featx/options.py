@@ -47,6 +47,20 @@ def option(
     return dataclasses.field(default=default, metadata={**meta, "parse": parse, "expects": expects})
 
 
+def listed(kind: type, flag: str) -> Callable[[str], tuple[Any, ...]]:
+    """A ``parse`` for a comma-separated value: ``listed(int, "--n")("1,5")`` is ``(1, 5)``."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(word.strip()) for word in text.split(",") if word.strip())
+        except ValueError:
+            raise UsageError(
+                f"{flag} {text!r}: expected {kind.__name__}[,{kind.__name__}...]"
+            ) from None
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Declared:
     """One option as the CLI shows it: ``decls`` for Typer, ``text`` alone, ``help`` with its

@@ -1,4 +1,5 @@
-"""A picture of the features: a 2-D PCA scatter coloured by class (matplotlib, optional extra)."""
+"""A picture of the features: a 2-D PCA or t-SNE scatter coloured by class (matplotlib and
+scikit-learn, the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,32 @@ def pyplot(command: str) -> Any:
     return plt
 
 
+def wrapped(title: str, width: int) -> str:
+    """``title`` broken into lines of at most ``width`` characters, so it is never clipped."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
+METHODS = ("pca", "tsne")
+
+
+def tsne_2d(features: np.ndarray, seed: int) -> np.ndarray:
+    """Rows embedded in 2-D by scikit-learn's t-SNE (PCA-initialised, seeded; perplexity 30, or
+    less for few rows), or a UsageError naming the extra when scikit-learn is missing."""
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise UsageError(
+            "featx plot --method tsne needs scikit-learn: pip install 'featx[plot]'"
+        ) from None
+    if len(features) < 4:
+        raise UsageError(f"featx plot --method tsne needs at least 4 rows, not {len(features)}")
+    x = features.reshape(len(features), -1).astype(np.float32)
+    perplexity = min(30.0, (len(x) - 1) / 3)
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows projected on the two leading principal components, and their variance ratios."""
     x = features.reshape(len(features), -1).astype(np.float64)
@@ -50,12 +77,15 @@ def plot_features(
     max_points: int = 5000,
     size: tuple[int, int] = (800, 600),
     seed: int = 0,
+    method: str = "pca",
 ) -> dict[str, Any]:
-    """Write a PNG scatter of ``layer``'s features (PCA to 2-D), one colour per class.
+    """Write a PNG scatter of ``layer``'s features (PCA or t-SNE to 2-D), one colour per class.
 
     At most ``max_points`` rows are drawn (a seeded random sample), so big files plot quickly.
-    Example: ``plot_features("feats.h5", "features.png")``
+    Example: ``plot_features("feats.h5", "features.png", method="tsne")``
     """
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: expected {' | '.join(METHODS)}")
     plt = pyplot("featx plot")
     check_writable(Path(out))
     if max_points < 1:
@@ -72,16 +102,24 @@ def plot_features(
         labels = f.labels[rows]
         class_names = f.class_names
         model = f.attrs.get("model")
-    points, ratio = pca_2d(features)
+    if method == "tsne":
+        points, ratio = tsne_2d(features, seed), None
+    else:
+        points, ratio = pca_2d(features)
     dpi = 100
     figure, axes = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
     for label in np.unique(labels):
         mask = labels == label
         text = class_names[label] if 0 <= label < len(class_names) else "unlabelled"
         axes.scatter(points[mask, 0], points[mask, 1], s=12, alpha=0.75, label=text)
-    axes.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
-    axes.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
-    axes.set_title(f"{model} {name}: {len(rows)} of {total} images")
+    if ratio is None:
+        axes.set_xlabel("t-SNE 1")
+        axes.set_ylabel("t-SNE 2")
+    else:
+        axes.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
+        axes.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
+    title = f"{model} {name} ({method}): {len(rows)} of {total} images"
+    axes.set_title(wrapped(title, max(20, size[0] // 9)))
     if len(np.unique(labels)) <= 20:
         axes.legend(loc="best", fontsize="small", markerscale=1.5)
     figure.tight_layout()
@@ -93,5 +131,6 @@ def plot_features(
         "output": str(out),
         "points": int(len(rows)),
         "layer": name,
-        "explained_variance": [float(v) for v in ratio],
+        "method": method,
+        "explained_variance": None if ratio is None else [float(v) for v in ratio],
     }

