@@ -121,6 +121,11 @@ class ExtractConfig:
     labels_csv: str | None = option(
         None, "CSV of path,label: labels for listed files or flat folders.", flag="--labels"
     )
+    class_names_file: str | None = option(
+        None,
+        "Archives: a file of class names, one per line; line i names .cls class i.",
+        flag="--class-names",
+    )
     label_from: str = option(
         "cls",
         "Archives: labels from .cls members (cls), a field of .json members "

@@ -39,6 +39,7 @@ MaxImagePixels = Annotated[int | None, _option(_E, "max_image_pixels")]
 MaxFileBytes = Annotated[str | None, _option(_E, "max_file_bytes")]
 Labels = Annotated[Path | None, _option(_E, "labels_csv")]
 LabelFrom = Annotated[str | None, _option(_E, "label_from")]
+ClassNames = Annotated[Path | None, _option(_E, "class_names_file")]
 
 # --- how extract runs -------------------------------------------------------------------------
 BatchSize = Annotated[int | None, _option(_E, "batch_size")]
