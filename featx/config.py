@@ -375,6 +375,13 @@ class PredictConfig:
     """
 
     top_k: int = option(3, "Best classes listed per row")  # in the CSV, best first
+    features_out: str | None = option(
+        None, "predict on images: keep their features in this HDF5 file (evaluate reads it)"
+    )
+    errors: str | None = option(None, "evaluate: CSV of the misclassified rows")
+    errors_png: str | None = option(
+        None, "evaluate: contact sheet of the misclassified images (needs featx[plot])"
+    )
     device: str = _device()
     batch_size: int | None = option(None, "Images per forward pass", shown="extract's")
     workers: int | None = option(None, "DataLoader decode processes", shown="extract's")

@@ -198,3 +198,124 @@ def test_a_class_number_the_file_does_not_name_is_refused(tmp_path, cli, photo_a
         "--class-names", tmp_path / "names.txt", *RESNET18, "--weights", "none",
     )  # fmt: skip
     assert result.exit_code == 2 and "class 4" in result.stderr, result.stderr
+
+
+# --- predict and evaluate on labelled input ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled_photos(photo_arrays, tmp_path_factory, resnet18_file) -> dict[str, Path]:
+    """Photos in class folders, their features by `featx extract` and a head; two new photos
+    are in the wrong folder (a rocket under cat, a cat under coffee), so it has mistakes."""
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    root = tmp_path_factory.mktemp("labelled")
+    for split, count, offset in (("train", 6, 0), ("new", 5, 6)):
+        for name, photo in CLASSES.items():
+            for i, array in enumerate(crops(photo_arrays[photo], count, offset)):
+                save(array, root / split / name / f"{name}{i}.jpg", quality=90)
+    save(crops(photo_arrays["rocket"], 1, 20)[0], root / "new" / "cat" / "zz_rocket.jpg")
+    save(crops(photo_arrays["chelsea"], 1, 20)[0], root / "new" / "coffee" / "zz_cat.jpg")
+    model = [*RESNET18, "--weights", str(resnet18_file)]
+    runner = CliRunner()
+    for split in ("train", "new"):
+        args = ["extract", str(root / split), "-o", str(root / f"{split}.h5"), *model]
+        assert runner.invoke(app, args).exit_code == 0
+    trained = runner.invoke(app, ["train-head", str(root / "train.h5"), "-o", str(root / "h.head")])
+    assert trained.exit_code == 0, trained.stderr
+    return {"root": root, "new": root / "new", "features": root / "new.h5", "head": root / "h.head"}
+
+
+def test_predict_on_labelled_images_adds_true_class_keeps_features_and_prints_accuracy(
+    labelled_photos, tmp_path, cli
+):
+    from tests.conftest import assert_same_file
+
+    kept = tmp_path / "kept.h5"
+    result = cli(
+        "predict", labelled_photos["new"], "--head", labelled_photos["head"],
+        "-o", tmp_path / "p.csv", "--features-out", kept, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    assert [row["true_class"] for row in rows] == [row["path"].split("/")[0] for row in rows]
+    right = sum(row["true_class"] == row["predicted_class"] for row in rows)
+    summary = json.loads(result.stdout)
+    assert summary["labelled_rows"] == 17 and summary["accuracy"] == pytest.approx(right / 17)
+    assert f"accuracy {right / 17:.3f} on 17 labelled rows" in result.stderr
+    assert "accuracy" not in result.stdout.replace('"accuracy"', "")  # stdout: JSON only
+    # The kept features are what `featx extract` gives, and evaluate reads them as they are.
+    assert_same_file(kept, labelled_photos["features"])
+    again = cli("predict", kept, "--head", labelled_photos["head"], "-o", tmp_path / "q.csv")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "q.csv").read_text() == (tmp_path / "p.csv").read_text()
+
+
+def test_predict_on_unlabelled_features_has_no_true_class(separable_unlabelled, tmp_path):
+    features, head = separable_unlabelled
+    result = predict(features, head, tmp_path / "p.csv")
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert "true_class" not in header and result.accuracy is None and result.labelled_rows == 0
+
+
+@pytest.fixture
+def separable_unlabelled(tmp_path) -> tuple[Path, Path]:
+    from tests.test_head import blobs
+
+    x, y = blobs(60, 5, 2, spread=0.5)
+    train = write_features(tmp_path / "t.h5", x, y, ["a", "b"])
+    train_head(train, tmp_path / "h.head", HeadConfig(epochs=2))
+    return write_features(tmp_path / "u.h5", x, np.full(60, -1), ["a", "b"]), tmp_path / "h.head"
+
+
+def test_evaluate_errors_csv_lists_exactly_the_misclassified_rows(labelled_photos, tmp_path, cli):
+    features, head = labelled_photos["features"], labelled_photos["head"]
+    result = cli(
+        "evaluate", features, "--head", head, "-o", tmp_path / "m.json",
+        "--errors", tmp_path / "errors.csv", "--errors-png", tmp_path / "errors.png",
+        "--top-k", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    # Independently: the head's probabilities on the features, row by row.
+    loaded = load_head(head)
+    with FeatureFile(features) as data:
+        probs = loaded.probabilities(data.features(loaded.layer)[:])
+        truth = [data.class_names[c] for c in data.labels]
+        paths = data.paths
+    predicted = [loaded.class_names[i] for i in probs.argmax(axis=1)]
+    expected = [(path, t, p) for path, t, p in zip(paths, truth, predicted, strict=True) if t != p]
+    assert expected, "the case needs mistakes"
+    rows = list(csv.DictReader((tmp_path / "errors.csv").read_text().splitlines()))
+    assert [(r["path"], r["true_class"], r["predicted_class"]) for r in rows] == expected
+    assert list(rows[0]) == [
+        "path", "true_class", "predicted_class", "probability",
+        "top1_class", "top1_probability", "top2_class", "top2_probability",
+    ]  # fmt: skip
+    for row in rows:
+        p = probs[paths.index(row["path"])]
+        assert float(row["probability"]) == pytest.approx(p.max(), rel=1e-5)
+        assert row["top1_class"] == row["predicted_class"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "errors.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 100
+
+
+def test_errors_csv_cells_are_spreadsheet_safe(tmp_path):
+    from featx.heads.mistakes import Mistake, write_errors_csv
+
+    mistake = Mistake("=cmd|' /C calc'!A0.jpg", 0, np.array([0.2, 0.8]))
+    write_errors_csv(tmp_path / "e.csv", [mistake], ["=a", "+b"], 2, overwrite=False)
+    (row,) = list(csv.DictReader((tmp_path / "e.csv").read_text().splitlines()))
+    assert row["path"].startswith("'=") and row["true_class"] == "'=a"
+    assert row["predicted_class"] == "'+b" and row["top2_class"] == "'=a"
+
+
+def test_features_out_refuses_a_features_file_source(labelled_photos, tmp_path, cli):
+    result = cli(
+        "predict", labelled_photos["features"], "--head", labelled_photos["head"],
+        "-o", tmp_path / "p.csv", "--features-out", tmp_path / "k.h5",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "features file already" in result.stderr
