@@ -319,3 +319,33 @@ def test_features_out_refuses_a_features_file_source(labelled_photos, tmp_path, 
         "-o", tmp_path / "p.csv", "--features-out", tmp_path / "k.h5",
     )  # fmt: skip
     assert result.exit_code == 2 and "features file already" in result.stderr
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "h.head: 20% of each class held out (seed 0)",
+        "a_very_long_head_file_name_without_any_spaces_at_all_0123456789.head on x",
+    ],
+)
+def test_confusion_png_title_is_never_clipped(tmp_path, title):
+    from PIL import Image, ImageDraw
+
+    from featx.heads.confusion_png import _font, confusion_png, title_lines
+
+    confusion_png(
+        [[2, 1, 0], [0, 3, 0], [1, 0, 2]], ["cat", "coffee", "rocket"], tmp_path / "c.png", title
+    )
+    with Image.open(tmp_path / "c.png") as image:
+        width = image.width
+        header = np.asarray(image.convert("L"))[:40]
+    font = _font(14)
+    lines = title_lines(title, font, width - 32)
+    assert "".join(lines).replace(" ", "") == title.replace(" ", "")  # every character kept
+    for line in lines:  # each line's drawn box lies inside the picture
+        box = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((16, 16), line, font=font)
+        assert 0 <= box[0] and box[2] <= width
+    assert (header[:, -8:] == 255).all()  # no ink reaches the right edge
