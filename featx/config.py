@@ -122,6 +122,11 @@ class ExtractConfig:
     labels_csv: str | None = option(
         None, "CSV of path,label: labels for listed files or flat folders.", flag="--labels"
     )
+    class_names_file: str | None = option(
+        None,
+        "Archives: a file of class names, one per line; line i names .cls class i.",
+        flag="--class-names",
+    )
     label_from: str = option(
         "cls",
         "Archives: labels from .cls members (cls), a field of .json members "
@@ -385,6 +390,13 @@ class PredictConfig:
     """
 
     top_k: int = option(3, "Best classes listed per row")  # in the CSV, best first
+    features_out: str | None = option(
+        None, "predict on images: keep their features in this HDF5 file (evaluate reads it)"
+    )
+    errors: str | None = option(None, "evaluate: CSV of the misclassified rows")
+    errors_png: str | None = option(
+        None, "evaluate: contact sheet of the misclassified images (needs featx[plot])"
+    )
     device: str = _device()
     batch_size: int | None = option(None, "Images per forward pass", shown="extract's")
     workers: int | None = option(None, "DataLoader decode processes", shown="extract's")

@@ -6,6 +6,7 @@ the library refuses the same things in the same words.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -16,6 +17,7 @@ from featx.data.archives import ArchiveList, is_archive_source, list_archives
 from featx.data.parquet_samples import check_parquet_shards
 from featx.data.worklist import IMAGE_SUFFIXES, ImageList, scan_folder
 from featx.errors import UsageError
+from featx.inputs import read_class_names
 from featx.store import schema
 from featx.store.durable import check_output, refuse_existing
 
@@ -35,7 +37,7 @@ def preflight(
     refuse_existing(out, config.overwrite)
     check_device_exists(config.device)
     if isinstance(source, ArchiveList):
-        return source
+        return _named(source, config)
     if not isinstance(source, ImageList) and is_archive_source(os.fspath(source)):
         if config.labels_csv:
             raise UsageError(
@@ -44,7 +46,12 @@ def preflight(
             )
         archives = list_archives(os.fspath(source), config.label_from)
         check_parquet_shards(archives)
-        return archives
+        return _named(archives, config)
+    if config.class_names_file:
+        raise UsageError(
+            "--class-names names the .cls numbers of archives; image folders take class names "
+            "from their subfolders, lists from --labels"
+        )
     images = source if isinstance(source, ImageList) else scan_folder(source)
     if config.labels_csv and images.labels_from != config.labels_csv:
         images = images.relabelled(config.labels_csv)
@@ -54,6 +61,14 @@ def preflight(
             f"(looked for {', '.join(s[1:] for s in IMAGE_SUFFIXES)})"
         )
     return images
+
+
+def _named(archives: ArchiveList, config: ExtractConfig) -> ArchiveList:
+    """``archives`` with the class names ``--class-names`` reads, when it is given."""
+    if not config.class_names_file or archives.class_names:
+        return archives
+    names = read_class_names(config.class_names_file)
+    return dataclasses.replace(archives, class_names=names)
 
 
 def check_device_exists(spec: str) -> None:

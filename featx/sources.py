@@ -157,7 +157,8 @@ class ArchiveSource:
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
         """Class names are decided now, from every shard's labels (and recorded in ``attrs``)."""
-        attrs["class_names"], classes = archive_classes(work, shards)
+        named = self.images.class_names
+        attrs["class_names"], classes = archive_classes(work, shards, named)
         return ArchiveRows([a.name for a in self.images.archives], classes)
 
     def attributes(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import typer
 from featx.cli._app import app, emit, libraries_silenced, reports_errors, say, show
 from featx.cli._options import (
     BatchSize,
+    ClassNames,
     Compile,
     Compression,
     Config,
@@ -70,6 +71,7 @@ def extract(
     ] = None,
     labels: Labels = None,
     label_from: LabelFrom = None,
+    class_names: ClassNames = None,
     model: Model = None,
     weights: Weights = None,
     layer: Layers = None,
@@ -101,6 +103,7 @@ def extract(
     flags = {
         "labels_csv": labels,
         "label_from": label_from,
+        "class_names_file": class_names,
         "model": model,
         "weights": weights,
         "layers": layer,

@@ -14,7 +14,10 @@ from featx.cli._options import (
     Config,
     Dropout,
     Epochs,
+    ErrorsCsv,
+    ErrorsPng,
     FeatureLayer,
+    FeaturesOut,
     Head,
     HeadBatchSize,
     HeadDevice,
@@ -168,6 +171,7 @@ def predict(
     head: HeadFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
     top_k: TopK = None,
+    features_out: FeaturesOut = None,
     device: HeadDevice = None,
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
@@ -179,11 +183,12 @@ def predict(
 ) -> None:
     """Predict classes with a head: on an image folder (extracted as the head records) or features.
 
-    CSV columns: path, predicted_class, probability, then top1_class, top1_probability, ...
+    CSV columns: path, predicted_class, probability, then top1_class, top1_probability, ...,
+    then true_class when SOURCE is labelled (the accuracy goes to stderr).
     Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
     """
     flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
-    options = settings(PredictConfig, {**flags, "top_k": top_k})
+    options = settings(PredictConfig, {**flags, "top_k": top_k, "features_out": features_out})
     _check_before_torch(Path(source), output, options.overwrite, head)
 
     from featx.heads.apply import predict as run_predict
@@ -195,9 +200,12 @@ def predict(
     _report_failures(result.failed, quiet)
     say(
         f"wrote {result.output}: {result.rows} rows"
-        + (f", {len(result.failed)} images skipped" if result.failed else ""),
+        + (f", {len(result.failed)} images skipped" if result.failed else "")
+        + (f"; features in {options.features_out}" if options.features_out else ""),
         quiet,
     )
+    if result.accuracy is not None:
+        say(f"accuracy {result.accuracy:.3f} on {result.labelled_rows} labelled rows", quiet)
 
 
 @app.command()
@@ -216,6 +224,9 @@ def evaluate(
             "[default: SOURCE.HEAD.metrics.json]",
         ),
     ] = None,
+    errors: ErrorsCsv = None,
+    errors_png: ErrorsPng = None,
+    top_k: TopK = None,
     device: HeadDevice = None,
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
@@ -227,10 +238,11 @@ def evaluate(
 ) -> None:
     """Measure a head on a labelled set: the same metrics JSON and confusion PNG as train-head.
 
-    Example: featx evaluate test_feats.h5 --head cats.head --json
+    Example: featx evaluate test_feats.h5 --head cats.head --errors errors.csv
     """
     flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
-    options = settings(PredictConfig, flags)
+    mistakes = {"errors": errors, "errors_png": errors_png, "top_k": top_k}
+    options = settings(PredictConfig, {**flags, **mistakes})
 
     from featx.heads.apply import evaluate as run_evaluate
     from featx.heads.reports import metrics_table
@@ -240,4 +252,5 @@ def evaluate(
         emit(result.metrics)
     _report_failures(result.metrics["failed"], quiet)
     say(metrics_table(result.metrics), quiet)
-    say(f"wrote {result.metrics_file}, {result.picture}", quiet)
+    written = [result.metrics_file, result.picture, options.errors, options.errors_png]
+    say(f"wrote {', '.join(str(path) for path in written if path)}", quiet)

@@ -60,6 +60,7 @@ class ArchiveList:
     root: str
     archives: list[Archive]
     label_from: str = "cls"  # cls | json:FIELD | none
+    class_names: tuple[str, ...] = ()  # --class-names: name i of integer label i
     without_stats: tuple[str, ...] = ()  # archives skipped: no stats file (not finished)
     not_read: tuple[str, ...] = ()  # subfolders and image files beside a folder's archives
 

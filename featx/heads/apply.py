@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from featx.config import ExtractConfig, PredictConfig, parse_bytes
 from featx.errors import HeadMismatch, UsageError
+from featx.heads.mistakes import Mistake, mistakes_of, write_contact_sheet, write_errors_csv
 from featx.heads.model import Head, label_map, load_head, require_labels
 from featx.heads.reports import classification_metrics, report_paths, write_reports
 from featx.heads.rows import FeatureRows
@@ -70,7 +72,8 @@ def features_of(
     source: str | os.PathLike[str], head: Head, config: PredictConfig, out: Path
 ) -> Iterator[Features]:
     """The features of ``source``: itself, or extracted from images (a folder, archives) into
-    :func:`scratch_features` of ``out``, removed once used. An interrupted extraction keeps its
+    :func:`scratch_features` of ``out``, removed once used, or kept as
+    ``config.features_out`` when the command succeeds. An interrupted extraction keeps its
     finished shards there, so running the same command again resumes it."""
     from featx.data.archives import is_archive_source
     from featx.pipeline import extract
@@ -78,10 +81,16 @@ def features_of(
     path = Path(source)
     archives = is_archive_source(os.fspath(source))  # tars, parquet shards, a URL
     if path.is_file() and not archives:
+        if config.features_out:
+            raise UsageError(
+                f"--features-out keeps the features of images; {source} is a features file already"
+            )
         yield Features(path, extracted=False)
         return
     if not path.is_dir() and not archives:
         raise UsageError(f"source {source}: no such file or folder")
+    if config.features_out:
+        check_output(Path(config.features_out), config.overwrite)
     # overwrite: a leftover file, or an unfinished run of other settings, is replaced; an
     # unfinished run of these settings is resumed.
     settings = extraction_config(head, config).replace(overwrite=True, quiet=config.quiet)
@@ -96,6 +105,9 @@ def features_of(
                 f"reproduce its features ({'; '.join(changes)})"
             )
         yield Features(scratch, extracted=True)
+        if config.features_out:
+            with atomic_output(config.features_out, config.overwrite) as temporary:
+                shutil.move(scratch, temporary)
     finally:
         scratch.unlink(missing_ok=True)
 
@@ -149,17 +161,52 @@ class PredictResult:
     rows: int
     class_counts: dict[str, int]
     failed: list[dict[str, str]] = field(default_factory=list)  # images that could not be used
+    labelled_rows: int = 0  # rows with a true class (the CSV's true_class column)
+    accuracy: float | None = None  # of the predicted class on those rows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def csv_columns(top_k: int) -> list[str]:
-    """``path, predicted_class, probability, top1_class, top1_probability, …``"""
+def csv_columns(top_k: int, labelled: bool = True) -> list[str]:
+    """``path, predicted_class, probability, top1_class, top1_probability, …``, then
+    ``true_class`` when the input is labelled (class folders, ``--labels``, ``.cls``)."""
     columns = ["path", "predicted_class", "probability"]
     for rank in range(1, top_k + 1):
         columns += [f"top{rank}_class", f"top{rank}_probability"]
-    return columns
+    return columns + ["true_class"] if labelled else columns
+
+
+class _PredictionRows:
+    """predict's CSV rows, the predicted class counts and, on labelled rows, the accuracy."""
+
+    def __init__(self, data: FeatureFile, names: list[str], top_k: int) -> None:
+        self.data, self.names, self.top_k = data, names, top_k
+        self.cells = [csv_cell(name) for name in names]  # from anyone's head file
+        self.labels = data.labels
+        self.labelled = bool((self.labels >= 0).any())
+        own = data.class_names or [str(i) for i in range(int(self.labels.max(initial=-1)) + 1)]
+        self.truth = [csv_cell(name) for name in own]
+        self.counts = np.zeros(len(names), dtype=np.int64)
+        self.right = 0
+
+    def of(self, positions: np.ndarray, probs: np.ndarray) -> Iterator[list[str]]:
+        best = np.argsort(-probs, axis=1, kind="stable")[:, : max(self.top_k, 1)]
+        self.counts += np.bincount(best[:, 0], minlength=len(self.names))
+        rows = zip(_paths(self.data, positions), probs, best, positions, strict=True)
+        for row_path, p, order, position in rows:
+            row = [csv_cell(row_path), self.cells[order[0]], f"{p[order[0]]:.6g}"]
+            for index in order[: self.top_k]:
+                row += [self.cells[index], f"{p[index]:.6g}"]
+            if self.labelled:
+                label = int(self.labels[position])
+                row.append(self.truth[label] if label >= 0 else "")
+                self.right += label >= 0 and self.truth[label] == self.cells[order[0]]
+            yield row
+
+    def accuracy(self) -> float | None:
+        labelled = int((self.labels >= 0).sum())
+        return round(self.right / labelled, 6) if labelled else None
 
 
 def predict(
@@ -176,9 +223,7 @@ def predict(
     head = head if isinstance(head, Head) else load_head(head)
     out = Path(out)
     names = head.class_names
-    cells = [csv_cell(name) for name in names]  # a class name may come from anyone's head file
     top_k = min(config.top_k, len(names))
-    counts = np.zeros(len(names), dtype=np.int64)
     with atomic_output(out, config.overwrite) as temporary:
         with (
             features_of(source, head, config, out) as features,
@@ -186,20 +231,14 @@ def predict(
             open(temporary, "w", newline="", encoding="utf-8") as handle,
         ):
             failed = _failures(data, features)
+            table = _PredictionRows(data, names, top_k)
             writer = csv.writer(handle)
-            writer.writerow(csv_columns(top_k))
+            writer.writerow(csv_columns(top_k, table.labelled))
             for positions, probs in probabilities(head, data, config):
-                best = np.argsort(-probs, axis=1, kind="stable")[:, : max(top_k, 1)]
-                counts += np.bincount(best[:, 0], minlength=len(names))
-                for row_path, p, order in zip(_paths(data, positions), probs, best, strict=True):
-                    row = [csv_cell(row_path), cells[order[0]], f"{p[order[0]]:.6g}"]
-                    for index in order[:top_k]:
-                        row += [cells[index], f"{p[index]:.6g}"]
-                    writer.writerow(row)
-            rows = len(data)
-    return PredictResult(
-        str(out), rows, {n: int(c) for n, c in zip(names, counts, strict=True)}, failed
-    )
+                writer.writerows(table.of(positions, probs))
+            rows, labelled = len(data), int((data.labels >= 0).sum())
+    counts = {n: int(c) for n, c in zip(names, table.counts, strict=True)}
+    return PredictResult(str(out), rows, counts, failed, labelled, table.accuracy())
 
 
 # --- evaluate -------------------------------------------------------------------------------
@@ -236,7 +275,13 @@ def evaluate(
     """
     head = head if isinstance(head, Head) else load_head(head)
     metrics_path = Path(out) if out else evaluation_path(source, head.path or "head")
-    check_output(metrics_path, config.overwrite)
+    for path in (metrics_path, config.errors, config.errors_png):
+        if path:
+            check_output(Path(path), config.overwrite)
+    if config.errors_png:
+        from featx.plot import pyplot
+
+        pyplot("--errors-png")  # refused now, not after the extraction
     picture_path = report_paths(metrics_path)[1]
     with (
         features_of(source, head, config, metrics_path) as features,
@@ -246,9 +291,12 @@ def evaluate(
         require_labels(data, data.labels, "evaluate")
         truth = label_map(data, head.class_names)[data.labels]
         predicted = np.empty(len(data), dtype=np.int64)
+        wrong: list[Mistake] = []
         for positions, probs in probabilities(head, data, config):
             predicted[positions] = probs.argmax(axis=1)
+            wrong += mistakes_of(_paths(data, positions), truth[positions], probs)
         failed = _failures(data, features)
+        root = str(data.attrs.get("source", ""))
     metrics = {
         "head": str(head.path),
         "source": str(source),
@@ -258,4 +306,8 @@ def evaluate(
     }
     title = f"{Path(str(head.path)).name} on {source}"
     write_reports(metrics, metrics_path, picture_path, title, config.overwrite)
+    if config.errors:
+        write_errors_csv(config.errors, wrong, head.class_names, config.top_k, config.overwrite)
+    if config.errors_png:
+        write_contact_sheet(config.errors_png, wrong, head.class_names, root, config.overwrite)
     return EvaluateResult(str(metrics_path), str(picture_path), metrics)

@@ -43,15 +43,17 @@ def confusion_png(
         int(max(font.getlength(label) for label in labels)) + 8 if show_labels and labels else 0
     )
     pad = 16
-    header = 24 if title else 0
     left = pad + 18 + label_width
+    width = max(left + classes * cell + pad, 320)
+    lines = title_lines(title, font, width - 2 * pad)  # wrapped, never clipped
+    line_height = int(font.size if hasattr(font, "size") else 11) + 4
+    header = len(lines) * line_height + 8 if lines else 0
     top = pad + header + 18 + label_width
-    width = left + classes * cell + pad
     height = top + classes * cell + pad
-    image = Image.new("RGB", (max(width, 200), height), "white")
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    if title:
-        draw.text((pad, pad), title, fill="black", font=font)
+    for number, line in enumerate(lines):
+        draw.text((pad, pad + number * line_height), line, fill="black", font=font)
     draw.text((left, top - label_width - 18), "predicted", fill="black", font=font)
     _vertical_text(image, "true", (pad, top), font)
 
@@ -75,6 +77,26 @@ def confusion_png(
     out = Path(path)
     image.save(out, format="PNG")
     return out
+
+
+def title_lines(
+    title: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float
+) -> list[str]:
+    """``title`` in lines of at most ``width`` pixels: broken between words, and inside a word
+    only when the word alone is wider."""
+    lines: list[str] = []
+    for word in title.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            fits = [i for i in range(1, len(word)) if font.getlength(word[:i]) <= width]
+            cut = fits[-1] if fits else 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
 
 
 def _vertical_text(

@@ -35,7 +35,13 @@ from featx.heads.model import (
     require_labels,
 )
 from featx.heads.reports import classification_metrics, report_paths, write_reports
-from featx.heads.rows import FeatureRows, standardisation, stratified_split
+from featx.heads.rows import (
+    SCALE_FLOOR,
+    SCALE_RULE,
+    FeatureRows,
+    standardisation,
+    stratified_split,
+)
 from featx.runtime.device import pick_device
 from featx.store.durable import check_output
 from featx.store.reader import FeatureFile
@@ -190,7 +196,8 @@ def _header(
             "hidden": config.hidden if mlp else None,
             "dropout": config.dropout if mlp else 0.0,
         },
-        "standardisation": "tensors mean and std, from the training rows only",
+        "standardisation": f"tensors mean and std ({SCALE_RULE}), from the training rows only",
+        "scale_floor": SCALE_FLOOR,
         "extraction": extraction,
         "training": training,
     }

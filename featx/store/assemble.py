@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, UsageError
 from featx.safe_text import stored_name as printable
 from featx.store import schema
 from featx.store.durable import atomic_output, writing_hdf5
@@ -67,21 +67,45 @@ class ArchiveRows:
         return 0, src[schema.SHARD_NAMES].shape[0]
 
 
-def archive_classes(work: WorkDir, shards: range) -> tuple[list[str], dict[str, int]]:
+def archive_classes(
+    work: WorkDir, shards: range, named: Sequence[str] = ()
+) -> tuple[list[str], dict[str, int]]:
     """Class names and the raw label → index map over the labels of every shard, decided here
     (at assembly) so that ranks need not agree in advance: integer labels (``.cls``) keep their
-    number (class names "0" … max), strings are numbered in sorted order."""
+    number (class names ``named``, from ``--class-names``, or "0" … max), strings are numbered
+    in sorted order."""
     raw: set[str] = set()
     for shard in shards:
         with h5py.File(work.shard_path(shard), "r") as f:
             raw.update(text(v) for v in f[schema.SHARD_LABELS][:])
     values = {v: json.loads(v) for v in raw if v != "null"}
+    if named:
+        _check_named(values, len(named))
+        return list(named), {k: int(v) for k, v in values.items()}
     if values and all(isinstance(v, int) for v in values.values()):
         top = max(values.values())
         return [str(i) for i in range(top + 1)], {k: int(v) for k, v in values.items()}
     names = sorted({str(v) for v in values.values()}, key=schema.class_order)
     index = {name: i for i, name in enumerate(names)}
     return names, {k: index[str(v)] for k, v in values.items()}
+
+
+def _check_named(values: dict[str, Any], count: int) -> None:
+    """UsageError unless every label is a class number that ``--class-names`` names (the
+    finished shards stay: the same command with a corrected file only assembles)."""
+    others = [v for v in values.values() if type(v) is not int]
+    if others:
+        example = others[0]
+        raise UsageError(
+            f"--class-names names class numbers, but the archives' labels are not numbers "
+            f"(e.g. {str(example)[:50]!r}); leave --class-names out"
+        )
+    unnamed = sorted(v for v in values.values() if not 0 <= v < count)
+    if unnamed:
+        raise UsageError(
+            f"--class-names names classes 0 to {count - 1}, but the archives hold class "
+            f"{unnamed[0]}{' and more' if len(unnamed) > 1 else ''}; add a line for each class"
+        )
 
 
 def assemble(
