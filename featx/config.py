@@ -15,6 +15,14 @@ from featx.data.archives import check_label_from
 from featx.defaults import available_cores, default_workers
 from featx.errors import UsageError
 from featx.options import listed, load_toml, option, settings
+from featx.values import (
+    check_choice,
+    check_range,
+    parse_bytes,
+    parse_max_failures,
+    parse_shard,
+    too_many_failures,
+)
 
 __all__ = [
     "ExtractConfig",
@@ -45,17 +53,6 @@ MAX_BATCH_SIZE = 1 << 16
 MAX_SHARD_SIZE = 1 << 22
 MAX_WORKERS = 512
 MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0|1|2 (offline-ready)"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'3/16' → (3, 16)."""
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 3/16") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise UsageError(f"--shard {text!r}: expected K/N with 0 <= K < N")
-    return k, n
 
 
 # Options several commands share, declared once each.
@@ -155,11 +152,11 @@ class ExtractConfig:
     quiet: bool = _quiet()
 
     def __post_init__(self) -> None:
-        _check_choice("pool", self.pool, POOLS)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("decode", self.decode, DECODES)
-        _check_choice("compression", self.compression, ("none", "lzf"))
+        check_choice("pool", self.pool, POOLS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("decode", self.decode, DECODES)
+        check_choice("compression", self.compression, ("none", "lzf"))
         check_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         check_range("shard_size", self.shard_size, 1, MAX_SHARD_SIZE)
         check_range("workers", self.workers, 0, MAX_WORKERS)
@@ -181,69 +178,11 @@ class ExtractConfig:
         return dataclasses.replace(self, **changes)
 
 
-def check_range(name: str, value: int | None, low: int, high: int) -> None:
-    """UsageError unless ``value`` (when given) lies in ``[low, high]``."""
-    flag = "--" + name.replace("_", "-")
-    if value is not None and value < low:
-        raise UsageError(f"{flag} must be at least {low}")
-    if value is not None and value > high:
-        raise UsageError(f"{flag} must be at most {high}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"--{name} {value!r}: expected one of {', '.join(choices)}")
-
-
-def parse_max_failures(spec: int | str) -> tuple[int | None, float | None]:
-    """'10' → (10, None); '5%' → (None, 0.05); 'none' → no limit."""
-    text = str(spec).strip()
-    if text.lower() in ("none", "inf", ""):
-        return None, None
-    try:
-        if text.endswith("%"):
-            fraction = float(text[:-1]) / 100
-            if not 0 <= fraction <= 1:
-                raise ValueError
-            return None, fraction
-        count = int(text)
-        if count < 0:
-            raise ValueError
-        return count, None
-    except ValueError:
-        raise UsageError(
-            f"--max-failures {spec!r}: expected a count (10), a percentage (5%) or 'none'"
-        ) from None
-
-
-def too_many_failures(spec: int | str, failed: int, total: int) -> bool:
-    count, fraction = parse_max_failures(spec)
-    if count is not None:
-        return failed > count
-    if fraction is not None:
-        return total > 0 and failed / total > fraction
-    return False
-
-
 # --- train-head / predict / evaluate ----------------------------------------------------------
 
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("auto", "lbfgs", "adamw")
 CLASS_WEIGHTS = ("none", "balanced")
-_BYTE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_bytes(spec: str | int, option: str = "--memory-budget") -> int:
-    """'2GB' → 2147483648; '512MB', '64K', '1.5G' or a plain count of bytes (powers of 1024)."""
-    text = str(spec).strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _BYTE_UNITS and text[-1:] else (text, "")
-    try:
-        value = int(float(number) * _BYTE_UNITS[unit])
-    except (ValueError, OverflowError):  # 'x', 'inf'
-        value = 0
-    if value < 1:
-        raise UsageError(f"{option} {spec!r}: expected a size such as 512MB or 2GB")
-    return value
 
 
 @dataclass(frozen=True)
@@ -283,9 +222,9 @@ class HeadConfig:
     overwrite: bool = _overwrite()
 
     def __post_init__(self) -> None:
-        _check_choice("head", self.head, HEADS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("class-weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("head", self.head, HEADS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("class-weight", self.class_weight, CLASS_WEIGHTS)
         check_range("hidden", self.hidden, 1, 1 << 16)
         check_range("epochs", self.epochs, 1, 1 << 24)
         check_range("batch_size", self.batch_size, 1, 1 << 24)
