@@ -51,6 +51,14 @@ def photos(count: int) -> list[bytes]:
     return [out[i % len(out)] for i in range(count)]  # repeats share their bytes
 
 
+def build_tars(folder: Path, jpegs: list[bytes], count: int, per_tar: int) -> list[str]:
+    """``count`` images in WebDataset tars of ``per_tar`` under ``folder`` (img2dataset's
+    layout: ``00000.tar`` …), ``jpegs`` repeated in order as needed; returns the row names."""
+    if not jpegs:
+        raise ValueError("no JPEGs to put in tars")
+    return webdataset(folder, [jpegs[i % len(jpegs)] for i in range(count)], per_tar=per_tar)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16384)
@@ -69,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, cpu_folder = Path(tmp) / "tars", Path(tmp) / "cpu-tars"
         images = photos(args.images)
-        webdataset(folder, images, per_tar=args.per_tar)
+        build_tars(folder, images, args.images, args.per_tar)
         # the first --cpu-images of the same images, in the same order, for the CPU reference
         webdataset(cpu_folder, images[: args.cpu_images], per_tar=args.cpu_images)
         base = ExtractConfig(model=args.model, weights="none", progress=False, quiet=True)

@@ -126,3 +126,91 @@ def test_a_model_that_cannot_run_channels_last_runs_in_the_default_layout(monkey
         )
     assert model.memory_format == torch.contiguous_format
     torch.testing.assert_close(got, torch.flatten(x, 1), rtol=1e-4, atol=1e-5)
+
+
+# --- the decode reuse race: a decode queued behind a long kernel gives a quiet decode's pixels ---
+
+RACE_TRANSFORM = {"resize": 64, "crop": 56, "interpolation": "bilinear", "antialias": True}
+RACE_SLEEP_CYCLES = 10**9  # torch.cuda._sleep: about half a second of one busy kernel on a GPU
+
+
+def _worker_batches(folder, policy, count: int, size: int) -> list:
+    """Batches of ``size`` JPEGs of ``folder`` encoded as featx's workers encode them."""
+    from featx.data.loader import SampleDataset, collate
+    from featx.data.work import FileRange
+
+    dataset = SampleDataset(policy)
+    paths = sorted(folder.rglob("*.jpg"))[: count * size]
+    items = [dataset[(row, FileRange(str(path)))] for row, path in enumerate(paths)]
+    batches = [collate(items[i : i + size]) for i in range(0, len(items), size)]
+    assert all(b.encoded is not None and len(b.encoded.indices) == size for b in batches)
+    return batches
+
+
+def check_queued_decodes_match_quiet_ones(folder, device: torch.device, decoder, busy) -> None:
+    """Decode batches quietly (synchronised one by one), then again with ``busy()`` queueing a
+    long kernel: (1) on the current stream before a decode, as the model's work is; (2) right
+    after a batch's decode, before its resize (the decoded images are then still being read
+    when the next batch's decoder may reuse their memory), with the next batch decoded back to
+    back. Every image must be bit-identical to its quiet decode. On the CPU (``busy`` a no-op,
+    a CPU decoder injected) this checks the harness itself."""
+    from featx.data.decode import DecodePolicy
+    from featx.data.gpu_decode import DecodeStream, on_device
+
+    policy = DecodePolicy(RACE_TRANSFORM, mode="gpu")
+    first, second, third = _worker_batches(folder, policy, 3, 16)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    quiet = []
+    for batch in (first, second, third):
+        quiet.append(on_device(batch, policy, device, decoder).images.clone())
+        sync()
+
+    def busy_after(files, where):  # the decoder, then a long kernel before the resize
+        images = decoder(files, where)
+        busy()
+        return images
+
+    stream = DecodeStream(device)
+    busy()  # (1) the model's stream busy when the decode is queued
+    behind = on_device(first, policy, device, decoder, stream=stream).images
+    # (2) a long kernel between this decode and its resize, the next batches back to back
+    slow = on_device(second, policy, device, busy_after, stream=stream).images
+    after = on_device(third, policy, device, decoder, stream=stream).images
+    again = on_device(first, policy, device, decoder, stream=stream).images
+    sync()
+    for name, got, want in (
+        ("behind a busy stream", behind, quiet[0]),
+        ("a long kernel before its resize", slow, quiet[1]),
+        ("the batch after that", after, quiet[2]),
+        ("back to back again", again, quiet[0]),
+    ):
+        assert got.shape == want.shape, name
+        differing = (got != want).flatten(1).any(1).nonzero().flatten().tolist()
+        assert torch.equal(got, want), f"{name}: images {differing} differ from a quiet decode"
+
+
+def test_the_queued_decode_harness_on_the_cpu(many_photos):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def cpu_decoder(files, device):
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+    check_queued_decodes_match_quiet_ones(
+        many_photos, torch.device("cpu"), cpu_decoder, lambda: None
+    )
+
+
+@pytest.mark.gpu
+def test_a_decode_queued_behind_a_long_kernel_gives_a_quiet_decodes_pixels(many_photos):
+    from featx.data.gpu_decode import nvjpeg
+
+    check_queued_decodes_match_quiet_ones(
+        many_photos,
+        torch.device("cuda"),
+        nvjpeg,
+        lambda: torch.cuda._sleep(RACE_SLEEP_CYCLES),
+    )
