@@ -163,7 +163,7 @@ def device_attributes(device: torch.device, decode: str) -> dict[str, Any]:
 
 def _source(images: ImageList | ArchiveList) -> str:
     """The root the rows are relative to: a folder (absolute) or a URL."""
-    from featx.data.remote import is_url
+    from featx.data.filesystem import filesystem_of
 
     root = images.root
-    return printable(root if is_url(root) else os.path.abspath(root))
+    return printable(root if filesystem_of(root).remote else os.path.abspath(root))

@@ -119,11 +119,12 @@ def _check_before_torch(
     source: Path, output: Path, overwrite: bool, head: Path | None = None
 ) -> None:
     """Usage errors that need no model, before torch loads: they answer at once."""
-    from featx.data.remote import is_url
+    from featx.data.filesystem import filesystem_of
     from featx.store.durable import check_output
 
     named = os.fspath(source)
-    if not source.exists() and not is_url(named) and "{" not in named:  # URLs: listed later
+    remote = filesystem_of(named).remote
+    if not source.exists() and not remote and "{" not in named:  # URLs: listed later
         raise UsageError(f"{source}: no such file or folder")
     if head is not None and not head.is_file():
         raise UsageError(f"head {head}: no such file")

@@ -160,7 +160,7 @@ def list_archives(source: str, label_from: str = "cls") -> ArchiveList:
     archives, without = _with_stats(root, found, listed)
     if not archives:
         raise UsageError(f"source {source}: no finished archives (no _stats.json for any)")
-    return ArchiveList(root, archives, label_from, tuple(without), not_read)
+    return ArchiveList(root, archives, label_from, without_stats=tuple(without), not_read=not_read)
 
 
 def check_label_from(label_from: str) -> None:

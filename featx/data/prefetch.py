@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featx.data.remote import filesystem, is_http, is_url, local_path, one_line
+from featx.data.filesystem import filesystem_of
+from featx.data.remote import filesystem, is_http, local_path, one_line
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,7 @@ class Prefetcher:
 
     def release(self, fetched: Fetched) -> None:
         """The reader is done with an archive: its scratch copy is removed."""
-        url = self.urls[fetched.index]
-        if fetched.path is None or not is_url(url):
+        if fetched.path is None or not fetched.copy:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fetched.path)
@@ -106,7 +106,7 @@ class Prefetcher:
         for index, url in enumerate(self.urls):
             if self.stopping.is_set():
                 return
-            if not is_url(url):
+            if not filesystem_of(url).remote:
                 fetched = Fetched(index, local_path(url))
             else:
                 size = self._counted_size(index)

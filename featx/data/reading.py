@@ -82,9 +82,10 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes | byt
     reading a FIFO would wait forever and ``/dev/zero`` never ends. A URL is read through
     fsspec, in one GET, under the same limit."""
     if "://" in path:
-        from featx.data.remote import is_url, read_remote
+        from featx.data.filesystem import filesystem_of
+        from featx.data.remote import read_remote
 
-        if is_url(path):
+        if filesystem_of(path).remote:
             data = read_remote(path, max_bytes)
             _identify(data[:SIGNATURE_BYTES] or b"?")  # an empty download is no image either
             return data

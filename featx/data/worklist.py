@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from featx.data import remote
+from featx.data.filesystem import filesystem_of
 from featx.errors import UsageError
 from featx.inputs import MAX_LIST_BYTES, read_input
 from featx.safe_text import shortlist, stored_name
@@ -133,7 +134,7 @@ def scan_folder(source: str | os.PathLike[str]) -> ImageList:
     Example: ``scan_folder("photos").class_names == ["cat", "dog"]``
     """
     root = os.fspath(source)
-    if remote.is_url(root):
+    if filesystem_of(root).remote:
         return scan_remote_folder(root)
     folders = _top_folders(root)
     paths, skipped = _walk_images(root)
