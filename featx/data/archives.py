@@ -19,7 +19,7 @@ from featx.data import remote
 from featx.data.filesystem import Entry, filesystem_of
 from featx.data.work import FileRange
 from featx.errors import FeatxError, UsageError
-from featx.safe_text import shortlist
+from featx.safe_text import public_url, shortlist
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
 FOLDER_KIND = "sample-folder"  # img2dataset's files format: NNNNN/ folders of one file a member
@@ -98,7 +98,7 @@ class ArchiveList:
     def describe(self) -> str:
         count = len(self.archives)
         where = "remote " if filesystem_of(self.root).remote else ""
-        text = f"{count:,} {where}{self.kind} shard{'s' * (count != 1)} in {self.root}"
+        text = f"{count:,} {where}{self.kind} shard{'s' * (count != 1)} in {public_url(self.root)}"
         total = self.expected_images(range(count))
         if total is not None:
             text += f" ({total:,} samples by their stats files)"
@@ -115,9 +115,9 @@ class ArchiveList:
             )
         if self.not_read:
             notes.append(
-                f"{self.root}: {len(self.not_read)} subfolder(s) or image file(s) beside the "
-                f"archives ({shortlist(self.not_read, 3)}) are not read: a folder is read as "
-                "archives or as images, not both"
+                f"{public_url(self.root)}: {len(self.not_read)} subfolder(s) or image file(s) "
+                f"beside the archives ({shortlist(self.not_read, 3)}) are not read: a folder is "
+                "read as archives or as images, not both"
             )
         return "; ".join(notes) or None
 
@@ -279,7 +279,7 @@ def read_stats(url: str) -> int:
     except UsageError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{url}: not an img2dataset stats file ({error})") from None
+        raise UsageError(f"{public_url(url)}: not an img2dataset stats file ({error})") from None
     except Exception as error:
         raise remote.fetch_error(url, error) from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from featx.data.remote import filesystem, is_http, is_url, local_path, one_line
+from featx.safe_text import public_url
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class Prefetcher:
         except Exception as error:  # network and storage errors: this archive's, reported
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-            return Fetched(index, None, f"cannot fetch {url}: {one_line(error)}")
+            return Fetched(index, None, f"cannot fetch {public_url(url)}: {one_line(error)}")
 
 
 class _Bounded:

@@ -18,6 +18,7 @@ from typing import Any
 from featx.data.braces import MAX_EXPANDED as MAX_EXPANDED
 from featx.data.braces import expand_braces as expand_braces
 from featx.errors import FeatxError, UsageError
+from featx.safe_text import public_text, public_url
 
 # Which package serves a URL scheme, for the one-line hint when it is missing.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -44,7 +45,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     except (ImportError, ValueError) as error:
         extra = EXTRAS.get(scheme)
         hint = f": pip install 'featx[{extra}]'" if extra else ""
-        raise UsageError(f"{url}: cannot read {scheme}:// URLs ({error}){hint}") from None
+        raise UsageError(
+            f"{public_url(url)}: cannot read {scheme}:// URLs ({public_text(str(error))}){hint}"
+        ) from None
     return fs, path
 
 
@@ -64,7 +67,7 @@ def common_root(names: list[str]) -> str:
 
 def one_line(error: BaseException) -> str:
     """An exception as one short line with its type: ``OSError: disk full``."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(public_text(str(error)).split()) or type(error).__name__
     return f"{type(error).__name__}: {text[:300]}"
 
 
@@ -92,7 +95,7 @@ def is_http(fs: Any) -> bool:
 
 
 def fetch_error(url: str, error: BaseException) -> FeatxError:
-    return FeatxError(f"{url}: {one_line(error)}")
+    return FeatxError(f"{public_url(url)}: {one_line(error)}")
 
 
 @contextlib.contextmanager
@@ -104,6 +107,6 @@ def asking(url: str, missing: str) -> Iterator[None]:
     except FeatxError:
         raise
     except FileNotFoundError:
-        raise UsageError(f"{url}: {missing}") from None
+        raise UsageError(f"{public_url(url)}: {missing}") from None
     except Exception as error:  # network, credentials, the server's answer
         raise fetch_error(url, error) from None

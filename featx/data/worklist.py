@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from featx.data import remote
 from featx.errors import UsageError
 from featx.inputs import MAX_LIST_BYTES, read_input
-from featx.safe_text import shortlist, stored_name
+from featx.safe_text import public_url, shortlist, stored_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -75,8 +75,8 @@ class ImageList:
             return None
         names = shortlist(self.stray, 3)
         return (
-            f"{self.root}: {len(self.stray)} image file(s) at the top level ({names}) next to "
-            f"subfolders, so the subfolders are not used as classes and every image is "
+            f"{public_url(self.root)}: {len(self.stray)} image file(s) at the top level ({names}) "
+            f"next to subfolders, so the subfolders are not used as classes and every image is "
             f"unlabelled; move those files into a class folder (or away) to label by folder, "
             f"or pass --labels CSV"
         )

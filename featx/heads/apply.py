@@ -25,7 +25,7 @@ from featx.errors import HeadMismatch, UsageError
 from featx.heads.model import Head, label_map, load_head, require_labels
 from featx.heads.reports import classification_metrics, report_paths, write_reports
 from featx.heads.rows import FeatureRows
-from featx.safe_text import csv_cell
+from featx.safe_text import csv_cell, public_url
 from featx.store import schema
 from featx.store.durable import atomic_output, check_output
 from featx.store.reader import FeatureFile
@@ -251,11 +251,11 @@ def evaluate(
         failed = _failures(data, features)
     metrics = {
         "head": str(head.path),
-        "source": str(source),
+        "source": public_url(str(source)),
         "layer": head.layer,
         "failed": failed,
         **classification_metrics(truth, predicted, head.class_names),
     }
-    title = f"{Path(str(head.path)).name} on {source}"
+    title = f"{Path(str(head.path)).name} on {public_url(str(source))}"
     write_reports(metrics, metrics_path, picture_path, title, config.overwrite)
     return EvaluateResult(str(metrics_path), str(picture_path), metrics)
