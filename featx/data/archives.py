@@ -10,6 +10,7 @@ with one are read (the others may be half written) and their sample counts are c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,14 +35,23 @@ class Archive:
 
     name: str
     url: str
-    size: int
-    version: str
+    listed_size: int  # -1: the listing did not say (an HTTP index page): asked when needed
+    listed_version: str
     expected: int | None = None  # samples img2dataset's stats file says it holds (read now)
     stats: str | None = None  # a remote stats file, read when the archive is: see counted()
 
     @property
     def kind(self) -> str:
         return os.path.splitext(self.name)[1][1:] or FOLDER_KIND
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes (-1 where the store does not say)."""
+        return self.listed_size if self.listed_size >= 0 else _asked(self.url)[0]
+
+    @property
+    def version(self) -> str:
+        return self.listed_version if self.listed_size >= 0 else _asked(self.url)[1]
 
     def counted(self) -> int | None:
         """The samples its stats file says it holds (None without one)."""
@@ -122,6 +132,13 @@ class ArchiveList:
         return "; ".join(notes) or None
 
 
+@functools.lru_cache(maxsize=4096)
+def _asked(url: str) -> tuple[int, str]:
+    """(size, version) of an archive its listing did not describe: one request, made when the
+    archive is read (a listing of a million links must not start a million HEAD requests)."""
+    return filesystem_of(url).stat(url)
+
+
 def is_archive_source(source: str) -> bool:
     """Whether ``source`` names archives rather than an image folder: an archive file, a brace
     list, or a folder (local or a URL) whose top level holds archives."""
@@ -185,7 +202,8 @@ def _folder(folder: str) -> tuple[str, Found, set[str], tuple[str, ...]]:
     for name in chosen:
         url = remote.join(root, name)
         stat = fs.folder_stat if entries[name].is_dir else fs.stat
-        found.append((url, *(_known(entries[name]) or stat(url))))
+        later = (-1, "") if fs.remote and not entries[name].is_dir else None  # see _asked
+        found.append((url, *(_known(entries[name]) or later or stat(url))))
     listed = {remote.join(root, name) for name, entry in entries.items() if not entry.is_dir}
     return root, found, listed, _not_read(entries, chosen)
 

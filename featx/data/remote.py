@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 # Re-exported: callers name them remote.expand_braces / remote.MAX_EXPANDED.
 from featx.data.braces import MAX_EXPANDED as MAX_EXPANDED
@@ -110,3 +111,61 @@ def asking(url: str, missing: str) -> Iterator[None]:
         raise UsageError(f"{public_url(url)}: {missing}") from None
     except Exception as error:  # network, credentials, the server's answer
         raise fetch_error(url, error) from None
+
+
+MAX_LISTING_BYTES = 64 << 20  # an HTML index page, as sent (decompressed)
+MAX_LISTING_ENTRIES = 1_000_000  # names in one listing, or in a whole folder walk
+MAX_LISTING_DEPTH = 32  # folder levels under a remote image folder
+
+
+def http_listing(fs: Any, url: str) -> list[tuple[str, bool]]:
+    """(URL, is a folder) of each link on an HTTP index page, as fsspec's ``ls`` finds them,
+    but from one streamed GET read to at most ``MAX_LISTING_BYTES`` and at most
+    ``MAX_LISTING_ENTRIES`` names: an endless or huge page is refused in one line."""
+    from fsspec.implementations.http import ex, ex2
+
+    links = set()
+    text = _page(fs, url)
+    for match in (*ex2.finditer(text), *ex.finditer(text)):
+        link = _absolute(url, match.group("url"))
+        if link is not None:
+            links.add(link)
+            if len(links) > MAX_LISTING_ENTRIES:
+                raise FeatxError(f"{public_url(url)}: {too_many_entries()}")
+    if not links and url.endswith("/"):
+        return http_listing(fs, url.rstrip("/"))
+    return [(link, link.endswith("/")) for link in sorted(links)]
+
+
+def too_many_entries() -> str:
+    return f"the listing names more than {MAX_LISTING_ENTRIES:,} entries (featx's bound)"
+
+
+def _page(fs: Any, url: str) -> str:
+    with fs.open(url, "rb", block_size=0, size=MAX_LISTING_BYTES + 1) as handle:
+        kind = handle.r.headers.get("Content-Type", "").partition(";")[0].strip()
+        if kind not in ("text/html", ""):
+            return ""  # a file, not an index page (as fsspec's ls)
+        chunks, got = [], 0
+        while chunk := handle.read(1 << 20):
+            got += len(chunk)
+            if got > MAX_LISTING_BYTES:
+                raise FeatxError(
+                    f"{public_url(url)}: the listing is larger than "
+                    f"{MAX_LISTING_BYTES >> 20} MiB (featx's bound)"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "ignore")
+
+
+def _absolute(url: str, link: str) -> str | None:
+    """A link of the page at ``url`` as a URL under it (fsspec's rules), or None."""
+    parts = urlsplit(url)
+    if link.startswith("/") and len(link) > 1:
+        link = f"{parts.scheme}://{parts.netloc}{link}"
+    if link.startswith("http"):
+        under = url.replace("https", "http").rstrip("/") + "/"
+        return link if link.replace("https", "http").startswith(under) else None
+    if link in ("..", "../"):
+        return None
+    return "/".join([url.rstrip("/"), link.lstrip("/")])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -159,7 +160,7 @@ class ShardSink:
         work: WorkDir,
         dtype: str,
         compression: str = "none",
-        identities: list[str] | None = None,
+        identities: Sequence[str] | None = None,
     ) -> None:
         self.work = work
         self.dtype = dtype
