@@ -212,7 +212,8 @@ def _not_read(entries: dict[str, Entry], chosen: list[str]) -> tuple[str, ...]:
     """The subfolders and image files at an archive folder's top level that are not read."""
     from featx.data.worklist import is_image_name
 
-    visible = sorted(n for n in entries if not n.startswith(".") and n not in chosen)
+    read = set(chosen)  # a set: a listing may name a million archives
+    visible = sorted(n for n in entries if not n.startswith(".") and n not in read)
     return tuple(n for n in visible if is_image_name(n) or entries[n].is_dir)
 
 
@@ -262,10 +263,11 @@ def _with_stats(
     is (one request each, not thousands before the first image)."""
     has = {url: _has_stats(_stats_url(url), listed) for url, _, _ in found}
     archives, without = [], []
+    any_stats = any(has.values())
     for url, size, version in found:
         name = url[len(root) :] if url.startswith(root) else url.rsplit("/", 1)[-1]
         stats = _stats_url(url)
-        if any(has.values()) and not has[url]:
+        if any_stats and not has[url]:
             without.append(name)
         elif not has[url]:
             archives.append(Archive(name, url, size, version))
