@@ -23,6 +23,7 @@ from featx.preflight import preflight
 from featx.runtime import device as devices
 from featx.runtime.distributed import Job, job_for
 from featx.runtime.progress import note
+from featx.safe_text import public_url
 from featx.sources import WorkSource, source_of
 from featx.store import schema
 from featx.store.durable import refuse_existing
@@ -166,4 +167,4 @@ def _source(images: ImageList | ArchiveList) -> str:
     from featx.data.filesystem import filesystem_of
 
     root = images.root
-    return printable(root if filesystem_of(root).remote else os.path.abspath(root))
+    return printable(public_url(root) if filesystem_of(root).remote else os.path.abspath(root))

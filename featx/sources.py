@@ -9,13 +9,13 @@ asks which it has.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from featx.config import ExtractConfig
 from featx.data.archive_feed import archive_batches
-from featx.data.archives import ArchiveList
+from featx.data.archives import Archive, ArchiveList
 from featx.data.decode import DecodePolicy
 from featx.data.loader import file_items
 from featx.data.prefetch import Prefetcher
@@ -122,7 +122,7 @@ class ArchiveSource:
 
     def check_resume(self, work: WorkDir, done: list[int]) -> None:
         """A finished shard whose archive changed since (size, ETag or mtime) is refused."""
-        identities = [archive.identity for archive in self.images.archives]
+        identities = Identities(self.images.archives)
         changed = changed_archives(work, done, identities)
         if changed:
             raise ResumeMismatch(
@@ -148,11 +148,10 @@ class ArchiveSource:
     ) -> ShardWork:
         archives = [self.images.archives[shard] for shard in todo]
         fetcher = Prefetcher(
-            [a.url for a in archives], [a.size for a in archives], work.scratch(rank)
+            [a.url for a in archives], [a.listed_size for a in archives], work.scratch(rank)
         )
         batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
-        identities = [archive.identity for archive in self.images.archives]
-        sink = ShardSink(work, config.dtype, config.compression, identities)
+        sink = ShardSink(work, config.dtype, config.compression, archives=True)
         return ShardWork(batches, apart(sink, config.write_behind), fetcher)
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:
@@ -170,6 +169,26 @@ class ArchiveSource:
 
 
 WorkSource = FileSource | ArchiveSource
+
+
+class Identities(Sequence[str]):
+    """Each archive's identity, asked for only when a shard needs it (written or resumed):
+    an archive its listing did not describe costs a request then, not before the first image."""
+
+    def __init__(self, archives: list[Archive]) -> None:
+        self.archives = archives
+
+    def __len__(self) -> int:
+        return len(self.archives)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [archive.identity for archive in self.archives[index]]
+        return self.archives[index].identity
 
 
 def source_of(images: ImageList | ArchiveList) -> WorkSource:

@@ -9,6 +9,8 @@ to another uid. Nothing outside tmp_path is ever written.
 from __future__ import annotations
 
 import ast
+import contextlib
+import http.server
 import json
 import os
 import resource
@@ -16,8 +18,11 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -37,7 +42,8 @@ from featx.safe_text import csv_cell, for_terminal, original_name, stored_name
 from featx.store.durable import FILE_MODE, atomic_output, temporary_name
 from featx.store.shards import ShardRows, ShardWriter
 from featx.store.workdir import open_work_dir, work_dir_of
-from tests.conftest import save
+from tests.archives import http_server
+from tests.conftest import run_featx, save
 from tests.test_head import blobs, write_features
 
 TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "-q"]
@@ -970,3 +976,164 @@ def test_a_read_only_work_folder_or_scratch_folder_is_one_line(
     monkeypatch.setattr(workdir.os, "mkdir", read_only)
     result = cli("extract", tiny, "-o", tmp_path / "o.h5", *TINY)
     assert "Permission denied" in one_line_error(result, code=1)
+
+
+# --- [bounds] remote: listings, HEAD requests, credentials, brace lists, unsized downloads -----
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """A server that answers as a test's ``answer(handler)`` says; it records each request."""
+
+    answer: Any
+    requests: list[tuple[str, str]]
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.requests.append(("HEAD", self.path))
+        self.send_response(404)
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.requests.append(("GET", self.path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.answer(self)
+
+
+@contextlib.contextmanager
+def scripted_server(answer) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    pytest.importorskip("aiohttp")
+    requests: list[tuple[str, str]] = []
+    handler = type("Handler", (_Scripted,), {"answer": staticmethod(answer), "requests": requests})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def html(handler, endless: bool = False, count: int = 0) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html")
+    handler.end_headers()
+    n = 0
+    while endless or n < count:
+        handler.wfile.write(b"".join(b'<a href="%08d.jpg">x</a>\n' % i for i in range(n, n + 5000)))
+        n += 5000
+
+
+def featx_child(*args: object, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """``featx`` in a subprocess; its result and the peak RSS (GB) of the children so far."""
+    done = run_featx(*args, timeout=timeout)
+    return done, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def test_an_endless_listing_is_refused_in_one_line_with_bounded_memory(tmp_path):
+    with scripted_server(lambda h: html(h, endless=True)) as (url, _):
+        done, peak_gb = featx_child("extract", f"{url}/data/", "-o", tmp_path / "o.h5", *TINY)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "larger than 64 MiB" in done.stderr
+    assert peak_gb < 1.5
+
+
+def test_a_listing_of_many_archives_asks_nothing_per_link_until_one_is_read():
+    from featx.data.archives import list_archives
+
+    def tars(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.end_headers()
+        handler.wfile.write(b"".join(b'<a href="%06d.tar">t</a>\n' % i for i in range(200_000)))
+
+    with scripted_server(tars) as (url, requests):
+        archives = list_archives(f"{url}/many/").archives
+        assert len(archives) == 200_000 and requests == [("GET", "/many/")]
+        assert archives[0].identity  # asked when read: a HEAD (and fsspec's GET, no size given)
+        assert archives[0].identity  # once
+        assert {path for _, path in requests[1:]} == {"/many/000000.tar"} and len(requests) <= 3
+
+
+def test_a_listing_with_too_many_entries_is_one_line(monkeypatch):
+    from featx.data import remote
+    from featx.data.worklist import scan_folder
+    from featx.errors import FeatxError
+
+    monkeypatch.setattr(remote, "MAX_LISTING_ENTRIES", 10_000)
+    with scripted_server(lambda h: html(h, count=20_000)) as (url, _):
+        with pytest.raises(FeatxError, match="more than 10,000 entries"):
+            scan_folder(f"{url}/data/")
+
+
+def test_credentials_and_tokens_never_leave_the_url(tmp_path, photo_arrays):
+    from featx.safe_text import for_terminal, public_url
+
+    signed = "https://b.s3.amazonaws.com/k.tar?X-Amz-Signature=abc&X-Amz-Credential=c&n=1"
+    assert public_url(signed) == (
+        "https://b.s3.amazonaws.com/k.tar?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&n=1"
+    )
+    assert "pw" not in for_terminal("failed: url='https://al:pw@h/x?sig=pw'")
+    folder = tmp_path / "served"
+    save(photo_arrays["chelsea"][::8, ::8], folder / "cat.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "o.h5"
+    with http_server(folder) as (url, _):
+        secret_url = url.replace("http://", "http://alice:secret@") + "/"
+        done = run_featx("extract", secret_url, "-o", out, *TINY[:-1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    for text in (done.stdout, done.stderr):
+        assert "secret" not in text and "alice:" not in text
+    stored = []
+    with h5py.File(out, "r") as f:
+        f.visititems(lambda name, item: stored.append(item))
+        for item in [f, *stored]:
+            stored += [str(value) for value in item.attrs.values()]
+            if isinstance(item, h5py.Dataset) and item.dtype.kind in "OSU":
+                stored += [str(value) for value in item[()].ravel()]
+    text = " ".join(str(s) for s in stored)
+    assert f"{url}/" in text and "secret" not in text and "alice" not in text
+    assert b"secret" not in out.read_bytes()
+
+
+def test_brace_lists_are_bounded_by_total_length_and_depth(tmp_path, cli):
+    from featx.data.braces import expand_braces
+
+    tracemalloc.start()
+    with pytest.raises(UsageError, match="more than 64 MiB of names"):
+        expand_braces("x" * 10_000 + "{0..999999}.tar")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 400 << 20
+    nested = "{a," * 3000 + "b" + "}" * 3000 + ".tar"
+    assert "more than 32 brace groups" in one_line_error(
+        cli("extract", nested, "-o", tmp_path / "o.h5")
+    )
+
+
+def test_a_download_of_unknown_size_stops_at_the_per_archive_bound(tmp_path, monkeypatch):
+    import zlib
+
+    from featx.data import prefetch
+
+    def endless_gzip(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Encoding", "gzip")
+        handler.end_headers()
+        packer = zlib.compressobj(wbits=31)
+        handler.wfile.write(packer.compress(b"\0" * (1 << 20)))
+        while True:
+            handler.wfile.write(
+                packer.compress(b"\0" * (1 << 20)) + packer.flush(zlib.Z_SYNC_FLUSH)
+            )
+
+    monkeypatch.setattr(prefetch, "UNSIZED_ARCHIVE_BYTES", 8 << 20)
+    with scripted_server(endless_gzip) as (url, _):
+        fetcher = prefetch.Prefetcher([f"{url}/a.tar"], [-1], tmp_path, budget=8 << 30)
+        fetched = next(iter(fetcher))
+        fetcher.close()
+    assert fetched.path is None and f"more than the {8 << 20} bytes" in fetched.error
+    assert not list(tmp_path.iterdir())

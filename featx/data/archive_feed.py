@@ -70,7 +70,7 @@ def archive_batches(
             )
             yield _broken(shard, broken)
             continue
-        yield _spec(shard, row, pending, last=True)
+        yield _spec(shard, row, pending, last=True, made_from=archive.identity)
 
 
 def _samples(
@@ -90,7 +90,9 @@ def _broken(shard: int, why: str) -> WorkBatch:
     return WorkBatch([], ShardPiece(shard, last=True, broken=why))
 
 
-def _spec(shard: int, first: int, samples: list[Sample], last: bool) -> WorkBatch:
+def _spec(
+    shard: int, first: int, samples: list[Sample], last: bool, made_from: str = ""
+) -> WorkBatch:
     items: list[WorkItem] = [
         (first + i, s.image) for i, s in enumerate(samples) if s.image is not None
     ]
@@ -100,5 +102,6 @@ def _spec(shard: int, first: int, samples: list[Sample], last: bool) -> WorkBatc
         labels=tuple(json.dumps(s.label) for s in samples),
         failures=tuple((first + i, s.error) for i, s in enumerate(samples) if s.image is None),
         last=last,
+        made_from=made_from,
     )
     return WorkBatch(items, piece)

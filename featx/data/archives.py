@@ -10,6 +10,7 @@ with one are read (the others may be half written) and their sample counts are c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from featx.data import remote
 from featx.data.filesystem import Entry, filesystem_of
 from featx.data.work import FileRange
 from featx.errors import FeatxError, UsageError
-from featx.safe_text import shortlist
+from featx.safe_text import public_url, shortlist
 
 ARCHIVE_SUFFIXES = (".tar", ".parquet")
 FOLDER_KIND = "sample-folder"  # img2dataset's files format: NNNNN/ folders of one file a member
@@ -34,14 +35,23 @@ class Archive:
 
     name: str
     url: str
-    size: int
-    version: str
+    listed_size: int  # -1: the listing did not say (an HTTP index page): asked when needed
+    listed_version: str
     expected: int | None = None  # samples img2dataset's stats file says it holds (read now)
     stats: str | None = None  # a remote stats file, read when the archive is: see counted()
 
     @property
     def kind(self) -> str:
         return os.path.splitext(self.name)[1][1:] or FOLDER_KIND
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes (-1 where the store does not say)."""
+        return self.listed_size if self.listed_size >= 0 else _asked(self.url)[0]
+
+    @property
+    def version(self) -> str:
+        return self.listed_version if self.listed_size >= 0 else _asked(self.url)[1]
 
     def counted(self) -> int | None:
         """The samples its stats file says it holds (None without one)."""
@@ -99,7 +109,7 @@ class ArchiveList:
     def describe(self) -> str:
         count = len(self.archives)
         where = "remote " if filesystem_of(self.root).remote else ""
-        text = f"{count:,} {where}{self.kind} shard{'s' * (count != 1)} in {self.root}"
+        text = f"{count:,} {where}{self.kind} shard{'s' * (count != 1)} in {public_url(self.root)}"
         total = self.expected_images(range(count))
         if total is not None:
             text += f" ({total:,} samples by their stats files)"
@@ -116,11 +126,18 @@ class ArchiveList:
             )
         if self.not_read:
             notes.append(
-                f"{self.root}: {len(self.not_read)} subfolder(s) or image file(s) beside the "
-                f"archives ({shortlist(self.not_read, 3)}) are not read: a folder is read as "
-                "archives or as images, not both"
+                f"{public_url(self.root)}: {len(self.not_read)} subfolder(s) or image file(s) "
+                f"beside the archives ({shortlist(self.not_read, 3)}) are not read: a folder is "
+                "read as archives or as images, not both"
             )
         return "; ".join(notes) or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _asked(url: str) -> tuple[int, str]:
+    """(size, version) of an archive its listing did not describe: one request, made when the
+    archive is read (a listing of a million links must not start a million HEAD requests)."""
+    return filesystem_of(url).stat(url)
 
 
 def is_archive_source(source: str) -> bool:
@@ -186,7 +203,8 @@ def _folder(folder: str) -> tuple[str, Found, set[str], tuple[str, ...]]:
     for name in chosen:
         url = remote.join(root, name)
         stat = fs.folder_stat if entries[name].is_dir else fs.stat
-        found.append((url, *(_known(entries[name]) or stat(url))))
+        later = (-1, "") if fs.remote and not entries[name].is_dir else None  # see _asked
+        found.append((url, *(_known(entries[name]) or later or stat(url))))
     listed = {remote.join(root, name) for name, entry in entries.items() if not entry.is_dir}
     return root, found, listed, _not_read(entries, chosen)
 
@@ -195,7 +213,8 @@ def _not_read(entries: dict[str, Entry], chosen: list[str]) -> tuple[str, ...]:
     """The subfolders and image files at an archive folder's top level that are not read."""
     from featx.data.worklist import is_image_name
 
-    visible = sorted(n for n in entries if not n.startswith(".") and n not in chosen)
+    read = set(chosen)  # a set: a listing may name a million archives
+    visible = sorted(n for n in entries if not n.startswith(".") and n not in read)
     return tuple(n for n in visible if is_image_name(n) or entries[n].is_dir)
 
 
@@ -245,10 +264,11 @@ def _with_stats(
     is (one request each, not thousands before the first image)."""
     has = {url: _has_stats(_stats_url(url), listed) for url, _, _ in found}
     archives, without = [], []
+    any_stats = any(has.values())
     for url, size, version in found:
         name = url[len(root) :] if url.startswith(root) else url.rsplit("/", 1)[-1]
         stats = _stats_url(url)
-        if any(has.values()) and not has[url]:
+        if any_stats and not has[url]:
             without.append(name)
         elif not has[url]:
             archives.append(Archive(name, url, size, version))
@@ -292,7 +312,7 @@ def read_stats(url: str) -> int:
     except UsageError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{url}: not an img2dataset stats file ({error})") from None
+        raise UsageError(f"{public_url(url)}: not an img2dataset stats file ({error})") from None
     except Exception as error:
         raise remote.fetch_error(url, error) from None
 

@@ -25,6 +25,7 @@ from featx.data.reading import (
     UNIDENTIFIED,
     read_file,
 )
+from featx.safe_text import public_text
 
 # Pillow may only use the decoders for the formats featx claims.
 ALPHA_POLICY = "composite onto background {background}; hidden colours under alpha=0 are dropped"
@@ -283,7 +284,7 @@ def describe_error(error: BaseException) -> str:
     """``ClassName: message`` on one line, for ``failed/errors``; the same on every run."""
     # An OSError's strerror leaves out the absolute path: the record already names the file.
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    message = " ".join(str(text).split()) or "(no message)"
+    message = " ".join(public_text(str(text)).split()) or "(no message)"
     message = _OBJECT_ADDRESS.sub("", message).strip()  # Pillow names a BytesIO at an address
     message = _SOURCE_LOCATION.sub("", message)  # torchvision names its C++ file and line
     return f"{type(error).__name__}: {message[:500]}"

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from featx.data import remote
 from featx.errors import UsageError
+from featx.safe_text import public_url
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,15 @@ class _Remote:
     def listing(self, folder: str) -> dict[str, Entry]:
         fs, path = remote.filesystem(folder)
         with remote.asking(folder, "no such file or folder"):
+            if remote.is_http(fs):  # an index page: read under featx's bounds, never whole
+                return {
+                    (name := link.rstrip("/").rsplit("/", 1)[-1]): Entry(name, is_dir)
+                    for link, is_dir in remote.http_listing(fs, path)
+                }
             fs.invalidate_cache(path)  # fsspec keeps listings per process: read it as it is now
             found = fs.ls(path, detail=True)
+        if len(found) > remote.MAX_LISTING_ENTRIES:
+            raise UsageError(f"{public_url(folder)}: {remote.too_many_entries()}")
         entries = {}
         for info in found:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]

@@ -19,6 +19,7 @@ from typing import Any
 
 from featx.data.filesystem import filesystem_of
 from featx.data.remote import filesystem, is_http, local_path, one_line
+from featx.safe_text import public_url
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Fetched:
 
 
 SCRATCH_BYTES = 8 << 30  # downloaded archives on disk at once (the current one and the next)
+# An archive whose size nobody said (an HTTP index page, a gzip-encoded answer without a
+# Content-Length) may grow to this on disk, not to the whole scratch budget.
+UNSIZED_ARCHIVE_BYTES = 2 << 30
 AHEAD = 1  # archives fetched ahead of the one being read
 COPY_BLOCK = 16 << 20
 
@@ -98,9 +102,9 @@ class Prefetcher:
                 leftover.unlink()
 
     def _counted_size(self, index: int) -> int:
-        """An archive's share of the budget: its size, or all of it when the size is unknown."""
+        """An archive's share of the budget: its size, or the bound on one of unknown size."""
         size = self.sizes[index]
-        return size if size >= 0 else self.budget
+        return size if size >= 0 else min(UNSIZED_ARCHIVE_BYTES, self.budget)
 
     def _fetch_all(self) -> None:
         for index, url in enumerate(self.urls):
@@ -135,9 +139,9 @@ class Prefetcher:
             fs, path = filesystem(url)
             # O_EXCL | O_NOFOLLOW: a name planted in the scratch folder is never written through.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            # Never more than the listing said (or the whole budget, where it said nothing): a
-            # server that streams without end must not fill the disk.
-            limit = size if size >= 0 else self.budget
+            # Never more than the listing said (or UNSIZED_ARCHIVE_BYTES, where it said nothing):
+            # a server that streams without end must not fill the disk.
+            limit = self._counted_size(index)
             with open(fd, "wb") as file, _Bounded(file, limit, self.stopping) as handle:
                 if is_http(fs):
                     fs.get_file(path, handle)  # one streamed GET, no range requests
@@ -151,7 +155,7 @@ class Prefetcher:
         except Exception as error:  # network and storage errors: this archive's, reported
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-            return Fetched(index, None, f"cannot fetch {url}: {one_line(error)}")
+            return Fetched(index, None, f"cannot fetch {public_url(url)}: {one_line(error)}")
 
 
 class _Bounded:
@@ -165,7 +169,10 @@ class _Bounded:
             raise OSError("stopped")
         self.written += len(data)
         if self.written > self.limit:
-            raise OSError(f"the server sent more than the {self.limit} bytes it listed")
+            raise OSError(
+                f"the server sent more than the {self.limit} bytes it listed (or featx's bound "
+                "for an archive of unknown size)"
+            )
         return int(self.file.write(data))
 
     def tell(self) -> int:

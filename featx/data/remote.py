@@ -13,11 +13,13 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 # Re-exported: callers name them remote.expand_braces / remote.MAX_EXPANDED.
 from featx.data.braces import MAX_EXPANDED as MAX_EXPANDED
 from featx.data.braces import expand_braces as expand_braces
 from featx.errors import FeatxError, UsageError
+from featx.safe_text import public_text, public_url
 
 # Which package serves a URL scheme, for the one-line hint when it is missing.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
@@ -44,7 +46,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     except (ImportError, ValueError) as error:
         extra = EXTRAS.get(scheme)
         hint = f": pip install 'featx[{extra}]'" if extra else ""
-        raise UsageError(f"{url}: cannot read {scheme}:// URLs ({error}){hint}") from None
+        raise UsageError(
+            f"{public_url(url)}: cannot read {scheme}:// URLs ({public_text(str(error))}){hint}"
+        ) from None
     return fs, path
 
 
@@ -64,7 +68,7 @@ def common_root(names: list[str]) -> str:
 
 def one_line(error: BaseException) -> str:
     """An exception as one short line with its type: ``OSError: disk full``."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(public_text(str(error)).split()) or type(error).__name__
     return f"{type(error).__name__}: {text[:300]}"
 
 
@@ -92,7 +96,7 @@ def is_http(fs: Any) -> bool:
 
 
 def fetch_error(url: str, error: BaseException) -> FeatxError:
-    return FeatxError(f"{url}: {one_line(error)}")
+    return FeatxError(f"{public_url(url)}: {one_line(error)}")
 
 
 @contextlib.contextmanager
@@ -104,6 +108,64 @@ def asking(url: str, missing: str) -> Iterator[None]:
     except FeatxError:
         raise
     except FileNotFoundError:
-        raise UsageError(f"{url}: {missing}") from None
+        raise UsageError(f"{public_url(url)}: {missing}") from None
     except Exception as error:  # network, credentials, the server's answer
         raise fetch_error(url, error) from None
+
+
+MAX_LISTING_BYTES = 64 << 20  # an HTML index page, as sent (decompressed)
+MAX_LISTING_ENTRIES = 1_000_000  # names in one listing, or in a whole folder walk
+MAX_LISTING_DEPTH = 32  # folder levels under a remote image folder
+
+
+def http_listing(fs: Any, url: str) -> list[tuple[str, bool]]:
+    """(URL, is a folder) of each link on an HTTP index page, as fsspec's ``ls`` finds them,
+    but from one streamed GET read to at most ``MAX_LISTING_BYTES`` and at most
+    ``MAX_LISTING_ENTRIES`` names: an endless or huge page is refused in one line."""
+    from fsspec.implementations.http import ex, ex2
+
+    links = set()
+    text = _page(fs, url)
+    for match in (*ex2.finditer(text), *ex.finditer(text)):
+        link = _absolute(url, match.group("url"))
+        if link is not None:
+            links.add(link)
+            if len(links) > MAX_LISTING_ENTRIES:
+                raise FeatxError(f"{public_url(url)}: {too_many_entries()}")
+    if not links and url.endswith("/"):
+        return http_listing(fs, url.rstrip("/"))
+    return [(link, link.endswith("/")) for link in sorted(links)]
+
+
+def too_many_entries() -> str:
+    return f"the listing names more than {MAX_LISTING_ENTRIES:,} entries (featx's bound)"
+
+
+def _page(fs: Any, url: str) -> str:
+    with fs.open(url, "rb", block_size=0, size=MAX_LISTING_BYTES + 1) as handle:
+        kind = handle.r.headers.get("Content-Type", "").partition(";")[0].strip()
+        if kind not in ("text/html", ""):
+            return ""  # a file, not an index page (as fsspec's ls)
+        chunks, got = [], 0
+        while chunk := handle.read(1 << 20):
+            got += len(chunk)
+            if got > MAX_LISTING_BYTES:
+                raise FeatxError(
+                    f"{public_url(url)}: the listing is larger than "
+                    f"{MAX_LISTING_BYTES >> 20} MiB (featx's bound)"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "ignore")
+
+
+def _absolute(url: str, link: str) -> str | None:
+    """A link of the page at ``url`` as a URL under it (fsspec's rules), or None."""
+    parts = urlsplit(url)
+    if link.startswith("/") and len(link) > 1:
+        link = f"{parts.scheme}://{parts.netloc}{link}"
+    if link.startswith("http"):
+        under = url.replace("https", "http").rstrip("/") + "/"
+        return link if link.replace("https", "http").startswith(under) else None
+    if link in ("..", "../"):
+        return None
+    return "/".join([url.rstrip("/"), link.lstrip("/")])

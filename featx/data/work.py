@@ -44,6 +44,9 @@ class ShardPiece:
     failures: tuple[tuple[int, str], ...] = ()
     last: bool = False
     broken: str = ""
+    made_from: str = (
+        ""  # with ``last``, an archive's identity (name, size, version): resume checks it
+    )
 
 
 UNPLACED = ShardPiece(-1)  # a batch not yet joined to its piece (inside a worker)

@@ -19,7 +19,7 @@ from featx.data import remote
 from featx.data.filesystem import filesystem_of
 from featx.errors import UsageError
 from featx.inputs import MAX_LIST_BYTES, read_input
-from featx.safe_text import shortlist, stored_name
+from featx.safe_text import public_url, shortlist, stored_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -76,8 +76,8 @@ class ImageList:
             return None
         names = shortlist(self.stray, 3)
         return (
-            f"{self.root}: {len(self.stray)} image file(s) at the top level ({names}) next to "
-            f"subfolders, so the subfolders are not used as classes and every image is "
+            f"{public_url(self.root)}: {len(self.stray)} image file(s) at the top level ({names}) "
+            f"next to subfolders, so the subfolders are not used as classes and every image is "
             f"unlabelled; move those files into a class folder (or away) to label by folder, "
             f"or pass --labels CSV"
         )
@@ -150,7 +150,9 @@ def scan_remote_folder(url: str) -> ImageList:
     fs, base = remote.filesystem(url)
     base = base.rstrip("/")
     with remote.asking(url, "no such folder"):
-        found = fs.find(base)
+        found = _http_find(fs, base) if remote.is_http(fs) else fs.find(base)
+    if len(found) > remote.MAX_LISTING_ENTRIES:
+        raise UsageError(f"{public_url(url)}: {remote.too_many_entries()}")
     relative = sorted(
         path[len(base) :].lstrip("/")
         for path in found
@@ -160,6 +162,29 @@ def scan_remote_folder(url: str) -> ImageList:
     layout = class_layout(paths)
     root = url.rstrip("/") + "/"
     return ImageList(root, paths, layout.labels, layout.class_names, stray=layout.stray)
+
+
+def _http_find(fs: object, base: str) -> list[str]:
+    """Every file under an HTTP folder by its index pages, each read under featx's bounds: at
+    most ``MAX_LISTING_ENTRIES`` names in all and ``MAX_LISTING_DEPTH`` folder levels."""
+    files: list[str] = []
+    folders, seen, depth = [base + "/"], {base + "/"}, 0
+    while folders:
+        depth += 1
+        if depth > remote.MAX_LISTING_DEPTH:
+            raise UsageError(f"{public_url(base)}: more than {remote.MAX_LISTING_DEPTH} levels")
+        below = []
+        for folder in folders:
+            for link, is_dir in remote.http_listing(fs, folder):
+                if not is_dir:
+                    files.append(link)
+                elif link not in seen:
+                    seen.add(link)
+                    below.append(link)
+                if len(files) + len(seen) > remote.MAX_LISTING_ENTRIES:
+                    raise UsageError(f"{public_url(base)}: {remote.too_many_entries()}")
+        folders = below
+    return files
 
 
 def _top_folders(root: str) -> list[str]:

@@ -27,7 +27,7 @@ from featx.heads.mistakes import Mistake, mistakes_of, write_contact_sheet, writ
 from featx.heads.model import Head, label_map, load_head, require_labels
 from featx.heads.reports import classification_metrics, report_paths, write_reports
 from featx.heads.rows import FeatureRows
-from featx.safe_text import csv_cell
+from featx.safe_text import csv_cell, public_url
 from featx.store import schema
 from featx.store.durable import atomic_output, check_output
 from featx.store.reader import FeatureFile
@@ -299,12 +299,12 @@ def evaluate(
         root = str(data.attrs.get("source", ""))
     metrics = {
         "head": str(head.path),
-        "source": str(source),
+        "source": public_url(str(source)),
         "layer": head.layer,
         "failed": failed,
         **classification_metrics(truth, predicted, head.class_names),
     }
-    title = f"{Path(str(head.path)).name} on {source}"
+    title = f"{Path(str(head.path)).name} on {public_url(str(source))}"
     write_reports(metrics, metrics_path, picture_path, title, config.overwrite)
     if config.errors:
         write_errors_csv(config.errors, wrong, head.class_names, config.top_k, config.overwrite)

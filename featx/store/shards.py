@@ -149,8 +149,8 @@ class ShardSink:
     """Routes each batch's rows to its shard's file (``piece.shard``) and publishes the shard
     when its last batch arrives (``piece.last``); a broken shard is discarded (``broken`` says
     which and why: the run fails, and a resume reads it again). Shards whose rows are named by
-    themselves (archives: ``identities`` given) also record the rows' names and raw labels and
-    what the archive was, checked on resume."""
+    themselves (``archives``) also record the rows' names and raw labels and what the archive
+    was (``piece.made_from``, checked on resume)."""
 
     ARCHIVE_ROWS = 4096  # chunking guess: img2dataset writes 10,000 samples per tar
 
@@ -159,12 +159,12 @@ class ShardSink:
         work: WorkDir,
         dtype: str,
         compression: str = "none",
-        identities: list[str] | None = None,
+        archives: bool = False,
     ) -> None:
         self.work = work
         self.dtype = dtype
         self.compression = compression
-        self.identities = identities  # by shard: each archive's URL, size and version
+        self.archives = archives
         self.open: dict[int, _OpenShard] = {}
         self.broken: dict[int, str] = {}
         self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
@@ -187,7 +187,7 @@ class ShardSink:
             self.broken[shard] = piece.broken
             return
         if shard not in self.open:
-            capacity = self.ARCHIVE_ROWS if self.identities is not None else None
+            capacity = self.ARCHIVE_ROWS if self.archives else None
             writer = ShardWriter(self.work, shard, self.dtype, self.compression, capacity)
             self.open[shard] = _OpenShard(writer)
         held = self.open[shard]
@@ -197,12 +197,12 @@ class ShardSink:
         held.names.extend(piece.names)
         held.labels.extend(piece.labels)
         if piece.last:  # published, then forgotten: a failed publish is discarded whole
-            if self.identities is None:
+            if not self.archives:
                 held.writer.finish()
             else:
                 held.writer.finish(
                     {schema.SHARD_NAMES: held.names, schema.SHARD_LABELS: held.labels},
-                    {schema.SHARD_ARCHIVE: self.identities[shard]},
+                    {schema.SHARD_ARCHIVE: piece.made_from},
                 )
             del self.open[shard]
 

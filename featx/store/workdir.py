@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,7 +109,7 @@ class WorkDir:
         return write_error(error, self.out, self.path)
 
 
-def changed_archives(work: WorkDir, shards: list[int], identities: list[str]) -> list[str]:
+def changed_archives(work: WorkDir, shards: list[int], identities: Sequence[str]) -> list[str]:
     """``shard file: made from X, now Y`` for each finished shard whose archive changed since."""
     changed = []
     for shard in shards:
