@@ -170,3 +170,113 @@ def test_every_first_hour_command_and_reading_snippet_runs_offline(tmp_path, mon
     )
     assert pandas_["df"].shape == (18, 1281) and pandas_["df"].index[0] == "cat/cat_0.jpg"
     assert len(torch_["data"]) == 18 and int(torch_["data"][17][1]) == 2
+
+
+def help_examples() -> list[str]:
+    """Every ``Example: featx …`` line of ``featx --help`` and of each command's help."""
+    from featx.cli import app
+
+    texts = [app.info.help or ""] + [
+        command.callback.__doc__ or "" for command in app.registered_commands
+    ]
+    for group in app.registered_groups:
+        texts.append(group.typer_instance.info.help or "")
+        texts += [c.callback.__doc__ or "" for c in group.typer_instance.registered_commands]
+    return [m for text in texts for m in re.findall(r"Example: (featx [^\n]+)", text)]
+
+
+# What the examples name, made here as a user would have them (photos, a head, features).
+DOWNLOADS = {
+    "weights fetch"
+}  # fetching weights is a download by definition: its example is not run
+
+
+@pytest.mark.slow
+def test_every_help_example_and_the_library_snippet_run_offline(tmp_path, monkeypatch, cli):
+    import shutil
+
+    from tests.conftest import sample_photos, save
+
+    monkeypatch.chdir(tmp_path)
+    photos = sample_photos()
+    for folder in ("photos", "new_photos"):  # 10 photos a class: enough for probe's 5 folds
+        for label, names in (("a", ("chelsea", "coffee")), ("b", ("rocket", "astronaut"))):
+            (tmp_path / folder / label).mkdir(parents=True)
+            for i in range(10):
+                crop = photos[names[i % 2]][8 * i :: 4, 8 * i :: 4]
+                save(crop, tmp_path / folder / label / f"{names[i % 2]}_{i}.jpg")
+    section = README[README.index("### The library under the CLI") :]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
+    exec(snippet, {})  # noqa: S102  (the README's own code: feats.h5 from photos/, offline)
+    examples = [
+        e for e in help_examples() if not any(e.startswith(f"featx {d}") for d in DOWNLOADS)
+    ]
+    order = [
+        "extract",
+        "layers",
+        "info",
+        "models",
+        "plot",
+        "export",
+        "bench",
+        "train-head",
+        "predict",
+        "evaluate",
+        "probe",
+        "merge",
+        "weights",
+    ]
+    examples.sort(key=lambda e: order.index(e.split()[1]) if e.split()[1] in order else 99)
+    for example in examples:
+        words = shlex.split(example.split(" | ")[0])[1:]
+        if words[0] == "evaluate":
+            shutil.copy("feats.h5", "test_feats.h5")
+        if words[0] == "probe":
+            assert (
+                cli(
+                    "extract", "photos", "-o", "lite0.h5", "--model", "efficientnet_lite0", "-q"
+                ).exit_code
+                == 0
+            )
+            assert (
+                cli(
+                    "extract",
+                    "photos",
+                    "-o",
+                    "lite0-random.h5",
+                    "--model",
+                    "efficientnet_lite0",
+                    "--weights",
+                    "none",
+                    "-q",
+                ).exit_code
+                == 0
+            )
+        if words[0] == "merge":  # parts of a run whose merged file does not exist yet
+            (tmp_path / "feats.h5").unlink()
+            for k in range(2):
+                assert (
+                    cli(
+                        "extract",
+                        "photos",
+                        "-o",
+                        "feats.h5",
+                        "--model",
+                        "efficientnet_lite0",
+                        "--shard",
+                        f"{k}/2",
+                        "-q",
+                    ).exit_code
+                    == 0
+                )
+        if words[0] == "extract":
+            words.append("--overwrite")
+        result = cli(*words)
+        assert result.exit_code in (0, 3), (example, result.stderr)
+    assert {e.split()[1] for e in examples} >= {
+        "extract",
+        "train-head",
+        "predict",
+        "evaluate",
+        "probe",
+    }

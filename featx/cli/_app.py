@@ -25,7 +25,7 @@ from featx.safe_text import for_terminal
 app = typer.Typer(
     name="featx",
     help="Extract features of image folders with a cut pretrained backbone, into HDF5.\n\n"
-    "Example: featx extract ./photos -o feats.h5 --model resnet50 --layer layer3",
+    "Example: featx extract ./photos -o feats.h5 --model efficientnet_lite0 --layer blocks.5",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

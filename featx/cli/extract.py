@@ -98,7 +98,7 @@ def extract(
 ) -> None:
     """Extract features of every image under SOURCE into an HDF5 file.
 
-    Example: featx extract ./photos -o feats.h5 --model resnet18 --layer layer3 --pool max
+    Example: featx extract ./photos -o f.h5 --model efficientnet_lite0 --layer blocks.5 --pool max
     """
     flags = {
         "labels_csv": labels,
