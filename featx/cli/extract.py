@@ -209,7 +209,7 @@ def bench(
     """Measure decode, model and end-to-end images/s on your images, and name the bottleneck.
 
     Random weights are used (throughput does not depend on them), so nothing is downloaded.
-    Example: featx bench ./photos --model resnet50 --batch-size 32 --json
+    Example: featx bench ./photos --model resnet18 --image-size 112 --json
     """
     flags = {
         "model": model,
