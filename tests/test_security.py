@@ -627,6 +627,34 @@ def test_quiet_silences_decoder_warnings_even_from_c_libraries(tiny, tmp_path, c
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_quiet_silences_what_pillow_logs_from_a_decode_worker(tmp_path):
+    """Pillow's TIFF reader logs "More samples per pixel than can be decoded" through `logging`,
+    which with no handler prints to sys.stderr, in a decode worker too (issue 21, "also")."""
+    import struct
+
+    from PIL import Image
+
+    folder = tmp_path / "tiffs"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "ok.png")
+    Image.new("RGB", (16, 16)).save(folder / "many.tif")
+    data = bytearray((folder / "many.tif").read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack("<H", data[at : at + 2])[0] == 277:  # SamplesPerPixel
+            data[at + 8 : at + 10] = struct.pack("<H", 100)
+    (folder / "many.tif").write_bytes(bytes(data))
+    command = [sys.executable, "-m", "featx", "extract", str(folder), "-o", str(tmp_path / "o.h5")]
+    settings = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu"]
+    loud = subprocess.run([*command, *settings, "--workers", "1"], capture_output=True, text=True)
+    assert "More samples per pixel" in loud.stderr  # Pillow does log it: the test can fail
+    quiet = subprocess.run(
+        [*command, *settings, "--workers", "1", "-q", "--overwrite"], capture_output=True, text=True
+    )
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
 # --- item 11: many workers under an address-space limit -----------------------------------------
 
 
@@ -976,6 +1004,25 @@ def test_a_read_only_work_folder_or_scratch_folder_is_one_line(
     monkeypatch.setattr(workdir.os, "mkdir", read_only)
     result = cli("extract", tiny, "-o", tmp_path / "o.h5", *TINY)
     assert "Permission denied" in one_line_error(result, code=1)
+
+
+def test_a_scratch_folder_that_cannot_be_made_is_one_line(tmp_path, photo_arrays, cli, monkeypatch):
+    import os as os_module
+
+    from tests.archives import jpeg, write_tar
+
+    tar = write_tar(tmp_path / "00000.tar", [("a.jpg", jpeg(photo_arrays["coffee"][::8, ::8]))])
+    real_mkdir = os_module.mkdir
+
+    def scratch_read_only(path, *args, **kwargs):
+        if os_module.path.basename(path).startswith("fetch-"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os_module, "mkdir", scratch_read_only)
+    result = cli("extract", tar, "-o", tmp_path / "o.h5", *TINY)
+    error = one_line_error(result, code=1)
+    assert "scratch folder" in error and "Permission denied" in error
 
 
 # --- [bounds] remote: listings, HEAD requests, credentials, brace lists, unsized downloads -----

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -82,9 +83,10 @@ def reports_errors(command: F) -> F:
 
 @contextlib.contextmanager
 def libraries_silenced(quiet: bool) -> Iterator[None]:
-    """With ``--quiet``, what decoders print themselves (Pillow's warnings, libtiff's C-level
-    messages on file descriptor 2, in this process and in the decode workers it forks) goes
-    nowhere, while featx's own lines (``sys.stderr``) still reach the real stderr."""
+    """With ``--quiet``, what decoders print themselves (Pillow's warnings and log records,
+    libtiff's C-level messages on file descriptor 2, in this process and in the decode workers
+    it forks) goes nowhere, while featx's own lines (``sys.stderr``) still reach the real
+    stderr."""
     if not quiet:
         yield
         return
@@ -97,10 +99,15 @@ def libraries_silenced(quiet: bool) -> Iterator[None]:
             sys.stderr.flush()
             sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
         os.dup2(devnull, 2)
+        # Pillow reports some bad files through `logging` (its TIFF reader's "More samples per
+        # pixel than can be decoded"), which with no handler prints to sys.stderr: the real one
+        # here, for featx's own lines. Decode workers fork inside and inherit all three.
+        logging.disable(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        logging.disable(logging.NOTSET)
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
