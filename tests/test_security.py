@@ -242,11 +242,13 @@ def test_torchrun_variables_out_of_range_are_one_line_and_build_no_path(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     out = tmp_path / "out" / "feats.h5"
-    out.parent.mkdir()
+    victim = out.parent / "x" / "keep.txt"  # where OUT.featx/fetch-host-0/../../x would point
+    victim.parent.mkdir(parents=True)
+    victim.write_text("mine")
     line = one_line_error(cli("extract", tiny, "-o", out, *TINY))
     assert f"{named}=" in line and "expected a whole number" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
-    assert not list(out.parent.iterdir())
+    assert [p.name for p in out.parent.iterdir()] == ["x"] and victim.read_text() == "mine"
 
 
 def test_a_scratch_folder_is_named_by_a_rank_number_only(tmp_path):
