@@ -429,25 +429,17 @@ def failure_note(ended: dict[str, Any]) -> str:
     return f"exit {ended['rc']}: {lines[-1][-300:] if lines else 'no message'}"
 
 
+def pytest_command(*args: str) -> list[str]:
+    """pytest in one process (no xdist), quiet, skips reported, no cache written."""
+    return [sys.executable, "-m", "pytest", "-q", "-n", "0", "-rs", "-p", "no:cacheprovider", *args]
+
+
 def run_tests(args: argparse.Namespace, report: Report, plan: list[str]) -> dict[str, Any]:
     box = report.fits("tests", plan, MIN_TESTS_S)
     if box is None:
         return {"status": "skipped (would not fit the budget)"}
     say(f"gpu-marked tests (box {box:.0f} s)")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-m",
-        "gpu",
-        "-q",
-        "-n",
-        "0",
-        "-rs",
-        "-p",
-        "no:cacheprovider",
-        "tests/",
-    ]
+    command = pytest_command("-m", "gpu", "tests/")
     _, ended = run_child(command, box)
     summary = pytest_summary(ended["stdout_tail"])
     if ended["timed_out"]:
@@ -496,18 +488,7 @@ def run_race(args: argparse.Namespace, report: Report, plan: list[str]) -> dict[
     cuda = args.device.startswith("cuda")
     test = RACE_TEST if cuda else RACE_HARNESS_CPU
     say(f"race test {test.split('::')[1]} (box {box:.0f} s)")
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-n",
-        "0",
-        "-rs",
-        "-p",
-        "no:cacheprovider",
-        test,
-    ]
+    command = pytest_command(test)
     _, ended = run_child(command, box)
     summary = pytest_summary(ended["stdout_tail"])
     passed = ended["rc"] == 0 and "1 passed" in summary

@@ -149,7 +149,7 @@ def _sendable(error: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(error))
         return error
-    except Exception:
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError):  # what pickle raises
         return FeatxError(f"the shard writer failed: {type(error).__name__}: {error}")
 
 
