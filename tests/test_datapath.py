@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from featx.data.loader import collate, stack_channels_last
+from featx.data.batch_slots import SPARE_SLOTS
+from featx.data.loader import collate, decoded_batches, stack_channels_last
 from featx.data.tar_index import MAX_EXTENSION_BYTES, BrokenArchive, TarReader
 from featx.data.tar_samples import tar_samples
-from featx.data.work import FileRange, ShardPiece
+from featx.data.work import FileRange, ShardPiece, WorkBatch
 from featx.errors import FeatxError
 from featx.store.shards import ShardRows, ShardSink
 from featx.store.sink_process import SinkProcess
@@ -108,12 +109,51 @@ def test_a_batch_is_the_images_stacked_in_channels_last_memory():
     hwc = [torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=generator) for _ in "abc"]
     images = [image.permute(2, 0, 1) for image in hwc]  # decode_jpeg's layout: HWC memory
     images.append(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=generator))
-    batch = stack_channels_last(images)
+    batch, slot = stack_channels_last(images)
+    assert slot is None  # outside a DataLoader worker: ordinary memory
     assert torch.equal(batch, torch.stack(images))
     assert batch.is_contiguous(memory_format=torch.channels_last)
     collated = collate([(i, image, "") for i, image in enumerate(images)] + [(9, None, "Bad")])
     assert torch.equal(collated.images, torch.stack(images))
     assert collated.indices == [0, 1, 2, 3] and collated.failures == [(9, "Bad")]
+
+
+class _RowImages(torch.utils.data.Dataset):
+    """Stands in for SampleDataset: row r's image is filled with r (mod 256)."""
+
+    def __getitem__(self, item):
+        row, _ = item
+        return row, torch.full((3, 4, 4), row % 256, dtype=torch.uint8), ""
+
+
+def _row_batches(count: int, size: int = 4) -> list[WorkBatch]:
+    return [
+        WorkBatch([(row, FileRange("-")) for row in range(b * size, (b + 1) * size)], ShardPiece(0))
+        for b in range(count)
+    ]
+
+
+def _holds_its_rows(batch) -> bool:
+    expected = torch.tensor(batch.indices, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+    return torch.equal(batch.images, expected)
+
+
+def test_a_worker_reuses_a_batch_slot_only_after_the_main_process_dropped_the_batch():
+    prefetch, slots = 2, 2 + SPARE_SLOTS
+    loaded = decoded_batches(_RowImages(), _row_batches(40), 1, False, prefetch)  # type: ignore[arg-type]
+    held = [next(loaded) for _ in range(12)]  # more batches than the worker has slots
+    in_slots = [batch.slot for batch in held if batch.slot is not None]
+    assert len(in_slots) == len(set(in_slots)) == slots  # the rest came in fresh shared memory
+    while_held = [next(loaded) for _ in range(8)]
+    assert [batch.slot for batch in while_held] == [None] * 8
+    assert all(_holds_its_rows(batch) for batch in held + while_held)  # nothing written over
+    del held, while_held
+    later = []
+    for batch in loaded:  # each batch dropped as the loop moves on: the slots come back
+        assert _holds_its_rows(batch)
+        later.append(batch.slot)
+    assert len(later) == 20 and later.count(None) <= prefetch + 1  # made before the release
+    assert len(set(later) - {None}) <= slots  # 20 batches in a few slots
 
 
 # --- the sink: one write(rows, piece) for every source, in a process of its own ---------------

@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
@@ -413,3 +414,76 @@ def test_decode_step_gives_an_image_or_a_one_line_failure_and_never_hangs(data):
         assert error and "\n" not in error and error.split(":")[0].isidentifier(), error
     else:
         assert error == "" and image.shape == (3, 64, 64) and image.dtype.is_floating_point is False
+
+
+# --- a JPEG's frame header, read without Pillow -------------------------------------------------
+
+
+def _sof_offset(data: bytes) -> int:
+    """Where the frame header (SOF0/SOF2) marker sits, found by the format's own rule."""
+    position = 2
+    while data[position + 1] not in (0xC0, 0xC2):
+        position += 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+    return position
+
+
+JPEG_KINDS = {
+    "baseline": ("RGB", {}),
+    "progressive": ("RGB", {"progressive": True}),
+    "gray": ("L", {}),
+    "cmyk": ("CMYK", {}),
+    "4:4:4 optimised": ("RGB", {"subsampling": 0, "optimize": True}),
+    "restart markers": ("RGB", {"restart_marker_blocks": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", JPEG_KINDS)
+def test_a_jpeg_frame_size_is_the_one_pillow_reads_and_decodes_as_torchvision_does(photo, kind):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode, options = JPEG_KINDS[kind]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the decode must apply it
+    data = encode(Image.fromarray(photo).convert(mode), "JPEG", exif=exif.tobytes(), **options)
+    assert images.jpeg_frame_size(data) == Image.open(io.BytesIO(data)).size == (64, 48)
+    reference = decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        mode=ImageReadMode.RGB,
+        apply_exif_orientation=True,
+    )
+    assert reference.shape == (3, 64, 48)
+    assert np.array_equal(decoded(data), reference.permute(1, 2, 0).numpy())
+
+
+def test_a_jpeg_header_the_fast_reader_does_not_take_goes_to_pillow_as_before(photo):
+    data = encode(Image.fromarray(photo), "JPEG")
+    sof = _sof_offset(data)
+    twelve_bit = bytearray(data)
+    twelve_bit[sof + 4] = 12
+    arithmetic = bytearray(data)
+    arithmetic[sof + 1] = 0xC9
+    zero_height = bytearray(data)
+    zero_height[sof + 5 : sof + 7] = b"\0\0"
+    for other in (
+        encode(Image.fromarray(photo), "PNG"),
+        data[: sof + 6],  # cut inside the frame header
+        bytes(twelve_bit),
+        bytes(arithmetic),
+        bytes(zero_height),
+        data[: sof + 2] + b"\xff\xff" + data[sof + 4 :],  # a segment longer than the file
+    ):
+        assert images.jpeg_frame_size(other) is None
+    assert failure(data[: sof + 6]).startswith(("OSError", "SyntaxError", "RuntimeError"))
+
+
+def test_a_jpeg_over_the_pixel_limit_fails_with_pillows_own_words(photo):
+    data = encode(Image.fromarray(photo), "JPEG")  # 64 x 48 = 3072 pixels
+    assert images.jpeg_frame_size(data) is not None  # the fast header reader's case
+    assert failure(data, DecodePolicy(TRANSFORM, max_image_pixels=2000)) == (
+        "DecompressionBombWarning: Image size (3072 pixels) exceeds limit of 2000 pixels, "
+        "could be decompression bomb DOS attack."
+    )
+    assert failure(data, DecodePolicy(TRANSFORM, max_image_pixels=1000)).startswith(
+        "DecompressionBombError: Image size (3072 pixels) exceeds limit of 2000 pixels"
+    )
+    assert decoded(data, DecodePolicy(TRANSFORM, max_image_pixels=3072)).shape == (48, 64, 3)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from featx.data.batch_slots import Slot
 from featx.data.work import UNPLACED, ShardPiece
 
 
@@ -41,13 +42,15 @@ class Encoded:
 class Batch:
     """Rows ``indices`` as uint8 ``images [n, 3, crop, crop]`` (channels-last memory; None when
     every sample failed), the samples that could not be decoded and why, with ``--decode gpu``
-    baseline JPEGs still encoded for the device to decode, and the shard piece they belong to."""
+    baseline JPEGs still encoded for the device to decode, the shard piece they belong to, and
+    the worker's shared-memory slot that holds the images (batch_slots.py)."""
 
     indices: list[int]
     images: torch.Tensor | None
     failures: list[tuple[int, str]] = field(default_factory=list)
     encoded: Encoded | None = None
     piece: ShardPiece = UNPLACED
+    slot: Slot | None = None
 
     @property
     def files(self) -> int:

@@ -7,7 +7,7 @@ their batches to the loop in pipeline.py as :class:`Batch` objects.
 from __future__ import annotations
 
 import collections
-import math
+import functools
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
 
@@ -15,6 +15,7 @@ import torch
 
 from featx.data import _workers
 from featx.data.batch import Batch, Encoded
+from featx.data.batch_slots import SPARE_SLOTS, BatchSlots, Slot, shared_uint8
 from featx.data.decode import (
     DecodePolicy,
     DecoderCrashed,
@@ -60,35 +61,43 @@ def file_items(images: ImageList, rows: Iterable[int]) -> list[WorkItem]:
     return [(row, FileRange(images.absolute(row))) for row in rows]
 
 
-def collate(items: list[Item]) -> Batch:
+def collate(items: list[Item], slots: BatchSlots | None = None) -> Batch:
     """Stack the decoded images channels-last (their memory order since decoding: no
-    transpose), inside a worker straight into shared memory (no copy on the way to the main
-    process); pack encoded JPEGs (``--decode gpu``) into one tensor; keep failures aside. A
-    batch leaves a worker as at most two tensors (two file descriptors)."""
+    transpose), inside a worker straight into shared memory (a slot of ``slots`` when one is
+    free: no copy on the way to the main process, no fresh pages); pack encoded JPEGs
+    (``--decode gpu``) into one tensor; keep failures aside. A batch leaves a worker as at most
+    two tensors (two file descriptors)."""
     good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
+    images, slot = (None, None)
+    if good:
+        images, slot = stack_channels_last([image for _, image in good], slots)
     return Batch(
         indices=[index for index, _ in good],
-        images=stack_channels_last([image for _, image in good]) if good else None,
+        images=images,
         failures=[(index, error) for index, image, error in items if image is None],
         encoded=Encoded.pack(
             [(i, data) for i, data, _ in items if data is not None and data.ndim == 1]
         ),
+        slot=slot,
     )
 
 
-def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
-    """``[3, h, w]`` images → one ``[n, 3, h, w]`` tensor in channels-last memory; in a
-    DataLoader worker its storage is allocated in shared memory, as ``default_collate`` does."""
+def stack_channels_last(
+    images: list[torch.Tensor], slots: BatchSlots | None = None
+) -> tuple[torch.Tensor, Slot | None]:
+    """``[3, h, w]`` images → one ``[n, 3, h, w]`` tensor in channels-last memory, and the slot
+    it lives in; in a DataLoader worker it is allocated in shared memory, as ``default_collate``
+    does."""
     channels, height, width = images[0].shape
     shape = (len(images), height, width, channels)
+    slot = None
     if torch.utils.data.get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape))
         strides = (height * width * channels, width * channels, channels, 1)
-        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+        out, slot = shared_uint8(shape, strides, slots)
     else:
         out = torch.empty(shape, dtype=torch.uint8)
     torch.stack([image.permute(1, 2, 0) for image in images], out=out)
-    return out.permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2), slot
 
 
 def decoded_batches(
@@ -111,10 +120,11 @@ def decoded_batches(
     poll = min(timeout, _workers.STATUS_CHECK_S)
     replay = Replay(batches)
     while replay.has(done):
+        slots = BatchSlots(workers, prefetch + SPARE_SLOTS)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=(work.items for work in replay.starting_at(done)),
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, slots=slots),
             num_workers=workers,
             pin_memory=pin_memory,
             worker_init_fn=_workers.worker_init,
@@ -125,6 +135,7 @@ def decoded_batches(
             with _workers.loader_iterator(loader) as iterator:
                 waited = 0.0
                 while True:
+                    slots.release_dropped()
                     try:
                         batch = next(iterator)
                     except StopIteration:
@@ -142,6 +153,7 @@ def decoded_batches(
                             "command to resume"
                         ) from None
                     waited = 0.0
+                    slots.hold(batch.slot, batch.images)
                     yield replace(batch, piece=replay.get(done).piece)
                     done += 1
                     replay.forget_before(done)
