@@ -81,7 +81,21 @@ class FeatureFile:
         return name
 
     def features(self, layer: str | None = None) -> h5py.Dataset:
+        """Each image's features, clean view (the weights' own preprocessing)."""
         return self.file[schema.FEATURES][self.layer(layer)]
+
+    @property
+    def augmented_views(self) -> int:
+        """K of ``featx extract --augment K``: augmented views per image besides the clean one."""
+        augment = self.attrs.get("augment")
+        return int(augment["views"]) if isinstance(augment, dict) else 0
+
+    def views(self, layer: str | None = None) -> h5py.Dataset | None:
+        """``[n, K, ...]``: row i's K augmented views, or None in a file without them."""
+        name = self.layer(layer)
+        if not self.augmented_views or name not in self.file.get(schema.VIEWS, {}):
+            return None
+        return self.file[schema.VIEWS][name]
 
     def __len__(self) -> int:
         return int(self.file[schema.PATHS].shape[0])
@@ -127,6 +141,7 @@ class FeatureFile:
             **self.attrs,
             "path": str(self.path),
             "images": len(self),
+            "views_per_image": 1 + self.augmented_views,
             "failed": len(self.failed),
             "layers": self.layers,
             "feature_shapes": layers,

@@ -5,7 +5,9 @@ predict) takes these names from here, so the layout cannot drift between them.
 
 A features file::
 
-    features/<layer>   [n, ...] float32|float16   one dataset per cut point
+    features/<layer>   [n, ...] float32|float16   one per cut point (each image's clean view)
+    views/<layer>      [n, K, ...]                with ``--augment K`` only: K augmented views of
+                                                  each image, row i's views of row i's image
     paths              [n] str                    relative to the source folder / --root
     labels             [n] int64                  class index, -1 when unlabelled
     failed/paths       [m] str                    files that could not be decoded ...
@@ -23,6 +25,7 @@ from typing import Any
 SCHEMA_VERSION = 2  # 2: `weights` is a provenance dict (source, name, weights, file, sha256)
 
 FEATURES = "features"
+VIEWS = "views"  # with --augment K: [n, K, ...] per layer; the root attribute `augment` says how
 PATHS = "paths"
 LABELS = "labels"
 FAILED_PATHS = "failed/paths"
@@ -48,6 +51,7 @@ FINGERPRINT_KEYS = (
     "files",
     "files_sha256",
     "shapes",
+    "augment",  # only with --augment K > 0: {"views": K, "seed": ..., "policy": ...}
 )
 # Attributes every part of a split run shares (`source` may differ: nodes mount data apart).
 SAME_IN_EVERY_PART = (*FINGERPRINT_KEYS, "class_names", "featx_schema")
