@@ -50,6 +50,7 @@ PROTOCOLS = ("linear", "knn")
 # (an --image-size of 100000 would allocate 240 GB for one batch).
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 1 << 16
+MAX_AUGMENT = 64  # views per image: 64 already multiplies a run's cost by 65
 MAX_SHARD_SIZE = 1 << 22
 MAX_WORKERS = 512
 MODEL_HELP = "torchvision name, timm:NAME or efficientnet_lite0|1|2 (offline-ready)"
@@ -116,6 +117,12 @@ class ExtractConfig:
         "1GB",  # no real photo comes near; a padded or sparse file does
         "Image files larger than this fail unread, e.g. 200MB",
     )
+    augment: int = option(
+        0,
+        "Also extract K augmented views of each image (random resized crop + flip; "
+        "views/<layer> in the file), for heads trained on views",
+    )
+    augment_seed: int = option(0, "Seed of the views: each depends on (seed, image, view) only")
     labels_csv: str | None = option(
         None, "CSV of path,label: labels for listed files or flat folders.", flag="--labels"
     )
@@ -161,6 +168,8 @@ class ExtractConfig:
         check_range("shard_size", self.shard_size, 1, MAX_SHARD_SIZE)
         check_range("workers", self.workers, 0, MAX_WORKERS)
         check_range("image_size", self.image_size, 8, MAX_IMAGE_SIZE)
+        check_range("augment", self.augment, 0, MAX_AUGMENT)
+        check_range("augment_seed", self.augment_seed, 0, (1 << 63) - 1)
         check_range("max_image_pixels", self.max_image_pixels, 1, 1 << 40)
         parse_bytes(self.max_file_bytes, "--max-file-bytes")
         if len(self.background) != 3 or not all(0 <= v <= 255 for v in self.background):

@@ -193,13 +193,13 @@ def compute(
         return PendingRows(batch.indices, devices.Pending({}), batch.failures, batch.piece)
     x = batch.images
     count = len(x)
-    pad_to = plan.feed.batch_size if plan.config.compile else 0
+    pad_to = plan.feed.batch_size * batch.views if plan.config.compile else 0
     if count < pad_to:
         x = torch.cat([x, x.new_zeros(pad_to - count, *x.shape[1:])])
     with devices.autocast(plan.precision, plan.device):
         outputs = model(x)
     features = devices.to_host(outputs, count, plan.precision)
-    return PendingRows(batch.indices, features, batch.failures, batch.piece)
+    return PendingRows(batch.indices, features, batch.failures, batch.piece, batch.views)
 
 
 @dataclass(frozen=True)
@@ -210,9 +210,17 @@ class PendingRows:
     features: devices.Pending
     failures: list[tuple[int, str]]
     piece: ShardPiece
+    views: int = 1  # crops per row: with --augment K, row i's clean view, then its K views
 
     def rows(self) -> ShardRows:
-        return ShardRows(self.indices, self.features.wait(), self.failures)
+        features = self.features.wait()
+        if self.views == 1:
+            return ShardRows(self.indices, features, self.failures)
+        grouped = {layer: f.reshape(-1, self.views, *f.shape[1:]) for layer, f in features.items()}
+        clean = {layer: f[:, 0] for layer, f in grouped.items()}
+        return ShardRows(
+            self.indices, clean, self.failures, {k: f[:, 1:] for k, f in grouped.items()}
+        )
 
 
 def finish(plan: Plan, work: WorkDir, ran: Ran, started: float) -> ExtractResult:

@@ -5,7 +5,7 @@ the output file records of it."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from featx import __version__, defaults
 from featx.config import ExtractConfig, available_cores, parse_bytes
 from featx.data.archives import ArchiveList
 from featx.data.decode import DecodePolicy
+from featx.data.views import ViewPolicy
 from featx.data.worklist import ImageList, printable
 from featx.errors import UsageError
 from featx.models import Backbone, describe_layers, load_backbone
@@ -84,9 +85,13 @@ def make_plan(
         "files_sha256": images.digest(),
         "shapes": {layer: list(pooled_shape(shapes[layer], config.pool)) for layer in layers},
     }
+    if policy.views is not None:  # only then: files without views stay as they were
+        fingerprint["augment"] = policy.views.describe()
     feed = devices.feed(
         config.batch_size, config.workers, device, available_cores(), job.ranks_per_node
     )
+    if policy.views is not None:  # the batch size counts crops: each image brings 1 + K
+        feed = replace(feed, batch_size=max(1, feed.batch_size // (1 + policy.views.views)))
     work_source = source_of(images)
     shard_size = work_source.shard_size(config.shard_size or defaults.shard_size_for(device.type))
     return Plan(
@@ -110,12 +115,20 @@ def decode_policy(backbone: Backbone, config: ExtractConfig, device: torch.devic
     """How pixels are made for ``backbone`` on ``device`` (recorded in the fingerprint)."""
     if config.decode == "gpu" and device.type != "cuda":
         raise UsageError("--decode gpu needs a CUDA device (--device cuda)")
+    views = ViewPolicy(config.augment, config.augment_seed) if config.augment else None
+    decode = config.decode
+    if views is not None and decode == "gpu":
+        # Views are cut from the full-size decode in the workers; nvJPEG would hand the device
+        # only the clean crop. Recorded: the file's decode policy says cpu.
+        note("--augment: images are decoded on the CPU workers (not --decode gpu)", config.quiet)
+        decode = "cpu"
     return DecodePolicy(
         backbone.transform,
         config.background,
         config.max_image_pixels,
-        config.decode,
+        decode,
         parse_bytes(config.max_file_bytes, "--max-file-bytes"),
+        views,
     )
 
 

@@ -81,7 +81,7 @@ class FileSource:
         (``rank``, torchrun's, names an archive source's scratch folder.)"""
         batches = [
             WorkBatch(
-                file_items(self.images, range(start, min(start + size, stop))),
+                file_items(self.images, range(start, min(start + size, stop)), policy.views),
                 ShardPiece(shard, last=start + size >= stop),
             )
             for shard in todo
@@ -150,7 +150,9 @@ class ArchiveSource:
         fetcher = Prefetcher(
             [a.url for a in archives], [a.listed_size for a in archives], work.scratch(rank)
         )
-        batches = archive_batches(self.images, todo, size, fetcher, policy.max_file_bytes)
+        batches = archive_batches(
+            self.images, todo, size, fetcher, policy.max_file_bytes, policy.views
+        )
         sink = ShardSink(work, config.dtype, config.compression, archives=True)
         return ShardWork(batches, apart(sink, config.write_behind), fetcher)
 

@@ -8,6 +8,7 @@ published whole or not at all. Features equal those of the same images as loose 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -309,7 +310,10 @@ def test_shard_parts_then_merge_give_the_single_process_file(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_torchrun_ranks_give_the_single_process_file(shards, from_tars, tmp_path):
+def test_two_torchrun_ranks_give_the_single_process_file(shards, tmp_path):
+    """With --augment 2: the views too (each drawn from its sample's name, not its rank)."""
+    single = tmp_path / "single.h5"
+    extract(shards[0], single, dataclasses.replace(CONFIG, augment=2))
     out = tmp_path / "feats.h5"
     result = subprocess.run(
         [
@@ -325,6 +329,8 @@ def test_two_torchrun_ranks_give_the_single_process_file(shards, from_tars, tmp_
             "-o",
             str(out),
             *SETTINGS,
+            "--augment",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -332,7 +338,7 @@ def test_two_torchrun_ranks_give_the_single_process_file(shards, from_tars, tmp_
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert_same_file(out, from_tars)
+    assert_same_file(out, single)
 
 
 # --- img2dataset's stats files and parquet shards ------------------------------------------------

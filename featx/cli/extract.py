@@ -11,6 +11,8 @@ import typer
 
 from featx.cli._app import app, emit, libraries_silenced, reports_errors, say, show
 from featx.cli._options import (
+    Augment,
+    AugmentSeed,
     BatchSize,
     ClassNames,
     Compile,
@@ -88,6 +90,8 @@ def extract(
     max_image_pixels: MaxImagePixels = None,
     max_file_bytes: MaxFileBytes = None,
     decode: Decode = None,
+    augment: Augment = None,
+    augment_seed: AugmentSeed = None,
     compile_model: Compile = None,
     compression: Compression = None,
     config: Config = None,
@@ -120,6 +124,8 @@ def extract(
         "max_image_pixels": max_image_pixels,
         "max_file_bytes": max_file_bytes,
         "decode": decode,
+        "augment": augment,
+        "augment_seed": augment_seed,
         "compile": compile_model,
         "compression": compression,
         "overwrite": overwrite,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from featx.data.archives import FOLDER_KIND, Archive, ArchiveList, Sample
 from featx.data.folder_samples import folder_samples
 from featx.data.parquet_samples import parquet_samples
 from featx.data.prefetch import Fetched, Prefetcher
 from featx.data.tar_samples import BrokenArchive, tar_samples
+from featx.data.views import ViewPolicy, view_key
 from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
@@ -35,11 +37,14 @@ def archive_batches(
     batch_size: int,
     fetcher: Prefetcher,
     max_bytes: int,
+    views: ViewPolicy | None = None,
 ) -> Iterator[WorkBatch]:
-    """Batches of the archives of ``shards`` in order, never mixing two archives in a batch."""
+    """Batches of the archives of ``shards`` in order, never mixing two archives in a batch;
+    with ``views``, each item keyed by its output name ``<archive>/<member>``."""
     for fetched in fetcher:
         shard = shards[fetched.index]
         archive = archives.archives[shard]
+        keys = Keys(views.seed, stored_name(archive.name) + "/") if views else None
         if fetched.path is None:
             yield _broken(shard, fetched.error)
             continue
@@ -51,7 +56,7 @@ def archive_batches(
                 samples += not sample.uncounted
                 pending.append(sample)
                 if len(pending) == batch_size:
-                    yield _spec(shard, row, pending, last=False)
+                    yield _spec(shard, row, pending, keys, last=False)
                     row += len(pending)
                     pending = []
         except BrokenArchive as error:
@@ -70,7 +75,7 @@ def archive_batches(
             )
             yield _broken(shard, broken)
             continue
-        yield _spec(shard, row, pending, last=True, made_from=archive.identity)
+        yield _spec(shard, row, pending, keys, last=True, made_from=archive.identity)
 
 
 def _samples(
@@ -90,15 +95,34 @@ def _broken(shard: int, why: str) -> WorkBatch:
     return WorkBatch([], ShardPiece(shard, last=True, broken=why))
 
 
+@dataclass(frozen=True)
+class Keys:
+    """The view keys of one archive's samples: of ``<archive>/<member>``, the output's name."""
+
+    seed: int
+    prefix: str
+
+    def __call__(self, name: str) -> int:
+        return view_key(self.seed, self.prefix + name)
+
+
 def _spec(
-    shard: int, first: int, samples: list[Sample], last: bool, made_from: str = ""
+    shard: int,
+    first: int,
+    samples: list[Sample],
+    keys: Keys | None,
+    last: bool,
+    made_from: str = "",
 ) -> WorkBatch:
-    items: list[WorkItem] = [
-        (first + i, s.image) for i, s in enumerate(samples) if s.image is not None
+    names = tuple(stored_name(s.name) for s in samples)
+    items = [
+        WorkItem(first + i, s.image, keys(names[i]) if keys else 0)
+        for i, s in enumerate(samples)
+        if s.image is not None
     ]
     piece = ShardPiece(
         shard,
-        names=tuple(stored_name(s.name) for s in samples),
+        names=names,
         labels=tuple(json.dumps(s.label) for s in samples),
         failures=tuple((first + i, s.error) for i, s in enumerate(samples) if s.image is None),
         last=last,

@@ -40,10 +40,11 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows ``indices`` as uint8 ``images [n, 3, crop, crop]`` (channels-last memory; None when
-    every sample failed), the samples that could not be decoded and why, with ``--decode gpu``
-    baseline JPEGs still encoded for the device to decode, the shard piece they belong to, and
-    the worker's shared-memory slot that holds the images (batch_slots.py)."""
+    """Rows ``indices`` as uint8 ``images [n * views, 3, crop, crop]`` (channels-last memory;
+    None when every sample failed), the samples that could not be decoded and why, with
+    ``--decode gpu`` baseline JPEGs still encoded for the device to decode, the shard piece
+    they belong to, and the worker's shared-memory slot that holds the images
+    (batch_slots.py)."""
 
     indices: list[int]
     images: torch.Tensor | None
@@ -51,6 +52,7 @@ class Batch:
     encoded: Encoded | None = None
     piece: ShardPiece = UNPLACED
     slot: Slot | None = None
+    views: int = 1  # crops per image in ``images`` (--augment K: 1 + K, each image's together)
 
     @property
     def files(self) -> int:

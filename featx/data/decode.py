@@ -27,6 +27,7 @@ from featx.data.reading import (
     UNIDENTIFIED,
     read_file,
 )
+from featx.data.views import ViewPolicy
 from featx.safe_text import public_text
 
 # Pillow may only use the decoders for the formats featx claims.
@@ -50,6 +51,7 @@ class DecodePolicy:
     max_image_pixels: int | None = None
     mode: str = "cpu"  # cpu: full decode; fast: JPEG DCT scaling when ≥2x; gpu: nvJPEG
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files fail unread (--max-file-bytes)
+    views: ViewPolicy | None = None  # --augment K: K augmented views of each image (views.py)
 
     def describe(self) -> dict[str, Any]:
         from PIL import Image
@@ -301,11 +303,8 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
 
     Example: ``resize_crop(image, {"resize": 256, "crop": 224, "interpolation": "bilinear"})``
     """
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    mode = InterpolationMode(transform["interpolation"])
-    antialias = transform.get("antialias", True)
     height, width = image.shape[-2:]
     size = transform["resize"]
     # torchvision's rule for the long side: truncated, not rounded
@@ -314,18 +313,28 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
         if height <= width
         else (int(size * height / width), size)
     )
-    if (height, width) == new:
-        resized = image
-    elif image.device.type == "cpu" and mode.value in _UINT8_MODES and image.dtype == torch.uint8:
-        resized = _uint8_resize(image, new, mode.value, antialias)
-    else:
-        resized = F.resize(image, [size], interpolation=mode, antialias=antialias)
+    resized = image if (height, width) == new else resize_to(image, new, transform)
     crop = transform["crop"]
     height, width = resized.shape[-2:]
     if crop > min(height, width):
         return F.center_crop(resized, [crop])  # pads, as torchvision does
     top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
     return resized[..., top : top + crop, left : left + crop]  # torchvision's centre, no copy
+
+
+def resize_to(
+    image: torch.Tensor, size: tuple[int, int], transform: dict[str, Any]
+) -> torch.Tensor:
+    """Resize to (height, width) with the transform's interpolation: uint8 in and out on the CPU
+    (:data:`RESIZE`), torchvision v2's float resize rounded back to uint8 elsewhere."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    mode = InterpolationMode(transform["interpolation"])
+    antialias = transform.get("antialias", True)
+    if image.device.type == "cpu" and mode.value in _UINT8_MODES and image.dtype == torch.uint8:
+        return _uint8_resize(image, size, mode.value, antialias)
+    return F.resize(image, list(size), interpolation=mode, antialias=antialias)
 
 
 def _uint8_resize(

@@ -25,6 +25,7 @@ from featx.data.decode import (
 )
 from featx.data.gpu_decode import prepare_bytes
 from featx.data.reading import read_payload
+from featx.data.views import ViewPolicy, augmented_views, view_key
 from featx.data.work import FileRange, WorkBatch, WorkItem
 from featx.data.worklist import ImageList
 from featx.errors import FeatxError
@@ -44,21 +45,36 @@ class SampleDataset(torch.utils.data.Dataset[Item]):
         self.policy = policy
 
     def __getitem__(self, item: WorkItem) -> Item:
-        """The image as uint8 ``[3, crop, crop]`` or, for ``--decode gpu``, a baseline JPEG's
-        bytes as uint8 ``[n]`` for the device to decode."""
-        row, payload = item
+        """The image as uint8 ``[3, crop, crop]``, with ``--augment K`` its clean view and K
+        augmented ones as ``[1 + K, 3, crop, crop]``, or, for ``--decode gpu``, a baseline
+        JPEG's bytes as uint8 ``[n]`` for the device to decode."""
+        row, payload, key = item
+        policy = self.policy
         try:
-            data = read_payload(payload, self.policy.max_file_bytes)
-            if self.policy.mode == "gpu":
-                return row, prepare_bytes(data, self.policy), ""
-            return row, resize_crop(decode_bytes(data, self.policy), self.policy.transform), ""
+            data = read_payload(payload, policy.max_file_bytes)
+            if policy.mode == "gpu":
+                return row, prepare_bytes(data, policy), ""
+            image = decode_bytes(data, policy)
+            clean = resize_crop(image, policy.transform)
+            if policy.views is None:
+                return row, clean, ""
+            views = augmented_views(image, key, policy.views.views, policy.transform)
+            return row, torch.stack([clean, *views]), ""
         except Exception as error:  # every decoder failure is data about that file, not a crash
             return row, None, describe_error(error)
 
 
-def file_items(images: ImageList, rows: Iterable[int]) -> list[WorkItem]:
-    """The work items of rows of a file list: each a whole file."""
-    return [(row, FileRange(images.absolute(row))) for row in rows]
+def file_items(
+    images: ImageList, rows: Iterable[int], views: ViewPolicy | None = None
+) -> list[WorkItem]:
+    """The work items of rows of a file list: each a whole file; with ``views``, keyed by the
+    file's name in the work list (the output's ``paths``)."""
+    if views is None:
+        return [WorkItem(row, FileRange(images.absolute(row))) for row in rows]
+    return [
+        WorkItem(row, FileRange(images.absolute(row)), view_key(views.seed, images.paths[row]))
+        for row in rows
+    ]
 
 
 def collate(items: list[Item], slots: BatchSlots | None = None) -> Batch:
@@ -67,13 +83,15 @@ def collate(items: list[Item], slots: BatchSlots | None = None) -> Batch:
     free: no copy on the way to the main process, no fresh pages); pack encoded JPEGs
     (``--decode gpu``) into one tensor; keep failures aside. A batch leaves a worker as at most
     two tensors (two file descriptors)."""
-    good = [(index, image) for index, image, _ in items if image is not None and image.ndim == 3]
+    good = [(index, image) for index, image, _ in items if image is not None and image.ndim > 1]
     images, slot = (None, None)
-    if good:
-        images, slot = stack_channels_last([image for _, image in good], slots)
+    if good:  # an image's views ([1 + K, 3, h, w]) stay together, in view order
+        crops = [crop for _, image in good for crop in (image if image.ndim == 4 else [image])]
+        images, slot = stack_channels_last(crops, slots)
     return Batch(
         indices=[index for index, _ in good],
         images=images,
+        views=good[0][1].shape[0] if good and good[0][1].ndim == 4 else 1,
         failures=[(index, error) for index, image, error in items if image is None],
         encoded=Encoded.pack(
             [(i, data) for i, data, _ in items if data is not None and data.ndim == 1]

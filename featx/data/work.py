@@ -28,7 +28,14 @@ class FileRange(NamedTuple):
 # it is read).
 Payload = FileRange | bytes
 
-WorkItem = tuple[int, Payload]  # (row, payload); rows are the work list's, or the archive's
+
+class WorkItem(NamedTuple):
+    """One sample for a worker: its row (the work list's, or the archive's), where its bytes
+    are, and with ``--augment`` its views' key (``data.views.view_key`` of its name)."""
+
+    row: int
+    payload: Payload
+    view_key: int = 0
 
 
 @dataclass(frozen=True)

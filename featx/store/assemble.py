@@ -117,7 +117,7 @@ def assemble(
     row_range: tuple[int, int],
 ) -> Assembled:
     """Concatenate finished shards into ``out``; ``rows_of`` names and labels their rows."""
-    layers, row_shapes, dtype = _shard_layout(work, shards)
+    row_shapes, dtype = _shard_layout(work, shards)
     row_count, failed_count = count_rows(work, shards)
     attrs = {
         **attrs,
@@ -128,8 +128,8 @@ def assemble(
     }
     with atomic_output(out, overwrite=True) as temporary, writing_hdf5(temporary) as dst:
         writer = FeaturesWriter(dst, attrs)
-        for layer in layers:
-            writer.features(layer, row_count, row_shapes[layer], dtype)
+        for name, row_shape in row_shapes.items():
+            writer.features(name, row_count, row_shape, dtype)
         out_paths: list[str] = []
         out_labels: list[int] = []
         failed_paths: list[str] = []
@@ -139,8 +139,8 @@ def assemble(
                 index = src[schema.SHARD_INDEX][:]
                 failed_index = src[schema.SHARD_FAILED_INDEX][:]
                 _check_rows(work, shard, rows_of.bounds(shard, src), index, failed_index)
-                for layer in layers if len(index) else []:  # every image here failed
-                    writer.copy(layer, src[f"{schema.FEATURES}/{layer}"])
+                for name in row_shapes if len(index) else []:  # every image here failed
+                    writer.copy(name, src[name])
                 paths, labels = rows_of.of(shard, src)
                 out_paths.extend(paths[i] for i in index)
                 out_labels.extend(labels[i] for i in index)
@@ -160,20 +160,21 @@ def count_rows(work: WorkDir, shards: range | list[int]) -> tuple[int, int]:
     return rows, failed
 
 
-def _shard_layout(
-    work: WorkDir, shards: range
-) -> tuple[list[str], dict[str, tuple[int, ...]], np.dtype]:
-    layers: list[str] = list(work.fingerprint["layers"])
+def _shard_layout(work: WorkDir, shards: range) -> tuple[dict[str, tuple[int, ...]], np.dtype]:
+    """Each row dataset's name and row shape (``schema.row_datasets``), and the dtype."""
+    fingerprint = work.fingerprint
+    views = int((fingerprint.get("augment") or {}).get("views", 0))
     shapes: dict[str, tuple[int, ...]] = {}
-    dtype = np.dtype(work.fingerprint["dtype"])
+    for name in schema.row_datasets(fingerprint):
+        group, layer = name.split("/", 1)
+        shape = tuple(fingerprint["shapes"][layer])  # a views row: K of the layer's rows
+        shapes[name] = (views, *shape) if group == schema.VIEWS else shape
     for shard in shards:
         with h5py.File(work.shard_path(shard), "r") as f:
             if schema.FEATURES in f:
-                shapes = {layer: f[f"{schema.FEATURES}/{layer}"].shape[1:] for layer in layers}
+                shapes = {name: f[name].shape[1:] for name in shapes}
                 break
-    if not shapes:  # every image failed: keep the layout from the fingerprint
-        shapes = {layer: tuple(work.fingerprint["shapes"][layer]) for layer in layers}
-    return layers, shapes, dtype
+    return shapes, np.dtype(fingerprint["dtype"])
 
 
 def text(value: bytes | str) -> str:

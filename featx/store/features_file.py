@@ -18,15 +18,16 @@ from featx.store.shards import STRING, row_chunks
 
 
 class FeaturesWriter:
-    """Fills an open, empty HDF5 file: ``features/<layer>`` (created with :meth:`features`,
-    filled in pieces with :meth:`copy`, or mapped with :meth:`view`), then the rows' names and
-    labels, the failed files and the root attributes ``attrs`` (:meth:`finish`).
+    """Fills an open, empty HDF5 file: each row dataset, ``features/<layer>`` and with
+    ``--augment`` ``views/<layer>`` (created with :meth:`features`, filled in pieces with
+    :meth:`copy`, or mapped with :meth:`view`), then the rows' names and labels, the failed
+    files and the root attributes ``attrs`` (:meth:`finish`).
 
     Example::
 
         writer = FeaturesWriter(dst, {**fingerprint, "compression": "lzf"})
-        writer.features("layer4", rows=10, row_shape=(512,), dtype=np.dtype("float32"))
-        writer.copy("layer4", shard["features/layer4"])
+        writer.features("features/layer4", rows=10, row_shape=(512,), dtype=np.dtype("float32"))
+        writer.copy("features/layer4", shard["features/layer4"])
         writer.finish(paths, labels, failed_paths, failed_errors)
     """
 
@@ -35,33 +36,32 @@ class FeaturesWriter:
         self.attrs = attrs
         compression = attrs.get("compression", "none")
         self.compression = None if compression == "none" else str(compression)
-        self.filled: dict[str, int] = {}  # rows written so far, by layer
+        self.filled: dict[str, int] = {}  # rows written so far, by dataset
 
     def features(
-        self, layer: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype
+        self, name: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype
     ) -> h5py.Dataset:
-        """``features/<layer>`` for ``rows`` rows, in chunks of whole rows, compressed as the
+        """Row dataset ``name`` for ``rows`` rows, in chunks of whole rows, compressed as the
         ``compression`` attribute says."""
-        self.filled[layer] = 0
+        self.filled[name] = 0
         return self.dst.create_dataset(
-            f"{schema.FEATURES}/{layer}",
+            name,
             shape=(rows, *row_shape),
             dtype=dtype,
             chunks=row_chunks(row_shape, dtype, rows) if rows else None,
             compression=self.compression,
         )
 
-    def copy(self, layer: str, src: h5py.Dataset, step: int = 1024) -> None:
-        """Append the rows of ``src`` to ``features/<layer>``, ``step`` rows at a time."""
-        dst = self.dst[f"{schema.FEATURES}/{layer}"]
-        offset = self.filled[layer]
-        copy_rows(src, dst, offset, step)
-        self.filled[layer] = offset + src.shape[0]
+    def copy(self, name: str, src: h5py.Dataset, step: int = 1024) -> None:
+        """Append the rows of ``src`` to row dataset ``name``, ``step`` rows at a time."""
+        offset = self.filled[name]
+        copy_rows(src, self.dst[name], offset, step)
+        self.filled[name] = offset + src.shape[0]
 
-    def view(self, layer: str, layout: h5py.VirtualLayout) -> None:
-        """``features/<layer>`` as a virtual dataset: rows stay in the files ``layout`` maps
+    def view(self, name: str, layout: h5py.VirtualLayout) -> None:
+        """Row dataset ``name`` as a virtual dataset: rows stay in the files ``layout`` maps
         (and keep the compression they have there)."""
-        self.dst.create_virtual_dataset(f"{schema.FEATURES}/{layer}", layout, fillvalue=0)
+        self.dst.create_virtual_dataset(name, layout, fillvalue=0)
 
     def finish(
         self,

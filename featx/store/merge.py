@@ -42,8 +42,8 @@ def merge(
         opened = h5py.File(temporary, "w", track_order=True) if virtual else writing_hdf5(temporary)
         with opened as dst:
             writer = FeaturesWriter(dst, attrs)
-            for layer in attrs["layers"]:
-                _features(writer, layer, ordered, parts_read, total_rows, virtual, out.parent)
+            for name in schema.row_datasets(attrs):
+                _features(writer, name, ordered, parts_read, total_rows, virtual, out.parent)
             writer.finish(*_rows(ordered, parts_read, class_names))
     return {
         "output": str(out),
@@ -185,14 +185,13 @@ def _relabel(labels: np.ndarray, old: list[str], new: list[str]) -> np.ndarray:
 
 def _features(
     writer: FeaturesWriter,
-    layer: str,
+    name: str,
     parts: list[Path],
     parts_read: list[_Part],
     total: int,
     virtual: bool,
     folder: Path,
 ) -> None:
-    name = f"{schema.FEATURES}/{layer}"
     with h5py.File(parts[0], "r") as f:
         row_shape, dtype = f[name].shape[1:], f[name].dtype
     if virtual:
@@ -205,12 +204,12 @@ def _features(
                 source = h5py.VirtualSource(_relative(path, folder), name, shape=(rows, *row_shape))
                 layout[offset : offset + rows] = source
             offset += rows
-        writer.view(layer, layout)
+        writer.view(name, layout)
         return
-    writer.features(layer, total, row_shape, dtype)
+    writer.features(name, total, row_shape, dtype)
     for path in parts:
         with h5py.File(path, "r") as src:
-            writer.copy(layer, src[name])
+            writer.copy(name, src[name])
 
 
 def _relative(path: Path, folder: Path) -> str:

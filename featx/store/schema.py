@@ -58,6 +58,15 @@ SAME_IN_EVERY_PART = (*FINGERPRINT_KEYS, "class_names", "featx_schema")
 # What made one layer's features: a head trained on them must meet exactly these again.
 EXTRACTION_KEYS = ("model", "weights", "layer", "pool", "transform")
 
+
+def row_datasets(attrs: dict[str, Any]) -> list[str]:
+    """A features file's (or its fingerprint's) datasets with one row per image, by name:
+    ``features/<layer>``, then with ``--augment`` ``views/<layer>``."""
+    layers = list(attrs["layers"])
+    names = [f"{FEATURES}/{layer}" for layer in layers]
+    return names + ([f"{VIEWS}/{layer}" for layer in layers] if attrs.get("augment") else [])
+
+
 # `inputs` of a folder or path list: rows are the work list's files. Any other value (tar,
 # parquet) is an archive source: one shard per archive, rows named and counted as it is read.
 FILE_INPUTS = "files"

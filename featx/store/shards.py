@@ -6,6 +6,7 @@ error can corrupt every committed row. So each shard is written to a temporary n
 atomically renamed into ``OUT.featx/``: a shard file that exists is complete. Its layout::
 
     shard-000007.h5       index [n] int64 (rows of the work list), features/<layer>, failed/*
+                          with --augment K also views/<layer> [n, K, ...]
                           archive shards also: names, raw_labels, the `archive` attribute
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import h5py
@@ -36,10 +37,18 @@ class ShardRows:
     indices: list[int]
     features: dict[str, np.ndarray]
     failures: list[tuple[int, str]] = field(default_factory=list)
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # --augment K: [n, K, ...]
 
     @property
     def files(self) -> list[int]:
         return self.indices + [index for index, _ in self.failures]
+
+    def datasets(self) -> dict[str, np.ndarray]:
+        """Every array by its dataset's name in the shard: ``features/<layer>``, ``views/...``."""
+        return {
+            **{f"{schema.FEATURES}/{layer}": values for layer, values in self.features.items()},
+            **{f"{schema.VIEWS}/{layer}": values for layer, values in self.views.items()},
+        }
 
 
 class ShardWriter:
@@ -72,20 +81,21 @@ class ShardWriter:
             self.failed_errors.append(error)
         if not batch.indices:
             return
+        datasets = batch.datasets()
         if self.rows == 0:
-            self._create_datasets(batch.features)
+            self._create_datasets(datasets)
         stop = self.rows + len(batch.indices)
         index = self.file[schema.SHARD_INDEX]
         index.resize((stop,))
         index[self.rows : stop] = np.asarray(batch.indices, dtype=np.int64)
-        for layer, values in batch.features.items():
-            dataset = self.file[f"{schema.FEATURES}/{layer}"]
+        for name, values in datasets.items():
+            dataset = self.file[name]
             dataset.resize((stop, *dataset.shape[1:]))
             dataset[self.rows : stop] = values.astype(self.dtype, copy=False)
         self.rows = stop
         self.disk.check()
 
-    def _create_datasets(self, features: dict[str, np.ndarray]) -> None:
+    def _create_datasets(self, datasets: dict[str, np.ndarray]) -> None:
         self.file.create_dataset(
             schema.SHARD_INDEX,
             shape=(0,),
@@ -93,9 +103,9 @@ class ShardWriter:
             dtype=np.int64,
             chunks=(min(4096, self.capacity),),
         )
-        for layer, values in features.items():
+        for name, values in datasets.items():
             self.file.create_dataset(
-                f"{schema.FEATURES}/{layer}",
+                name,
                 shape=(0, *values.shape[1:]),
                 maxshape=(None, *values.shape[1:]),
                 dtype=self.dtype,
@@ -191,9 +201,7 @@ class ShardSink:
             writer = ShardWriter(self.work, shard, self.dtype, self.compression, capacity)
             self.open[shard] = _OpenShard(writer)
         held = self.open[shard]
-        held.writer.append(
-            ShardRows(rows.indices, rows.features, rows.failures + list(piece.failures))
-        )
+        held.writer.append(replace(rows, failures=rows.failures + list(piece.failures)))
         held.names.extend(piece.names)
         held.labels.extend(piece.labels)
         if piece.last:  # published, then forgotten: a failed publish is discarded whole
