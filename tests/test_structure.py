@@ -89,7 +89,8 @@ def test_a_run_fingerprint_holds_exactly_the_schema_keys(photos, tmp_path):
     from featx import FeatureFile
 
     with FeatureFile(out) as f:
-        assert set(schema.FINGERPRINT_KEYS) <= set(f.attrs)
+        assert set(schema.FINGERPRINT_KEYS) - {"augment"} <= set(f.attrs)
+        assert "augment" not in f.attrs  # only with --augment K > 0
         assert f.attrs["weights"] == {
             "source": "torchvision",
             "name": "resnet18",

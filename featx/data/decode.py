@@ -27,6 +27,7 @@ from featx.data.reading import (
     UNIDENTIFIED,
     read_file,
 )
+from featx.data.resize import resize_to
 from featx.data.views import ViewPolicy
 from featx.safe_text import public_text
 
@@ -290,7 +291,6 @@ def _shrunk(image: Any, factor: int) -> Any:
 # transforms v1, and at most one grey level from it (its float result rounded).
 RESIZE = "uint8 antialiased (torch interpolate on uint8, fixed-point weights), then centre crop"
 RESIZE_ON_DEVICE = "float32 antialiased on the device, rounded to uint8, then centre crop"
-_UINT8_MODES = ("bilinear", "bicubic")  # torch's native uint8 antialiased kernels
 
 
 def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
@@ -320,36 +320,6 @@ def resize_crop(image: torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
         return F.center_crop(resized, [crop])  # pads, as torchvision does
     top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
     return resized[..., top : top + crop, left : left + crop]  # torchvision's centre, no copy
-
-
-def resize_to(
-    image: torch.Tensor, size: tuple[int, int], transform: dict[str, Any]
-) -> torch.Tensor:
-    """Resize to (height, width) with the transform's interpolation: uint8 in and out on the CPU
-    (:data:`RESIZE`), torchvision v2's float resize rounded back to uint8 elsewhere."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
-    mode = InterpolationMode(transform["interpolation"])
-    antialias = transform.get("antialias", True)
-    if image.device.type == "cpu" and mode.value in _UINT8_MODES and image.dtype == torch.uint8:
-        return _uint8_resize(image, size, mode.value, antialias)
-    return F.resize(image, list(size), interpolation=mode, antialias=antialias)
-
-
-def _uint8_resize(
-    image: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool
-) -> torch.Tensor:
-    """torch's native uint8 antialiased kernel on one image or a batch of them."""
-    batch = image if image.ndim == 4 else image.unsqueeze(0)
-    if image.ndim == 3 and batch.is_contiguous(memory_format=torch.channels_last):
-        # decode_jpeg's HWC memory: restrided so interpolate keeps it and skips a repack, as
-        # torchvision v2 does (pytorch/pytorch#68430)
-        batch = image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
-    resized = torch.nn.functional.interpolate(
-        batch, size=size, mode=mode, align_corners=False, antialias=antialias
-    )
-    return resized if image.ndim == 4 else resized[0]
 
 
 def describe_error(error: BaseException) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from featx.data.resize import resize_to
+
 POLICIES = ("crop-flip",)
 SCALE = (0.25, 1.0)  # fraction of the image's area a view covers
 RATIO = (3 / 4, 4 / 3)  # its aspect ratio, drawn log-uniformly
@@ -82,8 +84,6 @@ def augmented_views(
     image: torch.Tensor, key: int, views: int, transform: dict[str, Any]
 ) -> list[torch.Tensor]:
     """Views 1..``views`` of a full-size uint8 ``[3, H, W]`` image, each ``[3, crop, crop]``."""
-    from featx.data.decode import resize_to
-
     crop = transform["crop"]
     height, width = image.shape[-2:]
     made = []
