@@ -108,10 +108,20 @@ def train_head(
     metrics = result.metrics
     say(metrics_table(metrics), quiet)
     say(
-        f"wrote {result.output}, {result.metrics_file}, {result.picture}: trained on "
-        f"{metrics['train_size']} rows, validated on {metrics['val_size']}, "
+        f"wrote {result.output}, {result.metrics_file}, {result.picture}: "
+        f"{_trained_on(metrics)}, "
         f"{metrics['epochs_run']} epochs ({metrics['stopped']})",
         quiet,
+    )
+
+
+def _trained_on(metrics: dict[str, object]) -> str:
+    views = metrics.get("trained_on_views", 1)
+    if views == 1:
+        return f"trained on {metrics['train_size']} rows, validated on {metrics['val_size']}"
+    return (
+        f"trained on {metrics['train_size']} images × {views} views, validated on "
+        f"{metrics['val_size']} images' clean views only"
     )
 
 
