@@ -15,9 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featx.config import HeadConfig
+from featx.config import HeadConfig, ProbeConfig, parse_bytes
+from featx.heads._probe_folds import stratified_folds
 from featx.heads.model import load_head
-from featx.heads.rows import SCALE_FLOOR, stratified_split
+from featx.heads.probe import probe
+from featx.heads.rows import SCALE_FLOOR, FeatureRows, stratified_split
 from featx.heads.train import head_split, train_head
 from featx.heads.views import ImageViews, image_of, rows_of
 from featx.store.reader import FeatureFile
@@ -174,3 +176,69 @@ def test_train_head_cli_says_what_it_trained_on(augmented, tmp_path, cli):
     result = cli("train-head", augmented, "--layer", "flatten", "-o", tmp_path / "a.head")
     assert result.exit_code == 0, result.stderr
     assert "× 3 views" in result.stderr and "clean views only" in result.stderr
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+ONE_C = ProbeConfig(folds=3, c_grid=(0.1,), layers=("layer3",), protocol=("linear",))
+
+
+@pytest.mark.parametrize("budget", ["512MB", "40KB"])  # held in memory; streamed from the file
+def test_probe_folds_keep_every_view_of_an_image_on_one_side(augmented, budget):
+    from featx.heads._probe_folds import LayerRows
+
+    clean, views, y = _all(augmented, "layer3")
+    with FeatureFile(augmented) as f:
+        keep = np.arange(0, len(f), 2)  # as --max-rows keeps some: sorted image rows
+        source = LayerRows(f, "layer3", keep, f.labels, parse_bytes(budget))
+        assert source.in_memory == (budget == "512MB")
+        for test in stratified_folds(y[keep], 3, seed=0):
+            train = np.setdiff1d(np.arange(len(keep)), test)
+            trained, scored = source.split_rows(train, test, views=True)
+            assert not set(source.images_of(trained)) & set(source.images_of(scored))
+            assert np.array_equal(source.images_of(scored), keep[test])
+            assert np.array_equal(np.unique(source.images_of(trained)), keep[train])
+            # the rows read are each training image's clean row and all its views
+            read = FeatureRows(source.base, trained, 1 << 30).load()
+            expected = np.concatenate([clean[keep[train]], views[keep[train]].reshape(-1, 256)])
+            assert np.array_equal(np.sort(read, axis=0), np.sort(expected, axis=0))
+            scored_rows = FeatureRows(source.base, scored, 1 << 30).load()
+            assert np.array_equal(scored_rows, clean[keep[test]])
+
+
+def test_probe_reports_accuracy_with_and_without_views_as_sklearn_on_the_same_folds(
+    augmented, plain
+):
+    (result,) = probe([augmented], ONE_C).probes
+    (before,) = probe([plain], ONE_C).probes
+    # trained on clean rows: exactly what a file without views gives
+    assert result.fold_accuracy == before.fold_accuracy and result.accuracy == before.accuracy
+    assert before.accuracy_with_views is None and before.views_per_image == 1
+    assert result.views_per_image == 1 + K and result.fold_c_with_views == [0.1] * 3
+    clean, views, y = _all(augmented, "layer3")
+    folds = stratified_folds(y, 3, seed=0)
+    for test, accuracy in zip(folds, result.fold_accuracy_with_views, strict=True):
+        train = np.setdiff1d(np.arange(len(y)), test)
+        x_train = np.concatenate([clean[train], views[train].reshape(-1, clean.shape[1])])
+        y_train = np.concatenate([y[train], np.repeat(y[train], K)])
+        reference = _reference_probabilities(x_train, y_train, clean[test], 0.1)
+        expected = float((reference.argmax(axis=1) == y[test]).mean())
+        assert abs(accuracy - expected) <= 1 / len(test) + 1e-9, (accuracy, expected)
+    assert result.accuracy_with_views == pytest.approx(np.mean(result.fold_accuracy_with_views))
+
+
+def test_probe_cli_shows_both_accuracies_only_for_a_file_with_views(augmented, plain, cli):
+    quick = ["--folds", "3", "--c-grid", "0.1", "--layer", "layer3", "--protocol", "linear"]
+    result = cli("probe", augmented, *quick, "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["probes"]
+    assert {"accuracy", "accuracy_with_views", "c_with_views", "views_per_image"} <= set(row)
+    assert row["views_per_image"] == 3 and row["c_with_views"] == 0.1
+    assert "with views" in result.stderr.splitlines()[0]
+    # train-head trains on every view of this file: its weight decay is for all those rows
+    with FeatureFile(augmented) as f:
+        train, _ = stratified_split(f.labels, 0.2, seed=0)
+    assert f"--weight-decay {1 / (0.1 * len(train) * 3):.6g}" in result.stderr
+    plain_run = cli("probe", plain, *quick, "--json")
+    (row,) = json.loads(plain_run.stdout)["probes"]
+    assert row["accuracy_with_views"] is None and "with views" not in plain_run.stderr
