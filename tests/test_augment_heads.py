@@ -5,6 +5,7 @@ over the views with --tta; plain files behave exactly as before."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featx.config import HeadConfig, ProbeConfig, parse_bytes
+from featx.config import HeadConfig, PredictConfig, ProbeConfig, parse_bytes
+from featx.errors import EXIT_USAGE
 from featx.heads._probe_folds import stratified_folds
+from featx.heads.apply import evaluate, predict
 from featx.heads.model import load_head
 from featx.heads.probe import probe
 from featx.heads.rows import SCALE_FLOOR, FeatureRows, stratified_split
@@ -242,3 +245,71 @@ def test_probe_cli_shows_both_accuracies_only_for_a_file_with_views(augmented, p
     plain_run = cli("probe", plain, *quick, "--json")
     (row,) = json.loads(plain_run.stdout)["probes"]
     assert row["accuracy_with_views"] is None and "with views" not in plain_run.stderr
+
+
+# --- predict and evaluate: --tta --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head(augmented, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("head") / "digits.head"
+    train_head(augmented, out, HeadConfig(layer="layer3"))
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("budget", ["512MB", "20KB"])  # one block; many blocks
+def test_tta_is_the_mean_of_the_heads_probabilities_over_each_images_views(
+    augmented, head, tmp_path, budget
+):
+    config = PredictConfig(tta=True, top_k=0, memory_budget=budget)
+    result = predict(augmented, head, tmp_path / "p.csv", config)
+    clean, views, y = _all(augmented, "layer3")
+    model = load_head(head)
+    per_view = [model.probabilities(clean)] + [model.probabilities(views[:, k]) for k in range(K)]
+    mean = np.mean(per_view, axis=0)
+    rows = _csv(tmp_path / "p.csv")
+    assert [row["predicted_class"] for row in rows] == [
+        model.class_names[i] for i in mean.argmax(1)
+    ]
+    got = np.array([float(row["probability"]) for row in rows])
+    assert np.allclose(got, mean.max(axis=1), rtol=1e-5, atol=1e-7)
+    assert result.views_averaged == 1 + K
+    assert result.accuracy == pytest.approx(float((mean.argmax(1) == y).mean()), abs=1e-6)
+    metrics = evaluate(augmented, head, tmp_path / "e.json", config).metrics
+    assert metrics["views_averaged"] == 1 + K
+    assert metrics["accuracy"] == pytest.approx(float((mean.argmax(1) == y).mean()), abs=1e-6)
+
+
+def test_without_tta_predict_and_evaluate_use_the_clean_view_alone(
+    augmented, plain, head, tmp_path
+):
+    predict(augmented, head, tmp_path / "aug.csv", PredictConfig())
+    predict(plain, head, tmp_path / "plain.csv", PredictConfig())
+    assert (tmp_path / "aug.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    clean, _, y = _all(augmented, "layer3")
+    expected = float((load_head(head).probabilities(clean).argmax(1) == y).mean())
+    metrics = evaluate(augmented, head, tmp_path / "e.json").metrics
+    assert metrics["views_averaged"] == 1
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_tta_without_views_is_a_one_line_usage_error(plain, digits, head, tmp_path, cli, command):
+    for source, says in [(plain, "has none"), (digits, "extract it with --augment K")]:
+        result = cli(command, source, "--head", head, "-o", tmp_path / "out", "--tta")
+        assert result.exit_code == EXIT_USAGE, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_tta_cli_says_how_many_views_each_prediction_averages(augmented, head, tmp_path, cli):
+    result = cli("predict", augmented, "--head", head, "-o", tmp_path / "p.csv", "--tta", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["views_averaged"] == 1 + K
+    assert "each the mean of 3 views" in result.stderr
+
