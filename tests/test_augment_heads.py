@@ -313,3 +313,42 @@ def test_tta_cli_says_how_many_views_each_prediction_averages(augmented, head, t
     assert json.loads(result.stdout)["views_averaged"] == 1 + K
     assert "each the mean of 3 views" in result.stderr
 
+
+# --- info and export --------------------------------------------------------------------------
+
+
+def test_info_says_images_times_views_for_an_augmented_file(augmented, plain, cli):
+    result = cli("info", augmented)
+    assert result.exit_code == 0, result.stderr
+    assert f"{DIGITS} images × (1 + {K}) views" in result.stdout
+    assert json.loads(cli("info", augmented, "--json").stdout)["views_per_image"] == 1 + K
+    assert "views" not in cli("info", plain).stdout.splitlines()[0]
+
+
+def test_export_npy_keeps_each_images_views_in_its_row(augmented, plain, tmp_path, cli):
+    result = cli("export", augmented, "-o", tmp_path / "aug", "--format", "npy")
+    assert result.exit_code == 0, result.stderr
+    clean, views, _ = _all(augmented, "layer3")
+    assert np.array_equal(np.load(tmp_path / "aug" / "layer3.npy"), clean)
+    assert np.array_equal(np.load(tmp_path / "aug" / "views" / "layer3.npy"), views)
+    assert cli("export", plain, "-o", tmp_path / "plain", "--format", "npy").exit_code == 0
+    assert not (tmp_path / "plain" / "views").exists()
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(
+        p.name for p in (tmp_path / "aug").iterdir() if p.name != "views"
+    )
+
+
+def test_export_parquet_carries_each_images_views_in_its_row(augmented, plain, tmp_path, cli):
+    import pyarrow.parquet as pq
+
+    assert (
+        cli("export", augmented, "-o", tmp_path / "a.parquet", "--format", "parquet").exit_code == 0
+    )
+    table = pq.read_table(tmp_path / "a.parquet")
+    clean, views, _ = _all(augmented, "layer3")
+    assert table.num_rows == DIGITS
+    assert np.array_equal(np.array(table["layer3"].to_pylist()), clean)
+    assert np.array_equal(np.array(table["views/layer3"].to_pylist()), views)
+    assert cli("export", plain, "-o", tmp_path / "p.parquet", "--format", "parquet").exit_code == 0
+    plain_columns = pq.read_table(tmp_path / "p.parquet").column_names
+    assert plain_columns == [c for c in table.column_names if not c.startswith("views/")]
