@@ -341,6 +341,11 @@ class PredictConfig:
     features_out: str | None = option(
         None, "predict on images: keep their features in this HDF5 file (evaluate reads it)"
     )
+    tta: bool = option(
+        False,
+        "Average the head's probabilities over each image's views (clean + --augment K); "
+        "a features file extracted with --augment only",
+    )
     errors: str | None = option(None, "evaluate: CSV of the misclassified rows")
     errors_png: str | None = option(
         None, "evaluate: contact sheet of the misclassified images (needs featx[plot])"

@@ -87,6 +87,7 @@ Seed = Annotated[int | None, _option(_H, "seed")]
 
 # --- predict, evaluate ------------------------------------------------------------------------
 TopK = Annotated[int | None, _option(_P, "top_k")]
+Tta = Annotated[bool | None, _option(_P, "tta")]
 HeadBatchSize = Annotated[int | None, _option(_P, "batch_size")]
 HeadWorkers = Annotated[int | None, _option(_P, "workers")]
 

@@ -83,10 +83,9 @@ def info(
     if as_json:
         emit({**summary, "failed_files": [{"path": p, "error": e} for p, e in failed]})
         return
-    show(
-        f"{path}: {summary['images']} images, {summary['failed']} failed, "
-        f"complete={summary.get('complete')}"
-    )
+    views = summary["views_per_image"]
+    images = f"{summary['images']} images" + (f" × (1 + {views - 1}) views" if views > 1 else "")
+    show(f"{path}: {images}, {summary['failed']} failed, complete={summary.get('complete')}")
     weights = summary.get("weights")
     if isinstance(weights, dict):
         weights = weights.get("file") or weights.get("weights")
@@ -96,6 +95,8 @@ def info(
             f"  features/{name}: {summary['images']} x {' x '.join(map(str, shape))} "
             f"{summary['dtype']}"
         )
+    if views > 1:
+        show(f"augmented views: {json.dumps(summary.get('augment'))} (views/<layer>)")
     if summary["class_counts"]:
         counts = ", ".join(f"{k} {v}" for k, v in summary["class_counts"].items())
         show(

@@ -35,6 +35,7 @@ from featx.cli._options import (
     Quiet,
     Seed,
     TopK,
+    Tta,
     Val,
     ValSplit,
     WeightDecay,
@@ -108,10 +109,20 @@ def train_head(
     metrics = result.metrics
     say(metrics_table(metrics), quiet)
     say(
-        f"wrote {result.output}, {result.metrics_file}, {result.picture}: trained on "
-        f"{metrics['train_size']} rows, validated on {metrics['val_size']}, "
+        f"wrote {result.output}, {result.metrics_file}, {result.picture}: "
+        f"{_trained_on(metrics)}, "
         f"{metrics['epochs_run']} epochs ({metrics['stopped']})",
         quiet,
+    )
+
+
+def _trained_on(metrics: dict[str, object]) -> str:
+    views = metrics.get("trained_on_views", 1)
+    if views == 1:
+        return f"trained on {metrics['train_size']} rows, validated on {metrics['val_size']}"
+    return (
+        f"trained on {metrics['train_size']} images × {views} views, validated on "
+        f"{metrics['val_size']} images' clean views only"
     )
 
 
@@ -172,6 +183,7 @@ def predict(
     head: HeadFile,
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write.")],
     top_k: TopK = None,
+    tta: Tta = None,
     features_out: FeaturesOut = None,
     device: HeadDevice = None,
     batch_size: HeadBatchSize = None,
@@ -189,7 +201,8 @@ def predict(
     Example: featx predict ./new_photos --head cats.head -o predictions.csv --top-k 5
     """
     flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
-    options = settings(PredictConfig, {**flags, "top_k": top_k, "features_out": features_out})
+    chosen = {"top_k": top_k, "tta": tta, "features_out": features_out}
+    options = settings(PredictConfig, {**flags, **chosen})
     _check_before_torch(Path(source), output, options.overwrite, head)
 
     from featx.heads.apply import predict as run_predict
@@ -201,6 +214,11 @@ def predict(
     _report_failures(result.failed, quiet)
     say(
         f"wrote {result.output}: {result.rows} rows"
+        + (
+            f" (each the mean of {result.views_averaged} views)"
+            if result.views_averaged > 1
+            else ""
+        )
         + (f", {len(result.failed)} images skipped" if result.failed else "")
         + (f"; features in {options.features_out}" if options.features_out else ""),
         quiet,
@@ -228,6 +246,7 @@ def evaluate(
     errors: ErrorsCsv = None,
     errors_png: ErrorsPng = None,
     top_k: TopK = None,
+    tta: Tta = None,
     device: HeadDevice = None,
     batch_size: HeadBatchSize = None,
     workers: HeadWorkers = None,
@@ -242,7 +261,7 @@ def evaluate(
     Example: featx evaluate test_feats.h5 --head cats.head --errors errors.csv
     """
     flags = _apply_flags(device, batch_size, workers, memory_budget, overwrite, quiet, progress)
-    mistakes = {"errors": errors, "errors_png": errors_png, "top_k": top_k}
+    mistakes = {"errors": errors, "errors_png": errors_png, "top_k": top_k, "tta": tta}
     options = settings(PredictConfig, {**flags, **mistakes})
 
     from featx.heads.apply import evaluate as run_evaluate

@@ -1,6 +1,10 @@
 """One layer of the probe, fold by fold: its rows within the budget, the nested choice of C (the
 grid widened by a decade while the best C sits strictly best at its edge), the linear head and
-the kNN vote, each scored on the same held-out rows."""
+the kNN vote, each scored on the same held-out rows.
+
+Folds are drawn over images. In a file with augmented views the linear head is also trained on
+every view of the training images (C chosen again, on inner folds of images); either way it is
+scored on the clean rows of the held-out images alone (:meth:`LayerRows.split_rows`)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from featx.heads.knn import knn_predict
 from featx.heads.reports import classification_metrics
 from featx.heads.rows import FeatureRows
 from featx.heads.train import fit_linear, predicted
+from featx.heads.views import image_of, layer_views, row_labels, rows_of
 from featx.store.reader import FeatureFile
 
 MAX_WIDENINGS = 3  # decades added beyond an edge of --c-grid, at most, per outer fold
@@ -50,22 +55,30 @@ class FoldScore:
     c: float | None = None
     c_at_grid_edge: bool = False
     knn_accuracy: float | None = None
+    accuracy_with_views: float | None = None  # the linear head trained on every view too
+    c_with_views: float | None = None
 
 
 class LayerRows:
-    """One layer's probed rows, addressed by position 0..len(keep)-1: held in memory after one
-    read when they fit half the budget, otherwise read from the file by each fit."""
+    """One layer's probed images, addressed by position 0..len(keep)-1, and their rows (clean,
+    and augmented views where the file has them, numbered as :mod:`featx.heads.views`): held in
+    memory after one read when they fit half the budget, otherwise read from the file by each
+    fit. ``keep`` is sorted."""
 
     def __init__(
         self, data: FeatureFile, layer: str, keep: np.ndarray, labels: np.ndarray, budget: int
     ) -> None:
-        dataset = data.features(layer)
-        whole = FeatureRows(dataset, keep, budget // 2)
+        dataset = layer_views(data, layer)
+        self.k = data.augmented_views
+        self.keep = keep
+        whole = FeatureRows(dataset, rows_of(keep, len(data), self.k), budget // 2)
         self.dim = whole.dim
         self.budget = budget
         self.read = [whole]  # what has read the file, for ``reads``
         self.in_memory = whole.in_memory
         if whole.in_memory:
+            # Loaded in row order: clean rows of ``keep``, then their views, so the array is
+            # numbered as a file of len(keep) images.
             self.base: Any = whole.load()  # FeatureRows reads it like a dataset
             if not np.isfinite(self.base).all():
                 raise UsageError(
@@ -74,9 +87,11 @@ class LayerRows:
                 )
             self.budget -= self.base.nbytes
             self.file_row = np.arange(len(keep))
-            self.labels = labels[keep]
+            self.images = len(keep)
+            self.labels = row_labels(labels[keep], self.k)
         else:
-            self.base, self.file_row, self.labels = dataset, keep, labels
+            self.base, self.file_row = dataset, keep
+            self.images, self.labels = len(data), row_labels(labels, self.k)
 
     def __len__(self) -> int:
         return len(self.file_row)
@@ -88,8 +103,25 @@ class LayerRows:
     def labels_at(self, positions: np.ndarray) -> np.ndarray:
         return self.labels[self.file_row[positions]]
 
+    def split_rows(
+        self, train: np.ndarray, test: np.ndarray, views: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows a fit on images ``train`` trains on (with ``views``: every view of them)
+        and the rows it is scored on (the clean rows of images ``test``)."""
+        images = self.file_row[train]
+        trained = rows_of(images, self.images, self.k) if views else images
+        return trained, self.file_row[test]
+
+    def images_of(self, rows: np.ndarray) -> np.ndarray:
+        """The file row of the image each of ``rows`` belongs to."""
+        images = image_of(rows, self.images, self.k)
+        return self.keep[images] if self.in_memory else images
+
     def rows(self, positions: np.ndarray, share: float) -> FeatureRows:
-        rows = FeatureRows(self.base, self.file_row[positions], max(1, int(self.budget * share)))
+        return self._rows(self.file_row[positions], share)
+
+    def _rows(self, index: np.ndarray, share: float) -> FeatureRows:
+        rows = FeatureRows(self.base, index, max(1, int(self.budget * share)))
         if not self.in_memory:
             self.read.append(rows)  # streamed: every fit reads the file again
         return rows
@@ -102,14 +134,17 @@ class LayerRows:
         classes: int,
         config: ProbeConfig,
         device: torch.device,
+        views: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(true, predicted) labels of ``test`` by the head fitted on ``train`` with C ``c``."""
-        share = len(train) / (len(train) + len(test))
-        train_rows = self.rows(train, share)
-        head = HeadConfig(weight_decay=1.0 / (c * len(train)), epochs=config.epochs)
-        with _threads_for(len(train) * train_rows.dim, device):
+        """(true, predicted) labels of ``test``'s clean rows by the head fitted on ``train``'s
+        rows (every view of them with ``views``) with C ``c``."""
+        trained, scored = self.split_rows(train, test, views)
+        share = len(trained) / (len(trained) + len(scored))
+        train_rows = self._rows(trained, share)
+        head = HeadConfig(weight_decay=1.0 / (c * len(trained)), epochs=config.epochs)
+        with _threads_for(len(trained) * train_rows.dim, device):
             module = fit_linear(train_rows, self.labels, classes, head, device)
-            return predicted(module, self.rows(test, 1 - share), self.labels, device)
+            return predicted(module, self._rows(scored, 1 - share), self.labels, device)
 
     def knn(
         self,
@@ -160,6 +195,12 @@ def outer_fold(
         truth, guess = source.fit_and_predict(train, test, c, classes, config, device)
         metrics = classification_metrics(truth, guess, [str(i) for i in range(classes)])
         score = FoldScore(metrics["accuracy"], metrics["balanced_accuracy"], c, at_edge)
+    if "linear" in config.protocol and source.k:
+        c, _ = choose_c(source, train, classes, config, device, views=True)
+        truth, guess = source.fit_and_predict(train, test, c, classes, config, device, views=True)
+        score = dataclasses.replace(
+            score, accuracy_with_views=float((truth == guess).mean()), c_with_views=c
+        )
     if "knn" in config.protocol:
         truth, guess = source.knn(train, test, classes, config, device)
         score = dataclasses.replace(score, knn_accuracy=float((truth == guess).mean()))
@@ -167,14 +208,20 @@ def outer_fold(
 
 
 def choose_c(
-    source: LayerRows, train: np.ndarray, classes: int, config: ProbeConfig, device: torch.device
+    source: LayerRows,
+    train: np.ndarray,
+    classes: int,
+    config: ProbeConfig,
+    device: torch.device,
+    views: bool = False,
 ) -> tuple[float, bool]:
     """The C with the best mean accuracy over inner folds of ``train`` alone (as scikit-learn's
     ``GridSearchCV`` scores it; a tie goes to the smaller C), and whether it sits at or beyond an
     edge of ``config.c_grid``.
 
     While the best C is at an edge of the grid searched and strictly better than its neighbour,
-    the grid grows by one decade beyond that edge (``MAX_WIDENINGS`` times at most).
+    the grid grows by one decade beyond that edge (``MAX_WIDENINGS`` times at most). With
+    ``views`` every fit trains on every view of its images (inner folds are folds of images).
     """
     if len(set(config.c_grid)) == 1:
         return config.c_grid[0], False
@@ -184,7 +231,9 @@ def choose_c(
         scores = []
         for held in inner:
             fit = np.setdiff1d(train, train[held])
-            truth, guess = source.fit_and_predict(fit, train[held], c, classes, config, device)
+            truth, guess = source.fit_and_predict(
+                fit, train[held], c, classes, config, device, views
+            )
             scores.append(float((truth == guess).mean()))
         return float(np.mean(scores))
 

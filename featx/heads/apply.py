@@ -121,14 +121,51 @@ def scratch_features(out: Path) -> Path:
 def probabilities(
     head: Head, data: FeatureFile, config: PredictConfig
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(rows, probabilities)`` for every row of ``data``, in order, block by block."""
+    """``(rows, probabilities)`` for every row of ``data``, in order, block by block: of each
+    image's clean view, or with ``config.tta`` the mean over its views (clean + K augmented).
+    """
     layer = head.check(data)
+    views = data.views(layer) if config.tta else None
+    if config.tta and views is None:
+        raise UsageError(_NO_VIEWS.format(data.path))
+    per_image = 1 + (views.shape[1] if views is not None else 0)
     rows = FeatureRows(
-        data.features(layer), np.arange(len(data)), parse_bytes(config.memory_budget)
+        data.features(layer), np.arange(len(data)), parse_bytes(config.memory_budget) // per_image
     )
     device = str(_device(config.device))
     for positions, x in rows.blocks():
-        yield positions, head.probabilities(x, device)
+        probs = head.probabilities(x, device)
+        if views is not None:  # unshuffled blocks are contiguous runs of rows
+            block = views[int(positions[0]) : int(positions[-1]) + 1]
+            each = head.probabilities(block.reshape(len(x) * block.shape[1], -1), device)
+            probs = (probs + each.reshape(len(x), block.shape[1], -1).sum(axis=1)) / per_image
+        yield positions, probs
+
+
+_NO_VIEWS = (
+    "{}: --tta averages over augmented views and this file has none (extract with --augment K)"
+)
+
+
+def check_tta(source: str | os.PathLike[str], config: PredictConfig) -> int:
+    """Views each prediction averages over: 1, or with ``config.tta`` 1 + K of ``source``, a
+    features file extracted with ``--augment K`` (anything else is a UsageError, before work).
+
+    Example: ``check_tta("aug.h5", PredictConfig(tta=True))`` is 1 + K
+    """
+    if not config.tta:
+        return 1
+    from featx.data.archives import is_archive_source
+
+    if not Path(source).is_file() or is_archive_source(os.fspath(source)):
+        raise UsageError(
+            f"--tta averages over a features file's augmented views; {source} is images: "
+            "extract it with --augment K, then predict on that file"
+        )
+    with FeatureFile(source) as data:
+        if not data.augmented_views:
+            raise UsageError(_NO_VIEWS.format(data.path))
+        return 1 + data.augmented_views
 
 
 def _device(spec: str) -> Any:
@@ -163,6 +200,7 @@ class PredictResult:
     failed: list[dict[str, str]] = field(default_factory=list)  # images that could not be used
     labelled_rows: int = 0  # rows with a true class (the CSV's true_class column)
     accuracy: float | None = None  # of the predicted class on those rows
+    views_averaged: int = 1  # views per image the probabilities are the mean of (--tta)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,6 +258,7 @@ def predict(
 
     Example: ``predict("new_photos/", "cats.head", "predictions.csv")``
     """
+    views = check_tta(source, config)
     head = head if isinstance(head, Head) else load_head(head)
     out = Path(out)
     names = head.class_names
@@ -238,7 +277,7 @@ def predict(
                 writer.writerows(table.of(positions, probs))
             rows, labelled = len(data), int((data.labels >= 0).sum())
     counts = {n: int(c) for n, c in zip(names, table.counts, strict=True)}
-    return PredictResult(str(out), rows, counts, failed, labelled, table.accuracy())
+    return PredictResult(str(out), rows, counts, failed, labelled, table.accuracy(), views)
 
 
 # --- evaluate -------------------------------------------------------------------------------
@@ -273,6 +312,7 @@ def evaluate(
 
     Example: ``evaluate("test_feats.h5", "cats.head").metrics["accuracy"]``
     """
+    views = check_tta(source, config)
     head = head if isinstance(head, Head) else load_head(head)
     metrics_path = Path(out) if out else evaluation_path(source, head.path or "head")
     for path in (metrics_path, config.errors, config.errors_png):
@@ -302,6 +342,7 @@ def evaluate(
         "source": public_url(str(source)),
         "layer": head.layer,
         "failed": failed,
+        "views_averaged": views,
         **classification_metrics(truth, predicted, head.class_names),
     }
     title = f"{Path(str(head.path)).name} on {public_url(str(source))}"

@@ -6,7 +6,10 @@ that chooses scikit-learn's C from a small grid (widened at an edge: ``_probe_fo
 refitted on the whole training fold with that C is scored on the held-out fold. The head is
 train-head's linear head (standardised by the training rows' statistics only, L-BFGS on
 ``LogisticRegression``'s objective), so a probe's accuracy is what ``featx train-head`` would
-reach. The kNN protocol (``knn.py``) is scored on the same folds, and every row is compared with
+reach. Folds are drawn over images: in a file extracted with ``--augment K`` the linear probe runs
+twice, trained on the clean rows (``accuracy``) and on every view of the training images
+(``accuracy_with_views``, its C chosen again), both scored on the clean rows of the held-out
+images. The kNN protocol (``knn.py``) is scored on the same folds, and every row is compared with
 the best on those folds (``tied_with_best``). Files must hold the same images.
 
 A layer whose rows fit half the memory budget is read once and every fit of the nested
@@ -36,7 +39,7 @@ import torch
 
 from featx.config import HeadConfig, ProbeConfig, parse_bytes
 from featx.errors import FeatxError, UsageError
-from featx.heads._probe_folds import LayerRows, outer_fold, stratified_folds
+from featx.heads._probe_folds import FoldScore, LayerRows, outer_fold, stratified_folds
 from featx.heads.learning_curve import DRAWS, CurvePoint, check_per_class, learning_curve
 from featx.heads.model import require_labels
 from featx.heads.rows import stratified_split
@@ -72,12 +75,18 @@ class LayerProbe:
     # within one standard error of the paired fold differences to the best row (``tied``)
     tied_with_best: bool = False
     learning_curve: list[CurvePoint] = field(default_factory=list)
+    # the linear probe trained on every view (clean + K) of the training images, scored on the
+    # same clean rows (None in a file without augmented views)
+    views_per_image: int = 1
+    accuracy_with_views: float | None = None
+    accuracy_with_views_std: float | None = None
+    fold_accuracy_with_views: list[float] = field(default_factory=list)
+    fold_c_with_views: list[float] = field(default_factory=list)
 
     @property
     def c(self) -> float | None:
         """The C chosen most often over the folds (the smaller one on a tie)."""
-        counts = Counter(self.fold_c)
-        return min(counts, key=lambda c: (-counts[c], c)) if counts else None
+        return _most_chosen(self.fold_c)
 
     @property
     def score(self) -> float:
@@ -117,7 +126,10 @@ class ProbeResult:
                 "per_class_draws": DRAWS,
                 "ties": "within one standard error of the paired fold differences to the best",
             },
-            "probes": [asdict(p) | {"c": p.c} for p in self.probes],
+            "probes": [
+                asdict(p) | {"c": p.c, "c_with_views": _most_chosen(p.fold_c_with_views)}
+                for p in self.probes
+            ],
             "best": {"file": self.best.file, "layer": self.best.layer, "c": self.best.c},
             "train_head_command": self.train_head_command,
         }
@@ -187,15 +199,18 @@ def train_head_command(best: LayerProbe) -> str:
     """The ``featx train-head`` command for ``best``'s layer at its C, on all rows of its file.
 
     train-head's weight decay is on the mean loss, so C becomes ``1 / (C * training rows)`` for
-    the rows its default split trains on.
+    the rows its default split trains on. train-head trains on every view of a file that has
+    them, so there the C chosen with the views is used, over all their rows.
     """
     if best.c is None:
         raise ValueError("train_head_command: the linear probe did not run (--protocol knn)")
+    c = _most_chosen(best.fold_c_with_views) or best.c
     with FeatureFile(best.file) as data:
         train, _ = stratified_split(data.labels, HeadConfig.val_split, HeadConfig.seed)
+    rows = len(train) * best.views_per_image
     head = Path(best.file).with_suffix("").name + "." + best.layer.replace("/", "_") + ".head"
     words = ["featx", "train-head", best.file, "--layer", best.layer, "-o", head]
-    words += ["--weight-decay", f"{1.0 / (best.c * len(train)):.6g}"]
+    words += ["--weight-decay", f"{1.0 / (c * rows):.6g}"]
     return shlex.join(words)
 
 
@@ -244,6 +259,7 @@ def _probe_file(
             knn_accuracy=_mean_of(knn) if knn else None,
             knn_accuracy_std=_std_of(knn) if knn else None,
             fold_knn_accuracy=knn,
+            **_with_views(scores, 1 + data.augmented_views),
         )
         curve = learning_curve(source, classes, row.c, config, device)
         seconds = round(time.perf_counter() - started, 3)
@@ -274,6 +290,24 @@ def _kept_rows(data: FeatureFile, labels: np.ndarray, config: ProbeConfig) -> np
         )
     check_per_class(config.per_class, smallest, str(data.path))
     return keep
+
+
+def _most_chosen(chosen: Sequence[float]) -> float | None:
+    """The C chosen most often over the folds (the smaller one on a tie)."""
+    counts = Counter(chosen)
+    return min(counts, key=lambda c: (-counts[c], c)) if counts else None
+
+
+def _with_views(scores: Sequence[FoldScore], views_per_image: int) -> dict[str, Any]:
+    """``LayerProbe``'s fields of the linear probe trained on every view."""
+    accuracy = [s.accuracy_with_views for s in scores if s.accuracy_with_views is not None]
+    return {
+        "views_per_image": views_per_image,
+        "accuracy_with_views": _mean_of(accuracy) if accuracy else None,
+        "accuracy_with_views_std": _std_of(accuracy) if accuracy else None,
+        "fold_accuracy_with_views": accuracy,
+        "fold_c_with_views": [s.c_with_views for s in scores if s.c_with_views is not None],
+    }
 
 
 def _mean_of(values: Sequence[float]) -> float:

@@ -17,18 +17,29 @@ def probe_table(result: ProbeResult) -> str:
     names = [f"{Path(p.file).name} ({p.model}, {p.weights})" for p in result.probes]
     width = max(len("file (model, weights)"), *(len(n) for n in names))
     layer_width = max(len("layer"), *(len(p.layer) for p in result.probes))
+    views = any(p.accuracy_with_views is not None for p in result.probes)
     lines = [
         f"{'file (model, weights)':<{width}}  {'layer':<{layer_width}}     dim  "
-        "accuracy (mean ± std)  balanced acc        C  knn (mean ± std)  vs best  fit s"
+        "accuracy (mean ± std)  "
+        + ("with views (mean ± std)  " if views else "")
+        + "balanced acc        C  knn (mean ± std)  vs best  fit s"
     ]
     for index, (name, p) in enumerate(zip(names, result.probes, strict=True)):
+        with_views = _spread(p.accuracy_with_views, p.accuracy_with_views_std)
         lines.append(
             f"{name:<{width}}  {p.layer:<{layer_width}}  {p.dim:6d}  "
-            f"{_spread(p.accuracy, p.accuracy_std):>15}        {_cell(p.balanced_accuracy):>12}  "
+            f"{_spread(p.accuracy, p.accuracy_std):>15}        "
+            + (f"{with_views:>15}          " if views else "")
+            + f"{_cell(p.balanced_accuracy):>12}  "
             f"{_c_cell(p):>7}  {_spread(p.knn_accuracy, p.knn_accuracy_std):>16}  "
             f"{_versus(index, p):>7}  {p.fit_seconds:5.1f}"
         )
     lines.append(_footer(result))
+    if views:
+        lines.append(
+            "with views: the linear probe trained on every view (clean + augmented) of the "
+            "training images, its C chosen again; both scored on held-out images' clean views"
+        )
     return "\n".join(lines)
 
 

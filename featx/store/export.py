@@ -7,6 +7,11 @@ arrays: ``np.load`` needs no pickle) and ``labels.npy`` (int64, -1 unlabelled).
 ``parquet``: one table with ``path``, ``label``, ``class_name`` and one column per layer (a
 fixed-size list of the row's flattened features); the file's attributes ride along as the
 schema's ``featx`` metadata (JSON). Parquet needs pyarrow: ``pip install 'featx[parquet]'``.
+
+A file extracted with ``--augment K`` keeps its grouping: rows stay images, and each image's K
+augmented views ride along in its row, as ``views/<layer>.npy`` ``[n, K, ...]`` (row i's views
+of ``paths.npy``'s row i) or a Parquet column ``views/<layer>`` (a fixed-size list of K views,
+each a fixed-size list of its flattened features). A file without views exports as before.
 """
 
 from __future__ import annotations
@@ -97,22 +102,30 @@ def _write_npy(data: FeatureFile, layers: list[str], folder: Path, overwrite: bo
                 np.save(handle, array, allow_pickle=False)
         written.append(str(path))
     for layer in layers:
-        source = data.features(layer)
-        path = folder / f"{layer.replace(os.sep, '_')}.npy"
-        with atomic_output(path, overwrite) as temporary:
-            if len(source) == 0:
-                with open(temporary, "wb") as handle:
-                    np.save(handle, np.zeros(source.shape, source.dtype), allow_pickle=False)
-            else:
-                target = np.lib.format.open_memmap(
-                    temporary, mode="w+", dtype=source.dtype, shape=source.shape
-                )
-                for rows in _blocks(len(source)):
-                    target[rows] = source[rows]
-                target.flush()
-                del target
-        written.append(str(path))
+        name = f"{layer.replace(os.sep, '_')}.npy"
+        written.append(_write_array(data.features(layer), folder / name, overwrite))
+        views = data.views(layer)
+        if views is not None:
+            (folder / "views").mkdir(exist_ok=True)
+            written.append(_write_array(views, folder / "views" / name, overwrite))
     return written
+
+
+def _write_array(source: Any, path: Path, overwrite: bool) -> str:
+    """One dataset as one ``.npy`` file, copied in blocks of rows."""
+    with atomic_output(path, overwrite) as temporary:
+        if len(source) == 0:
+            with open(temporary, "wb") as handle:
+                np.save(handle, np.zeros(source.shape, source.dtype), allow_pickle=False)
+        else:
+            target = np.lib.format.open_memmap(
+                temporary, mode="w+", dtype=source.dtype, shape=source.shape
+            )
+            for rows in _blocks(len(source)):
+                target[rows] = source[rows]
+            target.flush()
+            del target
+    return str(path)
 
 
 def _write_parquet(data: FeatureFile, layers: list[str], path: Path) -> None:
@@ -128,9 +141,14 @@ def _write_parquet(data: FeatureFile, layers: list[str], path: Path) -> None:
         pa.field("label", pa.int64()),
         pa.field("class_name", pa.string()),
     ]
+    views = data.augmented_views
+    view_sets = {name: v for name in layers if (v := data.views(name)) is not None}
     for layer in layers:
         kind = pa.from_numpy_dtype(data.features(layer).dtype)
         fields.append(pa.field(layer, pa.list_(kind, widths[layer])))
+    for layer in view_sets:
+        kind = pa.from_numpy_dtype(data.features(layer).dtype)
+        fields.append(pa.field(f"views/{layer}", pa.list_(pa.list_(kind, widths[layer]), views)))
     metadata = {"featx": json.dumps({**data.attrs, "layers": layers}, default=str)}
     schema = pa.schema(fields, metadata=metadata)
     labels = data.labels
@@ -147,6 +165,10 @@ def _write_parquet(data: FeatureFile, layers: list[str], path: Path) -> None:
                 columns.append(
                     pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), widths[layer])
                 )
+            for layer, dataset in view_sets.items():
+                values = dataset[rows].reshape(len(block_labels) * views, -1)
+                each = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), widths[layer])
+                columns.append(pa.FixedSizeListArray.from_arrays(each, views))
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
         if len(data) == 0:
             writer.write_table(schema.empty_table())
