@@ -182,3 +182,35 @@ def test_augment_takes_0_to_64_views():
         ExtractConfig(augment=65)
     with pytest.raises(UsageError, match="augment"):
         ExtractConfig(augment=-1)
+
+
+def test_probe_on_real_views_learns_from_every_view_of_the_drawn_images_only(
+    augmented, monkeypatch
+):
+    """`featx probe --per-class N` on an --augment file: a `linear+views` learning curve whose
+    fits train on every view of the drawn images and score the other images' clean views."""
+    from featx.config import ProbeConfig
+    from featx.heads import _probe_folds
+    from featx.heads.probe import probe
+
+    splits = []
+    split_rows = _probe_folds.LayerRows.split_rows
+
+    def recorded(self, train, test, views):
+        trained, scored = split_rows(self, train, test, views)
+        splits.append((views, set(self.images_of(trained)), set(self.images_of(scored))))
+        return trained, scored
+
+    monkeypatch.setattr(_probe_folds.LayerRows, "split_rows", recorded)
+    config = ProbeConfig(
+        folds=2, inner_folds=2, c_grid=(1.0,), per_class=(4,), protocol=("linear",)
+    )
+    (layer,) = probe([augmented], config).probes
+    protocols = [point.protocol for point in layer.learning_curve]
+    assert protocols == ["linear", "linear+views"]
+    assert layer.accuracy_with_views is not None
+    assert any(views for views, _, _ in splits)
+    for _, trained, scored in splits:  # no image on both sides, whatever the fit
+        assert trained and scored and not trained & scored
+    curve_fits = [(t, s) for views, t, s in splits if views and len(t) == 8]  # 4 per class
+    assert len(curve_fits) == 5  # one per seeded draw

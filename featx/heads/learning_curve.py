@@ -20,6 +20,7 @@ from featx.errors import UsageError
 from featx.heads._probe_folds import LayerRows
 
 DRAWS = 5  # draws per N: their spread is the curve's error bar
+VIEWS_PROTOCOL = "linear+views"  # with --augment: the linear head trained on every view
 
 
 @dataclass(frozen=True)
@@ -59,22 +60,50 @@ def learning_curve(
     c: float | None,
     config: ProbeConfig,
     device: torch.device,
+    c_views: float | None = None,
 ) -> list[CurvePoint]:
-    """Every (protocol, N) of ``config``: ``DRAWS`` seeded draws of N rows per class each."""
+    """Every (protocol, N) of ``config``: ``DRAWS`` seeded draws of N images per class each;
+    on a file with augmented views also :data:`VIEWS_PROTOCOL` (the linear head trained on
+    every view of the drawn images with C ``c_views``), scored on the same clean rows."""
     labels = source.labels_at(np.arange(len(source)))
+    protocols = list(config.protocol)
+    if source.k and c_views is not None and "linear" in protocols:
+        protocols.append(VIEWS_PROTOCOL)
     points = []
     for n in config.per_class:
-        scores: dict[str, list[float]] = {protocol: [] for protocol in config.protocol}
+        scores: dict[str, list[float]] = {protocol: [] for protocol in protocols}
         for draw in range(DRAWS):
             train, rest = per_class_draw(labels, n, config.seed + draw)
-            for protocol in config.protocol:
-                if protocol == "linear" and c is not None:
-                    truth, guess = source.fit_and_predict(train, rest, c, classes, config, device)
-                else:
-                    truth, guess = source.knn(train, rest, classes, config, device)
-                scores[protocol].append(float((truth == guess).mean()))
+            for protocol in protocols:
+                fit_c = c_views if protocol == VIEWS_PROTOCOL else c
+                scores[protocol].append(
+                    _draw_accuracy(source, protocol, fit_c, train, rest, classes, config, device)
+                )
         points += [
             CurvePoint(protocol, n, float(np.mean(s)), float(np.std(s)), s)
             for protocol, s in scores.items()
         ]
     return points
+
+
+def _draw_accuracy(
+    source: LayerRows,
+    protocol: str,
+    c: float | None,
+    train: np.ndarray,
+    rest: np.ndarray,
+    classes: int,
+    config: ProbeConfig,
+    device: torch.device,
+) -> float:
+    if protocol in ("linear", VIEWS_PROTOCOL) and c is not None:
+        views = protocol == VIEWS_PROTOCOL
+        truth, guess = source.fit_and_predict(train, rest, c, classes, config, device, views)
+    else:
+        truth, guess = source.knn(train, rest, classes, config, device)
+    return float((truth == guess).mean())
+
+
+def curve_protocols(points: list[CurvePoint]) -> list[str]:
+    """The protocols a learning curve holds, in the order it was made."""
+    return list(dict.fromkeys(point.protocol for point in points))

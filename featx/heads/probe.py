@@ -261,7 +261,8 @@ def _probe_file(
             fold_knn_accuracy=knn,
             **_with_views(scores, 1 + data.augmented_views),
         )
-        curve = learning_curve(source, classes, row.c, config, device)
+        c_views = _most_chosen(row.fold_c_with_views)
+        curve = learning_curve(source, classes, row.c, config, device, c_views)
         seconds = round(time.perf_counter() - started, 3)
         probes.append(
             dataclasses.replace(

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from featx.heads.learning_curve import VIEWS_PROTOCOL, curve_protocols
 from featx.heads.probe import LayerProbe, ProbeResult
 
 
@@ -100,7 +101,7 @@ def _learning_curve(axes: Any, result: ProbeResult) -> None:
     for p in result.probes:  # best first: the first row of each file is its best layer
         best.setdefault(p.file, p)
     for p in best.values():
-        for protocol in result.config.protocol:
+        for protocol in curve_protocols(p.learning_curve):
             points = [q for q in p.learning_curve if q.protocol == protocol]
             means = [q.accuracy for q in points]
             axes.errorbar(
@@ -109,7 +110,7 @@ def _learning_curve(axes: Any, result: ProbeResult) -> None:
                 yerr=error_bars(means, [q.accuracy_std for q in points]),
                 marker="o",
                 capsize=3,
-                linestyle="-" if protocol == "linear" else "--",
+                linestyle={"linear": "-", VIEWS_PROTOCOL: ":"}.get(protocol, "--"),
                 label=f"{Path(p.file).name} {p.layer} {protocol}",
             )
     axes.set_xscale("log")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from featx.heads.learning_curve import curve_protocols
 from featx.heads.probe import LayerProbe, ProbeResult
 
 
@@ -52,15 +53,17 @@ def curve_table(result: ProbeResult) -> str:
     names = [f"{Path(p.file).name} {p.layer}" for p in result.probes]
     width = max(len("file layer"), *(len(n) for n in names))
     header = "".join(f"  {f'{n} per class':>15}" for n in config.per_class)
-    lines = [f"{'file layer':<{width}}  protocol{header}"]
-    for name, p in zip(names, result.probes, strict=True):
-        for protocol in config.protocol:
+    protocols = [curve_protocols(p.learning_curve) for p in result.probes]
+    column = max(len("protocol"), *(len(name) for names in protocols for name in names))
+    lines = [f"{'file layer':<{width}}  {'protocol':<{column}}{header}"]
+    for name, p, held in zip(names, result.probes, protocols, strict=True):
+        for protocol in held:
             points = {q.per_class: q for q in p.learning_curve if q.protocol == protocol}
             cells = "".join(
                 f"  {_spread(points[n].accuracy, points[n].accuracy_std):>15}"
                 for n in config.per_class
             )
-            lines.append(f"{name:<{width}}  {protocol:<8}{cells}")
+            lines.append(f"{name:<{width}}  {protocol:<{column}}{cells}")
     lines.append(
         f"learning curve: {len(result.probes[0].learning_curve[0].draw_accuracy)} seeded, "
         "stratified draws of N rows per class at each N, each scored on every other row"
