@@ -214,3 +214,16 @@ def test_probe_on_real_views_learns_from_every_view_of_the_drawn_images_only(
         assert trained and scored and not trained & scored
     curve_fits = [(t, s) for views, t, s in splits if views and len(t) == 8]  # 4 per class
     assert len(curve_fits) == 5  # one per seeded draw
+
+
+def test_with_decode_gpu_the_views_are_made_by_the_cpu_workers_and_the_file_says_so():
+    from featx.models import load_backbone
+    from featx.plan import decode_policy
+
+    backbone = load_backbone("resnet18", "none", 64)
+    config = dataclasses.replace(AUGMENTED, decode="gpu", quiet=True)
+    policy = decode_policy(backbone, config, torch.device("cuda"))  # a device object, no GPU
+    assert policy.mode == "cpu" and policy.views == ViewPolicy(2, 7)
+    assert "nvJPEG" not in policy.describe()["jpeg"]
+    plain = decode_policy(backbone, dataclasses.replace(config, augment=0), torch.device("cuda"))
+    assert plain.mode == "gpu" and plain.views is None
