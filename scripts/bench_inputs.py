@@ -307,11 +307,12 @@ def decoder(policy: object) -> tuple[Decode, Callable[[str], bytes]]:
     """(archive item → checked read + decode, path → checked decode) under ``policy``."""
     from featx.data.decode import load_image
     from featx.data.loader import SampleDataset
+    from featx.data.work import WorkItem
 
     dataset = SampleDataset(policy)  # type: ignore[arg-type]
 
     def from_bytes(row: int, payload: Any) -> None:
-        _, image, error = dataset[(row, payload)]
+        _, image, error = dataset[WorkItem(row, payload)]
         if image is None or tuple(image.shape[1:]) != (224, 224):
             raise RuntimeError(f"row {row}: {error or 'wrong shape'}")
 

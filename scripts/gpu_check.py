@@ -927,7 +927,7 @@ def stage_kernels(args: argparse.Namespace) -> None:
     from featx.data.decode import DecodePolicy, resize_crop
     from featx.data.gpu_decode import DecodeStream, grouped_resize_crop, nvjpeg, on_device
     from featx.data.loader import SampleDataset, collate
-    from featx.data.work import FileRange
+    from featx.data.work import FileRange, WorkItem
     from featx.defaults import available_cores
     from featx.models import CutModel, load_backbone
     from featx.runtime import device as devices
@@ -941,7 +941,8 @@ def stage_kernels(args: argparse.Namespace) -> None:
     policy = DecodePolicy(backbone.transform, mode="gpu")
     paths = sorted(args.folder.glob("*.jpg"))[: feed.batch_size]
     dataset = SampleDataset(policy)
-    batch = collate([dataset[(row, FileRange(str(path)))] for row, path in enumerate(paths)])
+    items = [WorkItem(row, FileRange(str(path))) for row, path in enumerate(paths)]
+    batch = collate([dataset[item] for item in items])
     files = batch.encoded.files() if batch.encoded is not None else []
     size = len(paths)
 

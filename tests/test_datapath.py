@@ -22,7 +22,7 @@ from featx.data.batch_slots import SPARE_SLOTS
 from featx.data.loader import collate, decoded_batches, stack_channels_last
 from featx.data.tar_index import MAX_EXTENSION_BYTES, BrokenArchive, TarReader
 from featx.data.tar_samples import tar_samples
-from featx.data.work import FileRange, ShardPiece, WorkBatch
+from featx.data.work import FileRange, ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
 from featx.store.shards import ShardRows, ShardSink
 from featx.store.sink_process import SinkProcess
@@ -122,15 +122,13 @@ class _RowImages(torch.utils.data.Dataset):
     """Stands in for SampleDataset: row r's image is filled with r (mod 256)."""
 
     def __getitem__(self, item):
-        row, _ = item
+        row = item.row
         return row, torch.full((3, 4, 4), row % 256, dtype=torch.uint8), ""
 
 
 def _row_batches(count: int, size: int = 4) -> list[WorkBatch]:
-    return [
-        WorkBatch([(row, FileRange("-")) for row in range(b * size, (b + 1) * size)], ShardPiece(0))
-        for b in range(count)
-    ]
+    rows = [range(b * size, (b + 1) * size) for b in range(count)]
+    return [WorkBatch([WorkItem(r, FileRange("-")) for r in b], ShardPiece(0)) for b in rows]
 
 
 def _holds_its_rows(batch) -> bool:

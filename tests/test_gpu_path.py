@@ -137,11 +137,11 @@ RACE_SLEEP_CYCLES = 10**9  # torch.cuda._sleep: about half a second of one busy 
 def _worker_batches(folder, policy, count: int, size: int) -> list:
     """Batches of ``size`` JPEGs of ``folder`` encoded as featx's workers encode them."""
     from featx.data.loader import SampleDataset, collate
-    from featx.data.work import FileRange
+    from featx.data.work import FileRange, WorkItem
 
     dataset = SampleDataset(policy)
     paths = sorted(folder.rglob("*.jpg"))[: count * size]
-    items = [dataset[(row, FileRange(str(path)))] for row, path in enumerate(paths)]
+    items = [dataset[WorkItem(row, FileRange(str(path)))] for row, path in enumerate(paths)]
     batches = [collate(items[i : i + size]) for i in range(0, len(items), size)]
     assert all(b.encoded is not None and len(b.encoded.indices) == size for b in batches)
     return batches
