@@ -227,3 +227,19 @@ def test_with_decode_gpu_the_views_are_made_by_the_cpu_workers_and_the_file_says
     assert "nvJPEG" not in policy.describe()["jpeg"]
     plain = decode_policy(backbone, dataclasses.replace(config, augment=0), torch.device("cuda"))
     assert plain.mode == "gpu" and plain.views is None
+
+
+@pytest.mark.slow
+def test_with_pool_none_the_views_are_spatial_maps_that_average_to_the_pooled_views(
+    augmented, many_photos, tmp_path
+):
+    maps_out = tmp_path / "maps.h5"
+    extract(many_photos, maps_out, dataclasses.replace(AUGMENTED, pool="none", layers=("layer4",)))
+    with h5py.File(maps_out, "r") as maps, h5py.File(augmented, "r") as pooled:
+        spatial = maps["views/layer4"][()]
+        assert spatial.ndim == 5 and spatial.shape[:2] == (48, 2)  # [N, K, C, H, W]
+        assert spatial.shape[2:] == maps["features/layer4"].shape[1:]
+        # resnet18's own avgpool + flatten after layer4 is the default layer's view
+        np.testing.assert_allclose(
+            spatial.mean(axis=(3, 4)), pooled["views/flatten"][()], rtol=1e-4, atol=1e-5
+        )
