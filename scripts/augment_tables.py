@@ -24,14 +24,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist_subset import SOURCE, write_subset  # noqa: E402
+from fashion_mnist_subset import SOURCE, subset_work  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 
@@ -61,11 +60,7 @@ def main() -> None:
 
     started = time.perf_counter()
     report: dict[str, Any] = {"per_class": args.per_class, "image_size": args.image_size}
-    with tempfile.TemporaryDirectory() as temporary:
-        work = args.work or Path(temporary)
-        images = work / "fashion-mnist"
-        if not images.exists():
-            write_subset(images, args.per_class, 0, "train", args.source)
+    with subset_work(args.work, args.per_class, args.source) as (work, images):
         runs = []
         for k in views:
             out = work / f"lite0-augment-{k}.h5"

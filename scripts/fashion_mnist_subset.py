@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,18 @@ def write_subset(out: Path, per_class: int, seed: int, split: str, source: Path)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(folder / f"{split}-{i:05d}.png")
     return len(chosen)
+
+
+@contextmanager
+def subset_work(work: Path | None, per_class: int, source: Path) -> Iterator[tuple[Path, Path]]:
+    """(work folder, class folders of the seeded training subset): ``work`` kept and its subset
+    reused when given, else a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = work or Path(temporary)
+        images = folder / "fashion-mnist"
+        if not images.exists():
+            write_subset(images, per_class, 0, "train", source)
+        yield folder, images
 
 
 def main() -> None:

@@ -25,14 +25,13 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist_subset import SOURCE, write_subset  # noqa: E402
+from fashion_mnist_subset import SOURCE, subset_work  # noqa: E402
 
 if TYPE_CHECKING:
     from featx.heads.probe import LayerProbe
@@ -66,11 +65,7 @@ def main() -> None:
     from featx.heads.probe_text import curve_table, probe_table
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as temporary:
-        work = args.work or Path(temporary)
-        images = work / "fashion-mnist"
-        if not images.exists():
-            write_subset(images, args.per_class, 0, "train", args.source)
+    with subset_work(args.work, args.per_class, args.source) as (work, images):
         files = []
         for model in args.models:
             for weights in WEIGHTS:
