@@ -328,6 +328,32 @@ def test_a_directory_named_like_an_image_is_refused(tmp_path):
     assert describe_error(caught.value) == "IsADirectoryError: a directory, not an image file"
 
 
+def test_a_file_is_read_in_one_read_call(tmp_path, photo, monkeypatch):
+    import io as io_module
+
+    from featx.data import reading
+
+    calls: list[int] = []
+
+    class Counting(io_module.FileIO):
+        def readinto(self, buffer):
+            calls.append(len(buffer))
+            return super().readinto(buffer)
+
+        def read(self, size=-1):
+            calls.append(size)
+            return super().read(size)
+
+    def counting_open(fd, mode="rb", buffering=-1, closefd=True):
+        return Counting(fd, mode.replace("b", ""), closefd=closefd)
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(photo).save(path, quality=90)
+    monkeypatch.setattr(reading, "open", counting_open, raising=False)
+    assert images.read_file(str(path)) == path.read_bytes()
+    assert calls == [path.stat().st_size]  # one call, asking for exactly the file
+
+
 def test_os_errors_are_recorded_without_the_absolute_path(tmp_path):
     with pytest.raises(OSError) as caught:
         images.read_file(str(tmp_path / "gone.jpg"))
