@@ -75,6 +75,33 @@ def test_a_local_tars_images_reach_the_workers_as_byte_ranges_of_the_file(tmp_pa
     assert [s.image for s in tar_samples(str(path), "none", 1 << 30)] == list(data.values())
 
 
+def test_a_files_format_folders_images_reach_the_workers_as_their_files_never_through_a_link(
+    tmp_path, photo_arrays
+):
+    from featx.data.folder_samples import folder_samples
+    from featx.data.reading import read_payload
+
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    data = {f"{i:09d}.jpg": jpeg(a[:64, :64]) for i, a in enumerate(photo_arrays.values())}
+    for name, raw in data.items():
+        (shard / name).write_bytes(raw)
+    samples = list(folder_samples(str(shard), "none", 1 << 30, ranges=True))
+    assert [s.name for s in samples] == list(data)
+    assert all(isinstance(s.image, FileRange) for s in samples)  # listed here, read there
+    assert [read_payload(s.image) for s in samples] == list(data.values())
+    # without ranges (a fetched copy, removed once read), the bytes themselves, read here
+    plain = folder_samples(str(shard), "none", 1 << 30)
+    assert [s.image for s in plain] == list(data.values())
+    # a file swapped for a link after the listing is not read through the link
+    first = samples[0].image
+    os.replace(shard / samples[1].name, tmp_path / "elsewhere.jpg")
+    os.unlink(shard / samples[0].name)
+    os.symlink(tmp_path / "elsewhere.jpg", shard / samples[0].name)
+    with pytest.raises(OSError):
+        read_payload(first)
+
+
 def test_a_sparse_member_is_never_expanded_and_a_huge_extension_header_never_read(tmp_path):
     """A GNU sparse member claiming ~1 GB stored as holes, and a pax header claiming more than
     the cap: the first is a failed sample (NotAFile), the second breaks the archive, and

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from featx.data.archives import FOLDER_KIND, Archive, ArchiveList, Sample
+from featx.data.archives import Archive, ArchiveList, Sample
 from featx.data.folder_samples import folder_samples
 from featx.data.parquet_samples import parquet_samples
 from featx.data.prefetch import Fetched, Prefetcher
@@ -26,9 +26,6 @@ from featx.data.views import ViewPolicy, view_key
 from featx.data.work import ShardPiece, WorkBatch, WorkItem
 from featx.errors import FeatxError
 from featx.safe_text import stored_name
-
-# An archive's kind → the reader of its samples (each yields the same ``Sample`` objects).
-READERS = {"parquet": parquet_samples, FOLDER_KIND: folder_samples}  # and tars: _samples
 
 
 def archive_batches(
@@ -81,14 +78,15 @@ def archive_batches(
 def _samples(
     archive: Archive, fetched: Fetched, label_from: str, max_bytes: int
 ) -> Iterator[Sample]:
-    """A tar is indexed here and its images read by the workers, from byte ranges of the file,
-    when the file outlives the read: a local archive. A fetched copy is removed as soon as it
-    is read (the next download needs its space), so its images are read here, as are parquet
-    cells and a shard folder's files."""
+    """A tar is indexed here and a shard folder listed, their images read by the workers (from
+    byte ranges of the tar, or whole files of the folder) when they outlive the read: local
+    ones. A fetched copy is removed as soon as it is read (the next download needs its space),
+    so its images are read here, as are parquet cells (a row group is read whole)."""
     path = str(fetched.path)
-    if archive.kind == "tar":
-        return tar_samples(path, label_from, max_bytes, ranges=not fetched.copy)
-    return READERS[archive.kind](path, label_from, max_bytes)
+    if archive.kind == "parquet":
+        return parquet_samples(path, label_from, max_bytes)
+    read = tar_samples if archive.kind == "tar" else folder_samples
+    return read(path, label_from, max_bytes, ranges=not fetched.copy)
 
 
 def _broken(shard: int, why: str) -> WorkBatch:

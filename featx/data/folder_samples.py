@@ -4,9 +4,10 @@
 its files, in name order.
 
 Only the folder's own files are read: it is opened without following a link, each file is
-opened relative to it without following one, and a link, subfolder or device is a member that
-is never read (named like an image, it is a failure with its reason). A file is read only up to
-the size it was listed with (which the grouping checks against ``--max-file-bytes`` first).
+opened relative to it (here) or by its path (a worker's byte range) without following one, and
+a link, subfolder or device is a member that is never read (named like an image, it is a
+failure with its reason). A file is read only up to the size it was listed with (which the
+grouping checks against ``--max-file-bytes`` first).
 """
 
 from __future__ import annotations
@@ -18,21 +19,27 @@ from collections.abc import Iterator
 
 from featx.data.archives import Sample
 from featx.data.tar_samples import BrokenArchive, Member, group_samples, sample_key
+from featx.data.work import FileRange
 
 
-def folder_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
-    """The samples of the shard folder at ``path``; BrokenArchive if it cannot be listed."""
+def folder_samples(
+    path: str, label_from: str, max_bytes: int, ranges: bool = False
+) -> Iterator[Sample]:
+    """The samples of the shard folder at ``path``; BrokenArchive if it cannot be listed. With
+    ``ranges`` an image is the :class:`FileRange` of its whole file (for a worker to read, as it
+    was listed: a file of another size by then fails), else its bytes."""
     try:
         folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as error:
         raise BrokenArchive(f"not a readable folder ({error.strerror})") from None
     try:
-        yield from group_samples(_members(folder), label_from, max_bytes)
+        members = _members(folder, path if ranges else None)
+        yield from group_samples(members, label_from, max_bytes)
     finally:
         os.close(folder)
 
 
-def _members(folder: int) -> Iterator[Member]:
+def _members(folder: int, ranges_of: str | None) -> Iterator[Member]:
     try:
         with os.scandir(folder) as entries:
             found = [(e.name, e.stat(follow_symlinks=False)) for e in entries]
@@ -41,7 +48,12 @@ def _members(folder: int) -> Iterator[Member]:
     # By key, then name: a key's files are next to each other whatever the other names are.
     for name, info in sorted(found, key=lambda item: (sample_key(item[0])[0], item[0])):
         kind = _kind(info.st_mode)
-        yield Member(name, info.st_size, kind, functools.partial(_read, folder, name, info))
+        where = (
+            FileRange(os.path.join(os.path.realpath(ranges_of), name), 0, info.st_size)
+            if ranges_of
+            else None
+        )
+        yield Member(name, info.st_size, kind, functools.partial(_read, folder, name, info), where)
 
 
 def _kind(mode: int) -> str:

@@ -34,7 +34,8 @@ def read_range(where: FileRange, max_bytes: int) -> bytes:
         raise ValueError(
             f"file of {where.length} bytes, over the --max-file-bytes limit of {max_bytes}"
         )
-    fd = os.open(where.path, os.O_RDONLY | os.O_NONBLOCK)
+    # A range's path is the real one the main process listed: a link put there since is refused.
+    fd = os.open(where.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError("the archive is no longer a regular file")

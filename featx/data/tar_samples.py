@@ -76,7 +76,8 @@ def tar_samples(
         if not stat.S_ISREG(info.st_mode):
             raise BrokenArchive("not a regular file (a FIFO, device or folder named like a tar)")
         reader = TarReader(fd, info.st_size)
-        yield from group_samples(_members(reader, path if ranges else None), label_from, max_bytes)
+        ranges_of = os.path.realpath(path) if ranges else None  # workers open it without links
+        yield from group_samples(_members(reader, ranges_of), label_from, max_bytes)
     finally:
         os.close(fd)
 
