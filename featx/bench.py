@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from featx.config import ExtractConfig, available_cores
+from featx.data.archives import is_archive_source
 from featx.data.batch import Batch
 from featx.data.gpu_decode import DecodeStream, on_device
 from featx.data.loader import SampleDataset, collate, decoded_batches, file_items
@@ -53,6 +54,12 @@ def bench(
     """
     if limit < 1:
         raise UsageError("--limit must be at least 1")
+    if is_archive_source(str(source)):
+        raise UsageError(
+            f"{source}: featx bench measures an image folder; archives (tars, parquet shards, "
+            "files-format folders) are measured by scripts/bench_inputs.py and "
+            "scripts/bench_datapath.py"
+        )
     images = scan_folder(source)
     if not len(images):
         raise UsageError(f"source {source}: no image files found")

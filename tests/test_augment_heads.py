@@ -304,10 +304,13 @@ def test_info_says_images_times_views_for_an_augmented_file(augmented, plain, cl
 def test_export_npy_keeps_each_images_views_in_its_row(augmented, plain, tmp_path, cli):
     result = cli("export", augmented, "-o", tmp_path / "aug", "--format", "npy")
     assert result.exit_code == 0, result.stderr
+    assert f"with {K} augmented views each" in result.stderr
     clean, views, _ = _all(augmented, "layer2")
     assert np.array_equal(np.load(tmp_path / "aug" / "layer2.npy"), clean)
     assert np.array_equal(np.load(tmp_path / "aug" / "views" / "layer2.npy"), views)
-    assert cli("export", plain, "-o", tmp_path / "plain", "--format", "npy").exit_code == 0
+    result = cli("export", plain, "-o", tmp_path / "plain", "--format", "npy", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["views_per_image"] == 1
+    assert "augmented" not in result.stderr
     assert not (tmp_path / "plain" / "views").exists()
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(
         p.name for p in (tmp_path / "aug").iterdir() if p.name != "views"

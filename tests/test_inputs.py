@@ -9,6 +9,7 @@ published whole or not at all. Features equal those of the same images as loose 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -504,6 +505,88 @@ def test_parquet_shards_without_pyarrow_are_refused_before_the_model_loads(
         tmp_path / "out" / "f.h5",
         "parquet shards need pyarrow: pip install 'featx[parquet]'",
     )
+
+
+def _parquet_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def test_a_remote_metadata_only_parquet_is_refused_from_its_footer_before_the_model_loads(
+    images, tmp_path, cli, no_model
+):
+    pa = pytest.importorskip("pyarrow")
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    metadata = _parquet_bytes(pa.table({"key": ["a"], "caption": ["c" * 100_000]}))
+    fs.pipe("/meta/00000.parquet", metadata)
+    fs.pipe("/meta/00001.parquet", metadata)
+    _refused_before_the_model(
+        cli,
+        "memory:///meta/{00000..00001}.parquet",
+        tmp_path / "out" / "f.h5",
+        "memory:///meta/00000.parquet: a parquet file without an image column (looked for "
+        "jpg, jpeg, png, webp, image): metadata, not image shards",
+    )
+
+
+def test_a_remote_footer_is_read_by_its_size_and_a_huge_claim_is_refused_unread(
+    images, monkeypatch
+):
+    pa = pytest.importorskip("pyarrow")
+    import fsspec
+
+    from featx.data import parquet_samples
+
+    fs = fsspec.filesystem("memory")
+    good = _parquet_bytes(pa.table({"key": ["a"], "jpg": pa.array([images[0]], pa.binary())}))
+    fs.pipe("/footer/good.parquet", good)
+    asked: list[tuple[int, int]] = []
+    read_range = parquet_samples._range
+    monkeypatch.setattr(
+        parquet_samples,
+        "_range",
+        lambda fs, path, start, end: asked.append((start, end)) or read_range(fs, path, start, end),
+    )
+    pq = parquet_samples.parquet_module()
+    assert parquet_samples._remote_column_names(pq, "memory:///footer/good.parquet") == [
+        "key",
+        "jpg",
+    ]
+    footer = int.from_bytes(good[-8:-4], "little")
+    size = len(good)
+    assert asked == [(size - 8, size), (size - 8 - footer, size - 8)]  # never the image bytes
+    # a footer claiming 1 GB is refused from the 8 bytes that claim it
+    fs.pipe(
+        "/footer/huge.parquet", b"PAR1" + b"\0" * 100 + (1 << 30).to_bytes(4, "little") + b"PAR1"
+    )
+    asked.clear()
+    with pytest.raises(UsageError, match="its footer claims 1073741824 bytes"):
+        parquet_samples._remote_column_names(pq, "memory:///footer/huge.parquet")
+    assert len(asked) == 1
+
+
+def test_over_http_without_range_requests_the_footer_is_left_to_the_fetch(images, tmp_path):
+    """Python's http.server ignores Range: the check gives up without reading the body, and the
+    shard is read (and checked) when it is fetched."""
+    pa = pytest.importorskip("pyarrow")
+
+    from featx.data import parquet_samples
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    keys = [f"{k:09d}" for k in range(3)]
+    table = pa.table({"key": keys, "jpg": pa.array(images[:3], pa.binary())})
+    (folder / "00000.parquet").write_bytes(_parquet_bytes(table))
+    with http_server(folder) as (url, requests):
+        pq = parquet_samples.parquet_module()
+        assert parquet_samples._remote_column_names(pq, f"{url}/00000.parquet") is None
+        extract(f"{url}/00000.parquet", tmp_path / "h.h5", CONFIG)
+    assert read(tmp_path / "h.h5")["paths"] == [f"00000.parquet/{k}" for k in keys]
 
 
 # --- remote: fsspec over HTTP and S3 on 127.0.0.1 ------------------------------------------------

@@ -223,6 +223,18 @@ def test_bench_reports_every_stage_and_a_bottleneck(thumbnails, cli, monkeypatch
 SLEEP_S = 0.3
 
 
+def test_bench_on_archives_says_what_measures_them_in_one_line(tmp_path, cli):
+    import tarfile
+
+    with tarfile.open(tmp_path / "00000.tar", "w"):
+        pass
+    for source in (tmp_path / "00000.tar", tmp_path):
+        result = cli("bench", source, "--model", "resnet18")
+        assert result.exit_code == 2
+        assert "featx bench measures an image folder" in result.stderr
+        assert "scripts/bench_inputs.py" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("slow_stage", [pytest.param("decode", marks=pytest.mark.slow), "model"])
 def test_bench_names_the_stage_made_slow_as_the_bottleneck(
     slow_stage, thumbnails, cli, monkeypatch

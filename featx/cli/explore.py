@@ -215,4 +215,9 @@ def export(
     result = run_export(path, output, fmt, layer, bool(overwrite))
     if as_json:
         emit(result.as_dict())
-    say(f"wrote {result.output}: {result.rows} rows of {', '.join(result.layers)} ({fmt})", quiet)
+    views = result.views_per_image - 1
+    each = f", with {views} augmented views each" if views else ""
+    say(
+        f"wrote {result.output}: {result.rows} rows of {', '.join(result.layers)}{each} ({fmt})",
+        quiet,
+    )

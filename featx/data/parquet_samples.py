@@ -12,12 +12,14 @@ import stat
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from featx.data import remote
 from featx.data.archives import ArchiveList, Sample
 from featx.data.filesystem import filesystem_of
 from featx.data.remote import local_path
 from featx.data.tar_samples import BrokenArchive, json_field
 from featx.errors import UsageError
 from featx.limits import MAX_CLASSES
+from featx.safe_text import public_url
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
 MAX_ROW_GROUP_BYTES = 1 << 30  # read at once: a row group's columns, and its images copied out
@@ -34,25 +36,95 @@ def parquet_module() -> Any:
 
 def check_parquet_shards(archives: ArchiveList) -> None:
     """Refuse, before any model loads, parquet shards that cannot give images: pyarrow
-    missing, or a local shard whose schema (its footer, read alone) has no image column
+    missing, or a shard whose schema (its footer, read alone) has no image column
     (img2dataset's ``files`` and ``webdataset`` formats write metadata-only parquet files).
-    A remote shard's schema is checked when it is fetched."""
+    Every local shard is checked; of remote ones the first only (a listing of a million shards
+    must not start a million requests), by two range requests; a server that answers none
+    (some plain HTTP servers) leaves that check to when the shard is fetched."""
     if archives.kind != "parquet":
         return
     pq = parquet_module()
+    remote_checked = False
     for archive in archives.archives:
         if filesystem_of(archive.url).remote:
-            continue
-        try:
-            with _opened(local_path(archive.url)) as handle:
-                names = pq.read_schema(handle).names
-        except Exception as error:
-            raise UsageError(f"{archive.url}: not a parquet file ({error})") from None
-        if not any(column in names for column in IMAGE_COLUMNS):
+            if remote_checked:
+                continue
+            remote_checked = True
+            names = _remote_column_names(pq, archive.url)
+        else:
+            names = _local_column_names(pq, archive.url)
+        if names is not None and not any(column in names for column in IMAGE_COLUMNS):
             raise UsageError(
-                f"{archive.url}: a parquet file without an image column (looked for "
-                f"{', '.join(IMAGE_COLUMNS)}): metadata, not image shards"
+                f"{public_url(archive.url)}: a parquet file without an image column (looked "
+                f"for {', '.join(IMAGE_COLUMNS)}): metadata, not image shards"
             )
+
+
+def _local_column_names(pq: Any, path: str) -> list[str]:
+    try:
+        with _opened(local_path(path)) as handle:
+            return list(pq.read_schema(handle).names)
+    except Exception as error:
+        raise UsageError(f"{path}: not a parquet file ({error})") from None
+
+
+MAX_FOOTER_BYTES = 64 << 20  # a remote shard's footer (schema and row-group index), read whole
+_TAIL = 8  # the footer's length (4 bytes, little-endian) and the magic "PAR1"
+
+
+def _remote_column_names(pq: Any, url: str) -> list[str] | None:
+    """The column names in a remote parquet file's footer, from two range reads (the last 8
+    bytes, then the footer they size, under :data:`MAX_FOOTER_BYTES`); None when the server
+    does not answer range requests or give the file's size."""
+    import pyarrow as pa
+
+    fs, path = remote.filesystem(url)
+    with remote.asking(url, "no such file"):
+        size = fs.info(path).get("size")
+        if size is None:  # a server that does not say: checked when fetched
+            return None
+        try:
+            tail = _range(fs, path, size - _TAIL, size) if size >= 2 * _TAIL else b""
+            footer = _footer_length(tail, size, url)
+            data = _range(fs, path, size - _TAIL - footer, size - _TAIL)
+        except NoRanges:
+            return None
+    if len(data) != footer:
+        raise UsageError(f"{public_url(url)}: not a parquet file (its footer is cut short)")
+    try:  # the footer alone, framed as a file: its schema is all that is read
+        return list(pq.read_schema(pa.BufferReader(b"PAR1" + data + tail)).names)
+    except Exception as error:
+        raise UsageError(f"{public_url(url)}: not a parquet file ({error})") from None
+
+
+class NoRanges(Exception):
+    """The server sent a whole file, or refused, where a byte range was asked for."""
+
+
+def _range(fs: Any, path: str, start: int, end: int) -> bytes:
+    """Bytes ``start``..``end`` of a remote file; NoRanges when the server ignores ranges (an
+    HTTP answer that is not a range is refused before its body is read)."""
+    try:
+        with fs.open(path, "rb", block_size=end - start, cache_type="none", size=end) as f:
+            f.seek(start)
+            data: bytes = f.read(end - start)
+    except ValueError as error:  # fsspec's HTTP file: "doesn't appear to support range requests"
+        raise NoRanges(str(error)) from None
+    if len(data) > end - start:
+        raise NoRanges("more bytes than asked for")
+    return data
+
+
+def _footer_length(tail: bytes, size: int, url: str) -> int:
+    if len(tail) != _TAIL or tail[4:] != b"PAR1":
+        raise UsageError(f"{public_url(url)}: not a parquet file (no PAR1 at its end)")
+    footer = int.from_bytes(tail[:4], "little")
+    if footer > min(MAX_FOOTER_BYTES, size - 2 * _TAIL + 4):
+        raise UsageError(
+            f"{public_url(url)}: not a parquet file we read (its footer claims {footer} bytes; "
+            f"the limit is {MAX_FOOTER_BYTES})"
+        )
+    return footer
 
 
 def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:

@@ -42,6 +42,7 @@ class ExportResult:
     rows: int
     layers: list[str]
     files: list[str]
+    views_per_image: int = 1  # 1 + K with --augment K: each row's K views written beside it
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +80,7 @@ def export(
             files = [str(target)]
             with atomic_output(target, overwrite) as temporary:
                 _write_parquet(data, chosen, temporary)
-        return ExportResult(str(target), fmt, len(data), chosen, files)
+        return ExportResult(str(target), fmt, len(data), chosen, files, 1 + data.augmented_views)
 
 
 def _blocks(rows: int) -> Iterator[slice]:
