@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -42,7 +41,7 @@ from featx.report import (
 )
 from featx.runtime import device as devices
 from featx.runtime.background import BackgroundWriter
-from featx.runtime.progress import note, progress_bar, show_progress
+from featx.runtime.progress import Progress, note, progress_bar, show_progress
 from featx.runtime.signals import StopSignals
 from featx.sources import ShardWork
 from featx.store.assemble import assemble, count_rows
@@ -140,7 +139,7 @@ def cut_model(plan: Plan) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _running(
-    plan: Plan, work: WorkDir, shards: ShardWork, progress: Any
+    plan: Plan, work: WorkDir, shards: ShardWork, progress: Progress
 ) -> Iterator[tuple[Iterator[Batch], BackgroundWriter, StopSignals]]:
     """Everything the loop runs inside: the decode workers, the writer thread (it waits for
     each batch's device→host copy, so the loop never does), Ctrl-C handling, inference mode.

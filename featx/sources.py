@@ -28,6 +28,8 @@ from featx.store.shards import ShardSink, Sink
 from featx.store.sink_process import apart
 from featx.store.workdir import WorkDir, changed_archives
 
+ARCHIVE_ROWS = 4096  # an archive shard's rows, guessed for chunking: img2dataset writes 10,000
+
 
 @dataclass(frozen=True)
 class ShardWork:
@@ -153,7 +155,7 @@ class ArchiveSource:
         batches = archive_batches(
             self.images, todo, size, fetcher, policy.max_file_bytes, policy.views
         )
-        sink = ShardSink(work, config.dtype, config.compression, archives=True)
+        sink = ShardSink(work, config.dtype, config.compression, ARCHIVE_ROWS)
         return ShardWork(batches, apart(sink, config.write_behind), fetcher)
 
     def rows(self, work: WorkDir, shards: range, attrs: dict[str, Any]) -> RowTable:

@@ -26,7 +26,6 @@ from featx.heads.train import head_split, train_head
 from featx.heads.views import ImageViews, image_of, rows_of
 from featx.store.reader import FeatureFile
 from tests import test_probe
-from tests.augmented import augmented_copy
 from tests.test_probe import DIGITS, _extract
 
 K = 2
@@ -41,8 +40,10 @@ def plain(digits, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def augmented(plain, tmp_path_factory) -> Path:
-    return augmented_copy(plain, tmp_path_factory.mktemp("aug") / "digits-aug.h5", views=K)
+def augmented(digits, tmp_path_factory) -> Path:
+    """The same digits through ``featx extract --augment K``: real crop-flip views."""
+    out = tmp_path_factory.mktemp("aug") / "digits-aug.h5"
+    return _extract(digits, out, "--weights", "none", "--augment", str(K))
 
 
 def _all(path: Path, layer: str = "flatten") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -138,7 +138,7 @@ def extract(
     from featx.preflight import preflight  # no torch: usage errors come at once
 
     images = preflight(_image_source(source, files_from, null, root), output, options)
-    skipped = getattr(images, "skipped_links", 0)
+    skipped = images.skipped_links
     if skipped:
         say(
             f"featx: skipped {skipped} symbolic link(s) into /proc, /sys, /dev "

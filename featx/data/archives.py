@@ -73,6 +73,7 @@ class ArchiveList:
     class_names: tuple[str, ...] = ()  # --class-names: name i of integer label i
     without_stats: tuple[str, ...] = ()  # archives skipped: no stats file (not finished)
     not_read: tuple[str, ...] = ()  # subfolders and image files beside a folder's archives
+    skipped_links: int = 0  # as ImageList's: archives are listed, never found by following links
 
     def __len__(self) -> int:
         return len(self.archives)

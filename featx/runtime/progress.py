@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Protocol
 
 from featx.safe_text import for_terminal
 
@@ -15,7 +15,15 @@ def show_progress(requested: bool | None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> Any:
+class Progress(Protocol):
+    """What the run asks of its progress bar (tqdm's own methods)."""
+
+    def update(self, n: float | None = 1) -> bool | None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> Progress:
     from tqdm import tqdm
 
     return tqdm(

@@ -158,23 +158,22 @@ def row_chunks(row_shape: tuple[int, ...], dtype: np.dtype, rows: int = 4096) ->
 class ShardSink:
     """Routes each batch's rows to its shard's file (``piece.shard``) and publishes the shard
     when its last batch arrives (``piece.last``); a broken shard is discarded (``broken`` says
-    which and why: the run fails, and a resume reads it again). Shards whose rows are named by
-    themselves (``archives``) also record the rows' names and raw labels and what the archive
-    was (``piece.made_from``, checked on resume)."""
-
-    ARCHIVE_ROWS = 4096  # chunking guess: img2dataset writes 10,000 samples per tar
+    which and why: the run fails, and a resume reads it again). A shard whose last piece says
+    what it was made from (an archive: ``piece.made_from``, checked on resume) also records
+    its rows' names and raw labels, which its pieces carry. ``capacity`` guesses the rows of a
+    shard whose size the work folder does not know (chunking only)."""
 
     def __init__(
         self,
         work: WorkDir,
         dtype: str,
         compression: str = "none",
-        archives: bool = False,
+        capacity: int | None = None,
     ) -> None:
         self.work = work
         self.dtype = dtype
         self.compression = compression
-        self.archives = archives
+        self.capacity = capacity
         self.open: dict[int, _OpenShard] = {}
         self.broken: dict[int, str] = {}
         self.busy_s = 0.0  # time spent writing: `featx bench` reports its share of the run
@@ -197,21 +196,20 @@ class ShardSink:
             self.broken[shard] = piece.broken
             return
         if shard not in self.open:
-            capacity = self.ARCHIVE_ROWS if self.archives else None
-            writer = ShardWriter(self.work, shard, self.dtype, self.compression, capacity)
+            writer = ShardWriter(self.work, shard, self.dtype, self.compression, self.capacity)
             self.open[shard] = _OpenShard(writer)
         held = self.open[shard]
         held.writer.append(replace(rows, failures=rows.failures + list(piece.failures)))
         held.names.extend(piece.names)
         held.labels.extend(piece.labels)
         if piece.last:  # published, then forgotten: a failed publish is discarded whole
-            if not self.archives:
-                held.writer.finish()
-            else:
+            if piece.made_from:
                 held.writer.finish(
                     {schema.SHARD_NAMES: held.names, schema.SHARD_LABELS: held.labels},
                     {schema.SHARD_ARCHIVE: piece.made_from},
                 )
+            else:
+                held.writer.finish()
             del self.open[shard]
 
     def discard(self) -> None:
