@@ -30,7 +30,10 @@ the per-round ratios is reported; absolute figures are printed for context only.
    grouping, no checks); and featx's own feed at :data:`OLD_COMMIT`, before the rebuild (its
    source taken with ``git archive``, run in a child process: ``archive_batches`` with each
    batch pickled as it was sent to a worker; skipped outside a git checkout). Goal ≤ 60 µs per
-   sample for the first featx row.
+   sample for the first featx row. The same images as an img2dataset parquet shard (row groups
+   of 100 rows, as img2dataset flushes them): featx's feed, which reads each row group's cells
+   here (a null cell is a failed download, which the stats count leaves out, so the main
+   process must see the cells) and sends their bytes to the workers, with that send included.
 3. **The writer's share of wall time**: ``featx.bench.bench`` on the JPEGs with
    ``resnet18 --weights none --image-size 64 --device cpu`` and the default shard size (the
    writer-heaviest case a CPU has): ``writer_share_of_wall_time`` (the main process's CPU time
@@ -437,6 +440,40 @@ def tar_cpu(
     }
 
 
+def write_parquet(path: Path, jpegs: list[bytes], samples: int) -> None:
+    """An img2dataset parquet shard of the same samples: ``key``, ``jpg``, ``status``,
+    ``error_message``, ``cls``, in row groups of 100 rows (img2dataset's writer buffer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "key": [f"{key:09d}" for key in range(samples)],
+            "jpg": pa.array([jpegs[key % len(jpegs)] for key in range(samples)], pa.binary()),
+            "status": ["success"] * samples,
+            "error_message": pa.array([None] * samples, pa.string()),
+            "cls": [key % len(PHOTOS) for key in range(samples)],
+        }
+    )
+    pq.write_table(table, path, row_group_size=100)
+
+
+def parquet_cpu(parquet: Path, scratch: Path, samples: int, rounds: int) -> dict[str, Any]:
+    """Main-process CPU per sample of featx's feed of a local parquet shard, bytes sent."""
+    featx_feed(parquet, scratch, send=True)  # warm-up: page cache, pyarrow's first use
+    us = [
+        1e6 * cpu_time(lambda: featx_feed(parquet, scratch, send=True), samples)
+        for _ in range(rounds)
+    ]
+    return {
+        "samples": samples,
+        "parquet_mb": round(parquet.stat().st_size / 2**20, 1),
+        "row_group_rows": 100,
+        "featx_feed_sent_us_per_sample": _median(us, 2),
+        "us_per_sample": [round(v, 2) for v in us],
+    }
+
+
 # --- 3. the writer's share -------------------------------------------------------------------
 
 
@@ -542,6 +579,15 @@ def table(report: dict[str, Any]) -> str:
             "(context)",
         ),
         (
+            "2 main-process CPU per parquet sample: featx feed of the same samples as an "
+            "img2dataset parquet shard (row groups of 100; cells read here, their bytes "
+            "pickled to the workers)",
+            f"{report['parquet']['featx_feed_sent_us_per_sample']:.1f} µs",
+            "",
+            f"≤ {us_goal:g} µs "
+            f"{_met(report['parquet']['featx_feed_sent_us_per_sample'] <= us_goal)}",
+        ),
+        (
             "3 writer share of loop wall time, resnet18 @64 px CPU, default shard size: main "
             "process handing rows to the writer process "
             f"({behind['end_to_end_steady_batches']} steady batches)",
@@ -619,6 +665,10 @@ def main() -> None:
         report["decode"] = decode_per_core(root / "jpegs", files, args.rounds)
         old_tree = old_featx_tree(root, OLD_COMMIT)
         report["tar"] = tar_cpu(tar, scratch, args.tar_samples, args.rounds, old_tree)
+        parquet = root / "parquet" / "00000.parquet"
+        parquet.parent.mkdir()
+        write_parquet(parquet, [path.read_bytes() for path in paths], args.tar_samples)
+        report["parquet"] = parquet_cpu(parquet, scratch, args.tar_samples, args.rounds)
         report["writer"] = writer_share(root / "jpegs", limit=args.images)
     report["machine"]["load_after"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     report["seconds"] = round(time.perf_counter() - started, 1)

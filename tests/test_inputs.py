@@ -485,6 +485,27 @@ def test_metadata_only_parquet_files_are_refused_before_the_model_loads(
     )
 
 
+def test_a_json_label_field_no_parquet_column_holds_is_refused_before_the_model_loads(
+    images, tmp_path, cli, no_model
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    table = pa.table({"key": ["a"], "jpg": pa.array([images[0]], pa.binary()), "cls": [1]})
+    pq.write_table(table, folder / "00000.parquet")
+    out = tmp_path / "out" / "f.h5"
+    out.parent.mkdir()
+    result = cli("extract", folder, "-o", out, *SETTINGS, "--label-from", "json:species")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"featx: error: {folder}/00000.parquet: --label-from json:species: no column 'species' "
+        "(its columns: key, jpg, cls)"
+    ]
+    assert list(out.parent.iterdir()) == []
+
+
 def test_parquet_shards_without_pyarrow_are_refused_before_the_model_loads(
     images, tmp_path, cli, no_model, monkeypatch
 ):

@@ -52,8 +52,9 @@ def extract(
         str | None,
         typer.Argument(
             help="Image folder (class subfolders become labels); WebDataset tars or img2dataset "
-            "parquet shards (a file, a folder of them, a {00000..00099}.tar brace list); any of "
-            "these as an s3://, gs:// or https:// URL; or - to read paths from stdin."
+            "parquet shards (a file, a folder of them, a {00000..00099}.tar brace list) or "
+            "img2dataset's files format (a local folder of 00000/ shard folders); any of these "
+            "but the last as an s3://, gs:// or https:// URL; or - to read paths from stdin."
         ),
     ] = None,
     output: Annotated[

@@ -176,8 +176,8 @@ def predict(
     source: Annotated[
         str,
         typer.Argument(
-            help="Image folder, tars or parquet shards (as for extract), or a featx HDF5 "
-            "features file."
+            help="Image folder, tars, parquet shards or img2dataset's files format (as for "
+            "extract), or a featx HDF5 features file."
         ),
     ],
     head: HeadFile,

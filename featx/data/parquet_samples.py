@@ -19,7 +19,7 @@ from featx.data.remote import local_path
 from featx.data.tar_samples import BrokenArchive, json_field
 from featx.errors import UsageError
 from featx.limits import MAX_CLASSES
-from featx.safe_text import public_url
+from featx.safe_text import public_url, shortlist
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
 MAX_ROW_GROUP_BYTES = 1 << 30  # read at once: a row group's columns, and its images copied out
@@ -53,11 +53,22 @@ def check_parquet_shards(archives: ArchiveList) -> None:
             names = _remote_column_names(pq, archive.url)
         else:
             names = _local_column_names(pq, archive.url)
-        if names is not None and not any(column in names for column in IMAGE_COLUMNS):
-            raise UsageError(
-                f"{public_url(archive.url)}: a parquet file without an image column (looked "
-                f"for {', '.join(IMAGE_COLUMNS)}): metadata, not image shards"
-            )
+        if names is not None:
+            _check_columns(public_url(archive.url), names, archives.label_from)
+
+
+def _check_columns(url: str, names: list[str], label_from: str) -> None:
+    if not any(column in names for column in IMAGE_COLUMNS):
+        raise UsageError(
+            f"{url}: a parquet file without an image column (looked for "
+            f"{', '.join(IMAGE_COLUMNS)}): metadata, not image shards"
+        )
+    if label_from.startswith("json:") and _label_column(label_from, names) is None:
+        field = label_from[5:].split(".")[0]
+        raise UsageError(
+            f"{url}: --label-from {label_from}: no column {field!r} (its columns: "
+            f"{shortlist(names, 20)})"
+        )
 
 
 def _local_column_names(pq: Any, path: str) -> list[str]:
