@@ -739,6 +739,26 @@ def s3(shards):
 
 
 @pytest.mark.slow
+def test_a_metadata_only_parquet_on_s3_is_refused_from_its_footer_and_image_shards_read(
+    s3, images, tmp_path, cli, monkeypatch
+):
+    pa = pytest.importorskip("pyarrow")
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe("featx-test/meta/00000.parquet", _parquet_bytes(pa.table({"key": ["a"]})))
+    keys = [f"{k:09d}" for k in range(3)]
+    table = pa.table({"key": keys, "jpg": pa.array(images[:3], pa.binary())})
+    fs.pipe("featx-test/images/00000.parquet", _parquet_bytes(table))
+    refused = cli("extract", "s3://featx-test/meta/", "-o", tmp_path / "m.h5", *SETTINGS)
+    assert refused.exit_code == 2, refused.output
+    assert "00000.parquet: a parquet file without an image column" in refused.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    extract("s3://featx-test/images/", tmp_path / "i.h5", CONFIG)
+    assert read(tmp_path / "i.h5")["paths"] == [f"00000.parquet/{k}" for k in keys]
+
+
+@pytest.mark.slow
 def test_tars_over_s3_give_the_local_file(s3, from_tars, tmp_path):
     extract(f"{s3}/", tmp_path / "s3.h5", CONFIG)
     _same_rows(tmp_path / "s3.h5", from_tars)

@@ -33,7 +33,7 @@ def folder_samples(
     except OSError as error:
         raise BrokenArchive(f"not a readable folder ({error.strerror})") from None
     try:
-        members = _members(folder, path if ranges else None)
+        members = _members(folder, os.path.realpath(path) if ranges else None)  # once
         yield from group_samples(members, label_from, max_bytes)
     finally:
         os.close(folder)
@@ -48,11 +48,7 @@ def _members(folder: int, ranges_of: str | None) -> Iterator[Member]:
     # By key, then name: a key's files are next to each other whatever the other names are.
     for name, info in sorted(found, key=lambda item: (sample_key(item[0])[0], item[0])):
         kind = _kind(info.st_mode)
-        where = (
-            FileRange(os.path.join(os.path.realpath(ranges_of), name), 0, info.st_size)
-            if ranges_of
-            else None
-        )
+        where = FileRange(os.path.join(ranges_of, name), 0, info.st_size) if ranges_of else None
         yield Member(name, info.st_size, kind, functools.partial(_read, folder, name, info), where)
 
 

@@ -113,14 +113,19 @@ class NoRanges(Exception):
 
 
 def _range(fs: Any, path: str, start: int, end: int) -> bytes:
-    """Bytes ``start``..``end`` of a remote file; NoRanges when the server ignores ranges (an
-    HTTP answer that is not a range is refused before its body is read)."""
-    try:
-        with fs.open(path, "rb", block_size=end - start, cache_type="none", size=end) as f:
-            f.seek(start)
-            data: bytes = f.read(end - start)
-    except ValueError as error:  # fsspec's HTTP file: "doesn't appear to support range requests"
-        raise NoRanges(str(error)) from None
+    """Bytes ``start``..``end`` of a remote file: one ranged GET from an object store; over
+    HTTP, NoRanges when the server ignores ranges (an answer that is not a range is refused
+    before its body is read)."""
+    data: bytes
+    if not remote.is_http(fs):
+        data = bytes(fs.cat_file(path, start=start, end=end))
+    else:
+        try:
+            with fs.open(path, "rb", block_size=end - start, cache_type="none", size=end) as f:
+                f.seek(start)
+                data = f.read(end - start)
+        except ValueError as error:  # fsspec's HTTP file: "doesn't appear to support ranges"
+            raise NoRanges(str(error)) from None
     if len(data) > end - start:
         raise NoRanges("more bytes than asked for")
     return data
