@@ -31,9 +31,8 @@ the per-round ratios is reported; absolute figures are printed for context only.
    source taken with ``git archive``, run in a child process: ``archive_batches`` with each
    batch pickled as it was sent to a worker; skipped outside a git checkout). Goal ≤ 60 µs per
    sample for the first featx row. The same images as an img2dataset parquet shard (row groups
-   of 100 rows, as img2dataset flushes them): featx's feed, which reads each row group's cells
-   here (a null cell is a failed download, which the stats count leaves out, so the main
-   process must see the cells) and sends their bytes to the workers, with that send included.
+   of 100 rows, as img2dataset flushes them): featx's feed, which reads each row group's small
+   columns (key, status, label) here and sends the workers cells to read, that send included.
 3. **The writer's share of wall time**: ``featx.bench.bench`` on the JPEGs with
    ``resnet18 --weights none --image-size 64 --device cpu`` and the default shard size (the
    writer-heaviest case a CPU has): ``writer_share_of_wall_time`` (the main process's CPU time
@@ -580,8 +579,8 @@ def table(report: dict[str, Any]) -> str:
         ),
         (
             "2 main-process CPU per parquet sample: featx feed of the same samples as an "
-            "img2dataset parquet shard (row groups of 100; cells read here, their bytes "
-            "pickled to the workers)",
+            "img2dataset parquet shard (row groups of 100; key, status and label columns read "
+            "here, cells sent to the workers to read)",
             f"{report['parquet']['featx_feed_sent_us_per_sample']:.1f} µs",
             "",
             f"≤ {us_goal:g} µs "

@@ -102,6 +102,100 @@ def test_a_files_format_folders_images_reach_the_workers_as_their_files_never_th
         read_payload(first)
 
 
+def _img2dataset_parquet(path: Path, images: list[bytes | None], statuses: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(len(images))],
+            "jpg": pa.array(images, pa.binary()),
+            "status": statuses,
+            "error_message": [None if s == "success" else "HTTP 404" for s in statuses],
+        }
+    )
+    pq.write_table(table, path, row_group_size=3)  # img2dataset writes 100 rows per group
+
+
+def test_a_local_parquet_shards_images_reach_the_workers_as_cells(tmp_path, photo_arrays):
+    pytest.importorskip("pyarrow")
+    from featx.data.parquet_cells import NoImage
+    from featx.data.parquet_samples import parquet_samples
+    from featx.data.reading import read_payload
+    from featx.data.work import ParquetCell
+
+    jpegs = [jpeg(a[:64, :64]) for a in photo_arrays.values()]
+    data = [jpegs[0], None, jpegs[1], jpegs[2], None, jpegs[3], b"\xff\xd8" + b"x" * 5000]
+    statuses = ["success", "failed_to_download", "success", "success", "success", "success"]
+    statuses.append("success")
+    path = tmp_path / "00000.parquet"
+    _img2dataset_parquet(path, data, statuses)
+    samples = list(parquet_samples(str(path), "none", 4000, ranges=True))
+    assert [s.name for s in samples] == [f"{i:09d}" for i in range(7)]
+    # img2dataset's failed download is known here, from its status, and left out of the count
+    assert samples[1].image is None and samples[1].uncounted
+    assert samples[1].error == "NoImage: failed_to_download (HTTP 404)"
+    cells = [s.image for s in samples if s.image is not None]
+    assert all(isinstance(cell, ParquetCell) for cell in cells)  # the main process read no image
+    assert [(c.group, c.row) for c in cells] == [(0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    for i in (0, 2, 3, 5):
+        assert read_payload(samples[i].image, 4000) == data[i]
+    with pytest.raises(NoImage):  # a null cell its status called a success: the worker says so
+        read_payload(samples[4].image, 4000)
+    with pytest.raises(ValueError, match="file of 5002 bytes, over the --max-file-bytes limit"):
+        read_payload(samples[6].image, 4000)
+    # without ranges (a fetched copy, removed once read), the bytes themselves, read here
+    plain = list(parquet_samples(str(path), "none", 1 << 30))
+    assert [s.image for s in plain if s.image is not None] == [d for d in data if d is not None]
+    # a file swapped for a link after the listing is not read through the link
+    path.rename(tmp_path / "elsewhere.parquet")
+    path.symlink_to(tmp_path / "elsewhere.parquet")
+    from featx.data import parquet_cells
+
+    parquet_cells._kept = None
+    with pytest.raises(OSError):
+        read_payload(samples[0].image, 4000)
+
+
+def test_a_worker_reads_a_parquet_row_group_once_for_its_consecutive_cells(
+    tmp_path, photo_arrays, monkeypatch
+):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from featx.data import parquet_cells
+    from featx.data.parquet_samples import parquet_samples
+    from featx.data.reading import read_payload
+
+    jpegs = [jpeg(a[:64, :64]) for a in list(photo_arrays.values())[:4]]
+    path = tmp_path / "00000.parquet"
+    _img2dataset_parquet(path, jpegs + jpegs, ["success"] * 8)
+    opened = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda *a, **k: opened.append(1) or real(*a, **k))
+    samples = list(parquet_samples(str(path), "none", 1 << 30, ranges=True))
+    opened.clear()
+    parquet_cells._kept = None
+    assert [read_payload(s.image) for s in samples] == jpegs + jpegs
+    assert len(opened) == 3  # row groups of 3, 3 and 2 rows: each read once
+
+
+def test_parquet_cells_stay_in_the_main_process_without_a_status_or_for_big_row_groups(
+    tmp_path, photo_arrays, monkeypatch
+):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from featx.data import parquet_samples as module
+
+    jpegs = [jpeg(a[:64, :64]) for a in list(photo_arrays.values())[:4]]
+    bare = tmp_path / "bare.parquet"  # no status: a null cell is found only by reading it
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": pa.array(jpegs[:2], pa.binary())}), bare)
+    assert [s.image for s in module.parquet_samples(str(bare), "none", 1 << 30, True)] == jpegs[:2]
+    big = tmp_path / "big.parquet"
+    _img2dataset_parquet(big, jpegs, ["success"] * 4)
+    monkeypatch.setattr(module, "WORKER_ROW_GROUP_BYTES", 100)  # each worker would keep one
+    assert [s.image for s in module.parquet_samples(str(big), "none", 1 << 30, True)] == jpegs
+
+
 def test_a_sparse_member_is_never_expanded_and_a_huge_extension_header_never_read(tmp_path):
     """A GNU sparse member claiming ~1 GB stored as holes, and a pax header claiming more than
     the cap: the first is a failed sample (NotAFile), the second breaks the archive, and

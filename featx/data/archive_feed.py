@@ -3,9 +3,10 @@
 The main process reads each archive in member order (a local file, or a scratch copy that
 ``prefetch.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
 batches of ``(row, payload)`` items: a local tar's are byte ranges of the file (the main process
-reads only its headers and labels), others' the image bytes. DataLoader workers read and decode
-them, so a decoder that crashes
-still costs one image (``loader.decoded_batches``). Each batch carries a :class:`ShardPiece`:
+reads only its headers and labels), a local shard folder's its files, a local parquet shard's
+cells (the main process reads only the small columns); a fetched copy's, the image bytes.
+DataLoader workers read and decode them, so a decoder that crashes still costs one image
+(``loader.decoded_batches``). Each batch carries a :class:`ShardPiece`:
 which shard its rows belong to, their names and labels, the samples that failed before decoding,
 and whether it ends the shard (then the shard is published) or the archive broke (then it is
 not).
@@ -78,14 +79,12 @@ def archive_batches(
 def _samples(
     archive: Archive, fetched: Fetched, label_from: str, max_bytes: int
 ) -> Iterator[Sample]:
-    """A tar is indexed here and a shard folder listed, their images read by the workers (from
-    byte ranges of the tar, or whole files of the folder) when they outlive the read: local
-    ones. A fetched copy is removed as soon as it is read (the next download needs its space),
-    so its images are read here, as are parquet cells (a row group is read whole)."""
+    """A tar is indexed here, a shard folder listed and a parquet shard's small columns read;
+    their images are read by the workers (byte ranges of the tar, whole files of the folder,
+    parquet cells) when the archive outlives the read: a local one. A fetched copy is removed
+    as soon as it is read (the next download needs its space), so its images are read here."""
     path = str(fetched.path)
-    if archive.kind == "parquet":
-        return parquet_samples(path, label_from, max_bytes)
-    read = tar_samples if archive.kind == "tar" else folder_samples
+    read = {"tar": tar_samples, "parquet": parquet_samples}.get(archive.kind, folder_samples)
     return read(path, label_from, max_bytes, ranges=not fetched.copy)
 
 

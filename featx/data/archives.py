@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from featx.data import remote
 from featx.data.filesystem import Entry, filesystem_of
-from featx.data.work import FileRange
+from featx.data.work import Payload
 from featx.errors import FeatxError, UsageError
 from featx.safe_text import public_url, shortlist
 
@@ -325,7 +325,7 @@ class Sample:
     (an int from ``.cls``, an int or str from JSON, or None)."""
 
     name: str
-    image: bytes | FileRange | None  # bytes, or where they are in a local archive
+    image: Payload | None  # bytes, or where they are in a local archive
     label: int | str | None = None
     error: str = ""
     members: list[str] = field(default_factory=list)

@@ -15,8 +15,10 @@ from typing import Any, BinaryIO
 from featx.data import remote
 from featx.data.archives import ArchiveList, Sample
 from featx.data.filesystem import filesystem_of
+from featx.data.parquet_cells import WORKER_ROW_GROUP_BYTES, image_bytes
 from featx.data.remote import local_path
 from featx.data.tar_samples import BrokenArchive, json_field
+from featx.data.work import ParquetCell
 from featx.errors import UsageError
 from featx.limits import MAX_CLASSES
 from featx.safe_text import public_url, shortlist
@@ -143,14 +145,21 @@ def _footer_length(tail: bytes, size: int, url: str) -> int:
     return footer
 
 
-def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def parquet_samples(
+    path: str, label_from: str, max_bytes: int, ranges: bool = False
+) -> Iterator[Sample]:
     """The samples of a parquet shard, one row group at a time: each row group's size is
     checked before it is read (its column chunks' uncompressed sizes, from the footer) and
     before its cells are copied out (their sizes, from the offsets: a dictionary-encoded
-    column stays encoded, so one cell repeated a million times is counted, not expanded)."""
+    column stays encoded, so one cell repeated a million times is counted, not expanded).
+    With ``ranges`` (a local file), a ``status`` column and row groups whose image column a
+    worker may keep (:data:`~featx.data.parquet_cells.WORKER_ROW_GROUP_BYTES`), only the
+    small columns are read here and each image is a :class:`ParquetCell` for a worker to read;
+    a row whose ``status`` is not ``success`` is img2dataset's failed download."""
     pq = parquet_module()
     with _opened(path) as handle:
-        yield from _row_groups(pq, handle, label_from, max_bytes)
+        cells_of = os.path.realpath(path) if ranges else None  # workers open it without links
+        yield from _row_groups(pq, handle, label_from, max_bytes, cells_of)
 
 
 @contextlib.contextmanager
@@ -167,7 +176,9 @@ def _opened(path: str) -> Iterator[BinaryIO]:
         yield handle
 
 
-def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterator[Sample]:
+def _row_groups(
+    pq: Any, handle: Any, label_from: str, max_bytes: int, cells_of: str | None
+) -> Iterator[Sample]:
     try:
         schema = pq.read_schema(handle)
         # Strings and bytes are read dictionary-encoded as stored: sized before expanded.
@@ -181,10 +192,20 @@ def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterat
         raise BrokenArchive(f"no image column (looked for {', '.join(IMAGE_COLUMNS)})")
     label = _label_column(label_from, names)
     wanted = [c for c in (image, "key", "status", "error_message", label) if c and c in names]
+    groups = [table.metadata.row_group(group) for group in range(table.num_row_groups)]
+    # The workers read the cells when the shard says which downloads failed (img2dataset's
+    # `status`: the stats file's count leaves those out) and each row group is small enough.
+    if (
+        cells_of is not None
+        and "status" in names
+        and all(image_bytes(group, image) <= WORKER_ROW_GROUP_BYTES for group in groups)
+    ):
+        yield from _cell_groups(table, groups, wanted, image, cells_of, label, label_from)
+        return
     row = 0
     try:
         for group in range(table.num_row_groups):
-            _check_stored_size(table.metadata.row_group(group), wanted, group)
+            _check_stored_size(groups[group], wanted, group)
             rows = table.read_row_group(group, columns=wanted)
             yield from _row_group(rows, row, image, label, label_from, max_bytes)
             row += rows.num_rows
@@ -192,6 +213,47 @@ def _row_groups(pq: Any, handle: Any, label_from: str, max_bytes: int) -> Iterat
         raise
     except Exception as error:
         raise BrokenArchive(f"unreadable after row {row} ({error})") from None
+
+
+def _cell_groups(
+    table: Any,
+    groups: list[Any],
+    wanted: list[str],
+    image: str,
+    path: str,
+    label: str | None,
+    label_from: str,
+) -> Iterator[Sample]:
+    """The samples of row groups whose image cells the workers read: the small columns only."""
+    small = [column for column in wanted if column != image]
+    row = 0
+    try:
+        for index, group in enumerate(groups):
+            _check_stored_size(group, wanted, index)
+            rows = table.read_row_group(index, columns=small) if small else None
+            columns = _small_columns(rows, row, group.num_rows)
+            for i in range(group.num_rows):
+                status = columns.get("status", [None] * (i + 1))[i]
+                size = None if status not in (None, "success") else 0  # 0: sized by the worker
+                cell = ParquetCell(path, index, i, image)
+                yield _sample(columns, i, row + i, size, cell, label, label_from, 0)
+            row += group.num_rows
+    except BrokenArchive:
+        raise
+    except Exception as error:
+        raise BrokenArchive(f"unreadable after row {row} ({error})") from None
+
+
+def _small_columns(rows: Any, first: int, count: int) -> dict[str, list[Any]]:
+    if rows is None:
+        return {}
+    total = sum(_expanded_bytes(rows.column(name)) for name in rows.column_names)
+    if total > MAX_ROW_GROUP_BYTES:
+        raise BrokenArchive(
+            f"rows {first} to {first + count - 1} hold {total:,} bytes once expanded, "
+            f"over the bound of {MAX_ROW_GROUP_BYTES:,} per row group: not read"
+        )
+    return {name: rows.column(name).to_pylist() for name in rows.column_names}
 
 
 def _check_stored_size(group: Any, wanted: list[str], index: int) -> None:
@@ -268,7 +330,7 @@ def _sample(
     i: int,
     row: int,
     size: int | None,
-    data: bytes | None,
+    data: bytes | ParquetCell | None,
     label: str | None,
     label_from: str,
     max_bytes: int,

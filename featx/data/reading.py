@@ -9,7 +9,7 @@ import os
 import stat
 from typing import Any
 
-from featx.data.work import FileRange, Payload
+from featx.data.work import FileRange, ParquetCell, Payload
 
 DEFAULT_MAX_FILE_BYTES = 1 << 30
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # what featx decodes
@@ -19,9 +19,14 @@ __all__ = ["DEFAULT_MAX_FILE_BYTES", "is_image_signature", "read_file", "read_pa
 
 def read_payload(payload: Payload, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes | bytearray:
     """A sample's bytes wherever they are: a file (checked as :func:`read_file` does), a byte
-    range of a local archive (sized when it was indexed), or bytes already read."""
+    range of a local archive (sized when it was indexed), a parquet cell, or bytes already
+    read."""
     if isinstance(payload, bytes):
         return payload
+    if isinstance(payload, ParquetCell):
+        from featx.data.parquet_cells import read_cell
+
+        return read_cell(payload, max_bytes)
     if payload.length < 0:
         return read_file(payload.path, max_bytes)
     return read_range(payload, max_bytes)

@@ -23,10 +23,21 @@ class FileRange(NamedTuple):
     length: int = -1
 
 
-# A file or byte range, or the bytes themselves (parquet cells, which pyarrow decodes in the
-# main process; and the members of a fetched copy of a remote tar, which is removed as soon as
-# it is read).
-Payload = FileRange | bytes
+class ParquetCell(NamedTuple):
+    """Row ``row`` of row group ``group`` in the image column ``column`` of a local parquet
+    file: a worker reads that row group's column (once for every row of it sent to it) and
+    takes the cell. Small, as :class:`FileRange` is."""
+
+    path: str
+    group: int
+    row: int
+    column: str
+
+
+# A file or byte range, a parquet cell, or the bytes themselves (the members of a fetched copy
+# of a remote archive, which is removed as soon as it is read, and the cells of a parquet file
+# whose row groups are too big to hand to every worker).
+Payload = FileRange | ParquetCell | bytes
 
 
 class WorkItem(NamedTuple):
