@@ -629,6 +629,7 @@ def test_quiet_silences_decoder_warnings_even_from_c_libraries(tiny, tmp_path, c
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+@pytest.mark.slow  # two real runs with a decode worker each (about 10 s)
 def test_quiet_silences_what_pillow_logs_from_a_decode_worker(tmp_path):
     """Pillow's TIFF reader logs "More samples per pixel than can be decoded" through `logging`,
     which with no handler prints to sys.stderr, in a decode worker too (issue 21, "also")."""
@@ -856,6 +857,7 @@ def parquet_bomb(path: Path, cells: int, cell_bytes: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # a run measured in a subprocess (about 10 s); the sparse-tar bomb is fast
 def test_a_zstd_parquet_bomb_fails_unread_in_bounded_memory(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
