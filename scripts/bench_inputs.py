@@ -18,7 +18,7 @@ figure is the best of ``--repeat`` runs (default 3), as the machine may be busy 
 * read-only, tars: ``list_archives`` + ``prefetch.Prefetcher`` (remote archives fetched whole, one
   ahead, into a fresh scratch folder) + ``archive_feed.archive_batches`` (``tar_samples``, batches
   of 32 as on a CPU), every image's bytes taken (``reading.read_payload``: a local tar's images
-  are byte ranges that a worker reads, a fetched copy's are bytes already read);
+  and a fetched copy's are byte ranges that a worker reads);
 * decoded: the same, plus decode + resize + 224 crop of each image (``load_image`` for files,
   ``loader.SampleDataset`` for archive items) with ResNet-50's transform;
 * loose files over HTTP, one request per image: fsspec ``cat_file`` on each image URL (one GET),

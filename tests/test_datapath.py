@@ -65,14 +65,12 @@ def test_the_tar_index_names_every_member_at_the_offset_and_size_tarfile_reads(t
 def test_a_local_tars_images_reach_the_workers_as_byte_ranges_of_the_file(tmp_path, photo_arrays):
     data = {f"{name}.jpg": jpeg(array[:64, :64]) for name, array in photo_arrays.items()}
     path = _tar(tmp_path / "a.tar", list(data.items()), tarfile.USTAR_FORMAT)
-    samples = list(tar_samples(str(path), "none", 1 << 30, ranges=True))
+    samples = list(tar_samples(str(path), "none", 1 << 30))
     assert all(isinstance(s.image, FileRange) for s in samples)
     raw = path.read_bytes()
     for sample in samples:
         where = sample.image
         assert raw[where.offset : where.offset + where.length] == data[sample.name]
-    # without ranges (a fetched copy, removed once read), the same bytes
-    assert [s.image for s in tar_samples(str(path), "none", 1 << 30)] == list(data.values())
 
 
 def test_a_files_format_folders_images_reach_the_workers_as_their_files_never_through_a_link(
@@ -86,13 +84,10 @@ def test_a_files_format_folders_images_reach_the_workers_as_their_files_never_th
     data = {f"{i:09d}.jpg": jpeg(a[:64, :64]) for i, a in enumerate(photo_arrays.values())}
     for name, raw in data.items():
         (shard / name).write_bytes(raw)
-    samples = list(folder_samples(str(shard), "none", 1 << 30, ranges=True))
+    samples = list(folder_samples(str(shard), "none", 1 << 30))
     assert [s.name for s in samples] == list(data)
     assert all(isinstance(s.image, FileRange) for s in samples)  # listed here, read there
     assert [read_payload(s.image) for s in samples] == list(data.values())
-    # without ranges (a fetched copy, removed once read), the bytes themselves, read here
-    plain = folder_samples(str(shard), "none", 1 << 30)
-    assert [s.image for s in plain] == list(data.values())
     # a file swapped for a link after the listing is not read through the link
     first = samples[0].image
     os.replace(shard / samples[1].name, tmp_path / "elsewhere.jpg")
@@ -130,7 +125,7 @@ def test_a_local_parquet_shards_images_reach_the_workers_as_cells(tmp_path, phot
     statuses.append("success")
     path = tmp_path / "00000.parquet"
     _img2dataset_parquet(path, data, statuses)
-    samples = list(parquet_samples(str(path), "none", 4000, ranges=True))
+    samples = list(parquet_samples(str(path), "none", 4000))
     assert [s.name for s in samples] == [f"{i:09d}" for i in range(7)]
     # img2dataset's failed download is known here, from its status, and left out of the count
     assert samples[1].image is None and samples[1].uncounted
@@ -144,9 +139,6 @@ def test_a_local_parquet_shards_images_reach_the_workers_as_cells(tmp_path, phot
         read_payload(samples[4].image, 4000)
     with pytest.raises(ValueError, match="file of 5002 bytes, over the --max-file-bytes limit"):
         read_payload(samples[6].image, 4000)
-    # without ranges (a fetched copy, removed once read), the bytes themselves, read here
-    plain = list(parquet_samples(str(path), "none", 1 << 30))
-    assert [s.image for s in plain if s.image is not None] == [d for d in data if d is not None]
     # a file swapped for a link after the listing is not read through the link
     path.rename(tmp_path / "elsewhere.parquet")
     path.symlink_to(tmp_path / "elsewhere.parquet")
@@ -171,7 +163,7 @@ def test_a_worker_reads_a_parquet_row_group_once_for_its_consecutive_cells(
     opened = []
     real = pq.ParquetFile
     monkeypatch.setattr(pq, "ParquetFile", lambda *a, **k: opened.append(1) or real(*a, **k))
-    samples = list(parquet_samples(str(path), "none", 1 << 30, ranges=True))
+    samples = list(parquet_samples(str(path), "none", 1 << 30))
     opened.clear()
     parquet_cells._kept = None
     assert [read_payload(s.image) for s in samples] == jpegs + jpegs
@@ -189,11 +181,11 @@ def test_parquet_cells_stay_in_the_main_process_without_a_status_or_for_big_row_
     jpegs = [jpeg(a[:64, :64]) for a in list(photo_arrays.values())[:4]]
     bare = tmp_path / "bare.parquet"  # no status: a null cell is found only by reading it
     pq.write_table(pa.table({"key": ["a", "b"], "jpg": pa.array(jpegs[:2], pa.binary())}), bare)
-    assert [s.image for s in module.parquet_samples(str(bare), "none", 1 << 30, True)] == jpegs[:2]
+    assert [s.image for s in module.parquet_samples(str(bare), "none", 1 << 30)] == jpegs[:2]
     big = tmp_path / "big.parquet"
     _img2dataset_parquet(big, jpegs, ["success"] * 4)
     monkeypatch.setattr(module, "WORKER_ROW_GROUP_BYTES", 100)  # each worker would keep one
-    assert [s.image for s in module.parquet_samples(str(big), "none", 1 << 30, True)] == jpegs
+    assert [s.image for s in module.parquet_samples(str(big), "none", 1 << 30)] == jpegs
 
 
 def test_a_sparse_member_is_never_expanded_and_a_huge_extension_header_never_read(tmp_path):

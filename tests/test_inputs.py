@@ -8,6 +8,7 @@ published whole or not at all. Features equal those of the same images as loose 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -815,6 +816,45 @@ def test_scratch_space_never_holds_more_than_its_budget(tmp_path):
         fetcher.close()
 
 
+def test_a_fetched_copys_images_reach_the_workers_as_ranges_until_its_last_batch_is_decoded(
+    shards, tmp_path
+):
+    """A remote tar is fetched whole into scratch; the workers read byte ranges of that copy,
+    and the loader removes it once the archive's last batch is decoded (not when it was
+    indexed), even after a worker death replays batches from it."""
+    import fsspec
+
+    from featx.data.archive_feed import archive_batches
+    from featx.data.archives import list_archives
+    from featx.data.loader import Replay
+    from featx.data.work import FileRange
+
+    fs = fsspec.filesystem("memory")
+    for path in sorted(shards[0].glob("*.tar"))[:2]:
+        fs.pipe(f"/copies/{path.name}", path.read_bytes())
+    archives = list_archives("memory:///copies/{00000..00001}.tar")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fetcher = Prefetcher([a.url for a in archives.archives], [-1, -1], scratch)
+    try:
+        replay = Replay(archive_batches(archives, [0, 1], 3, fetcher, 1 << 30))
+        first = replay.get(0)
+        (copy,) = {item.payload.path for item in first.items}
+        assert all(isinstance(item.payload, FileRange) for item in first.items)
+        assert Path(copy).parent == scratch.resolve()  # a byte range of the fetched copy
+        last = replay.get(1)  # 4 samples in batches of 3: the archive's last batch
+        assert last.piece.last and last.piece.scratch == copy
+        replay.get(2)  # the next archive is indexed; the first copy still waits for its batch
+        assert Path(copy).exists()
+        replay.forget_before(1)
+        assert Path(copy).exists()  # its last batch is not decoded yet
+        replay.forget_before(2)
+        assert not Path(copy).exists()
+    finally:
+        fetcher.close()
+    assert list(scratch.iterdir()) == []  # a run that stops leaves no copy behind
+
+
 def test_archives_and_a_labels_csv_are_refused_together(shards, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("a.jpg,cat\n")
@@ -830,7 +870,10 @@ def test_archives_and_a_labels_csv_are_refused_together(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_decoder_that_kills_its_worker_costs_one_image_of_the_tar(images, tmp_path):
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_a_decoder_that_kills_its_worker_costs_one_image_of_the_tar(images, tmp_path, where):
+    """Over HTTP the batches a dead worker held are decoded again from the fetched copy, which
+    must outlive them."""
     from tests.test_faults import CRASHING_DECODER, decoder_shim
 
     killer = images[5][:-2] + b"featx-test:SIGKILL\xff\xd9"  # a JPEG whose decode kills
@@ -846,13 +889,19 @@ def test_a_decoder_that_kills_its_worker_costs_one_image_of_the_tar(images, tmp_
         "--batch-size",
         "3",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "featx", "extract", str(folder), "-o", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=decoder_shim(tmp_path, CRASHING_DECODER),
-    )
+    with contextlib.ExitStack() as stack:
+        source = str(folder)
+        if where == "http":
+            pytest.importorskip("aiohttp")
+            url, _ = stack.enter_context(http_server(folder))
+            source = f"{url}/00000.tar"
+        done = subprocess.run(
+            [sys.executable, "-m", "featx", "extract", source, "-o", str(out), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=decoder_shim(tmp_path, CRASHING_DECODER),
+        )
     assert done.returncode == 0, done.stderr
     data = read(out)
     assert data["paths"] == [f"00000.tar/{i:03d}.jpg" for i in range(5)]

@@ -3,8 +3,9 @@
 The main process reads each archive in member order (a local file, or a scratch copy that
 ``prefetch.Prefetcher`` fetched while the previous archive decoded) and cuts its samples into
 batches of ``(row, payload)`` items: a local tar's are byte ranges of the file (the main process
-reads only its headers and labels), a local shard folder's its files, a local parquet shard's
-cells (the main process reads only the small columns); a fetched copy's, the image bytes.
+reads only its headers and labels), a local shard folder's its files, a parquet shard's cells
+(the main process reads only the small columns), a fetched copy's alike (it is removed once its
+last batch is decoded).
 DataLoader workers read and decode them, so a decoder that crashes still costs one image
 (``loader.decoded_batches``). Each batch carries a :class:`ShardPiece`:
 which shard its rows belong to, their names and labels, the samples that failed before decoding,
@@ -49,6 +50,7 @@ def archive_batches(
         pending: list[Sample] = []
         row = 0  # rows of this shard given out so far
         samples = 0  # samples (not member-level failures), for the stats file's count
+        scratch = fetched.path if fetched.copy else ""  # removed once its last batch is decoded
         try:
             for sample in _samples(archive, fetched, archives.label_from, max_bytes):
                 samples += not sample.uncounted
@@ -58,22 +60,22 @@ def archive_batches(
                     row += len(pending)
                     pending = []
         except BrokenArchive as error:
-            yield _broken(shard, str(error))
+            yield _broken(shard, str(error), scratch)
             continue
         finally:
-            fetcher.release(fetched)
+            fetcher.hand_over(fetched)
         try:
             expected = archive.counted()
         except FeatxError as error:  # a stats file that cannot be fetched or read
-            yield _broken(shard, str(error))
+            yield _broken(shard, str(error), scratch)
             continue
         if expected is not None and samples != expected:
             broken = (
                 f"holds {samples} samples, its stats file says {expected} (img2dataset's successes)"
             )
-            yield _broken(shard, broken)
+            yield _broken(shard, broken, scratch)
             continue
-        yield _spec(shard, row, pending, keys, last=True, made_from=archive.identity)
+        yield _spec(shard, row, pending, keys, True, archive.identity, scratch)
 
 
 def _samples(
@@ -81,15 +83,13 @@ def _samples(
 ) -> Iterator[Sample]:
     """A tar is indexed here, a shard folder listed and a parquet shard's small columns read;
     their images are read by the workers (byte ranges of the tar, whole files of the folder,
-    parquet cells) when the archive outlives the read: a local one. A fetched copy is removed
-    as soon as it is read (the next download needs its space), so its images are read here."""
-    path = str(fetched.path)
+    parquet cells), from a fetched copy too: it stays until its last batch is decoded."""
     read = {"tar": tar_samples, "parquet": parquet_samples}.get(archive.kind, folder_samples)
-    return read(path, label_from, max_bytes, ranges=not fetched.copy)
+    return read(str(fetched.path), label_from, max_bytes)
 
 
-def _broken(shard: int, why: str) -> WorkBatch:
-    return WorkBatch([], ShardPiece(shard, last=True, broken=why))
+def _broken(shard: int, why: str, scratch: str = "") -> WorkBatch:
+    return WorkBatch([], ShardPiece(shard, last=True, broken=why, scratch=scratch))
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ def _spec(
     keys: Keys | None,
     last: bool,
     made_from: str = "",
+    scratch: str = "",
 ) -> WorkBatch:
     names = tuple(stored_name(s.name) for s in samples)
     items = [
@@ -124,5 +125,6 @@ def _spec(
         failures=tuple((first + i, s.error) for i, s in enumerate(samples) if s.image is None),
         last=last,
         made_from=made_from,
+        scratch=scratch,
     )
     return WorkBatch(items, piece)

@@ -22,24 +22,22 @@ from featx.data.tar_samples import BrokenArchive, Member, group_samples, sample_
 from featx.data.work import FileRange
 
 
-def folder_samples(
-    path: str, label_from: str, max_bytes: int, ranges: bool = False
-) -> Iterator[Sample]:
-    """The samples of the shard folder at ``path``; BrokenArchive if it cannot be listed. With
-    ``ranges`` an image is the :class:`FileRange` of its whole file (for a worker to read, as it
-    was listed: a file of another size by then fails), else its bytes."""
+def folder_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
+    """The samples of the shard folder at ``path``; BrokenArchive if it cannot be listed. An
+    image is the :class:`FileRange` of its whole file, for a worker to read as it was listed (a
+    file of another size by then fails)."""
     try:
         folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as error:
         raise BrokenArchive(f"not a readable folder ({error.strerror})") from None
     try:
-        members = _members(folder, os.path.realpath(path) if ranges else None)  # once
+        members = _members(folder, os.path.realpath(path))
         yield from group_samples(members, label_from, max_bytes)
     finally:
         os.close(folder)
 
 
-def _members(folder: int, ranges_of: str | None) -> Iterator[Member]:
+def _members(folder: int, real: str) -> Iterator[Member]:
     try:
         with os.scandir(folder) as entries:
             found = [(e.name, e.stat(follow_symlinks=False)) for e in entries]
@@ -48,7 +46,7 @@ def _members(folder: int, ranges_of: str | None) -> Iterator[Member]:
     # By key, then name: a key's files are next to each other whatever the other names are.
     for name, info in sorted(found, key=lambda item: (sample_key(item[0])[0], item[0])):
         kind = _kind(info.st_mode)
-        where = FileRange(os.path.join(ranges_of, name), 0, info.st_size) if ranges_of else None
+        where = FileRange(os.path.join(real, name), 0, info.st_size)
         yield Member(name, info.st_size, kind, functools.partial(_read, folder, name, info), where)
 
 

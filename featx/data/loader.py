@@ -7,7 +7,9 @@ their batches to the loop in pipeline.py as :class:`Batch` objects.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import os
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
 
@@ -212,8 +214,11 @@ class Replay:
 
     def forget_before(self, position: int) -> None:
         while self.first < position and self.held:
-            self.held.popleft()
+            done = self.held.popleft()
             self.first += 1
+            if done.piece.scratch:  # a fetched copy: every batch that reads it is decoded
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(done.piece.scratch)
 
     def _fill(self, position: int) -> bool:
         while position - self.first >= len(self.held):

@@ -145,20 +145,18 @@ def _footer_length(tail: bytes, size: int, url: str) -> int:
     return footer
 
 
-def parquet_samples(
-    path: str, label_from: str, max_bytes: int, ranges: bool = False
-) -> Iterator[Sample]:
+def parquet_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
     """The samples of a parquet shard, one row group at a time: each row group's size is
     checked before it is read (its column chunks' uncompressed sizes, from the footer) and
     before its cells are copied out (their sizes, from the offsets: a dictionary-encoded
     column stays encoded, so one cell repeated a million times is counted, not expanded).
-    With ``ranges`` (a local file), a ``status`` column and row groups whose image column a
-    worker may keep (:data:`~featx.data.parquet_cells.WORKER_ROW_GROUP_BYTES`), only the
-    small columns are read here and each image is a :class:`ParquetCell` for a worker to read;
-    a row whose ``status`` is not ``success`` is img2dataset's failed download."""
+    With a ``status`` column and row groups whose image column a worker may keep
+    (:data:`~featx.data.parquet_cells.WORKER_ROW_GROUP_BYTES`), only the small columns are
+    read here and each image is a :class:`ParquetCell` for a worker to read; a row whose
+    ``status`` is not ``success`` is img2dataset's failed download."""
     pq = parquet_module()
     with _opened(path) as handle:
-        cells_of = os.path.realpath(path) if ranges else None  # workers open it without links
+        cells_of = os.path.realpath(path)  # the workers open it without following a link
         yield from _row_groups(pq, handle, label_from, max_bytes, cells_of)
 
 
@@ -177,7 +175,7 @@ def _opened(path: str) -> Iterator[BinaryIO]:
 
 
 def _row_groups(
-    pq: Any, handle: Any, label_from: str, max_bytes: int, cells_of: str | None
+    pq: Any, handle: Any, label_from: str, max_bytes: int, cells_of: str
 ) -> Iterator[Sample]:
     try:
         schema = pq.read_schema(handle)
@@ -195,10 +193,8 @@ def _row_groups(
     groups = [table.metadata.row_group(group) for group in range(table.num_row_groups)]
     # The workers read the cells when the shard says which downloads failed (img2dataset's
     # `status`: the stats file's count leaves those out) and each row group is small enough.
-    if (
-        cells_of is not None
-        and "status" in names
-        and all(image_bytes(group, image) <= WORKER_ROW_GROUP_BYTES for group in groups)
+    if "status" in names and all(
+        image_bytes(group, image) <= WORKER_ROW_GROUP_BYTES for group in groups
     ):
         yield from _cell_groups(table, groups, wanted, image, cells_of, label, label_from)
         return

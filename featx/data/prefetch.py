@@ -2,7 +2,9 @@
 
 One GET each (never one request per image, and never HTTP range reads: ``python -m http.server``
 has none, and fsspec then silently returns the whole file for every range). At most two
-downloaded archives exist at once, and a server that sends more than it listed is cut off.
+downloaded archives are being fetched or indexed at once, besides those whose batches the
+decode workers still read (the loader's window), and a server that sends more than it listed is
+cut off.
 """
 
 from __future__ import annotations
@@ -76,16 +78,25 @@ class Prefetcher:
                         yield Fetched(index, None, "the fetch thread stopped unexpectedly")
                         break
 
-    def release(self, fetched: Fetched) -> None:
-        """The reader is done with an archive: its scratch copy is removed."""
+    def hand_over(self, fetched: Fetched) -> None:
+        """The reader has indexed an archive: its scratch copy stays for the decode workers,
+        which read byte ranges of it, until the loader removes it after its last batch
+        (``ShardPiece.scratch``); it no longer counts here, so the next fetch never waits on
+        the thread that consumes the batches. Copies awaiting their decode are bounded by the
+        loader's window of batches in flight."""
         if fetched.path is None or not fetched.copy:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(fetched.path)
         with self.space:
             self.held -= self._counted_size(fetched.index)
             self.count -= 1
             self.space.notify_all()
+
+    def release(self, fetched: Fetched) -> None:
+        """The reader is done with an archive: its scratch copy is removed."""
+        self.hand_over(fetched)
+        if fetched.path is not None and fetched.copy:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fetched.path)
 
     def close(self) -> None:
         """Stop fetching (a download in progress stops at its next chunk) and remove every

@@ -64,25 +64,23 @@ class Member:
         return not self.kind
 
 
-def tar_samples(
-    path: str, label_from: str, max_bytes: int, ranges: bool = False
-) -> Iterator[Sample]:
+def tar_samples(path: str, label_from: str, max_bytes: int) -> Iterator[Sample]:
     """The samples of the tar at ``path``, in member order; BrokenArchive if it is cut short.
-    With ``ranges`` an image is the :class:`FileRange` of its bytes in the tar (for a worker to
-    read), else its bytes. Only headers and labels are read here."""
+    An image is the :class:`FileRange` of its bytes in the tar, for a worker to read: only
+    headers and labels are read here."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open cannot hang
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise BrokenArchive("not a regular file (a FIFO, device or folder named like a tar)")
         reader = TarReader(fd, info.st_size)
-        ranges_of = os.path.realpath(path) if ranges else None  # workers open it without links
-        yield from group_samples(_members(reader, ranges_of), label_from, max_bytes)
+        real = os.path.realpath(path)  # the workers open it without following a link
+        yield from group_samples(_members(reader, real), label_from, max_bytes)
     finally:
         os.close(fd)
 
 
-def _members(reader: TarReader, ranges_of: str | None) -> Iterator[Member]:
+def _members(reader: TarReader, path: str) -> Iterator[Member]:
     for member in reader.members():
         if member.kind == "folder":
             continue
@@ -91,7 +89,7 @@ def _members(reader: TarReader, ranges_of: str | None) -> Iterator[Member]:
             member.size,
             "" if member.is_file else member.kind,
             functools.partial(reader.read, member, member.size),
-            FileRange(ranges_of, member.offset, member.size) if ranges_of else None,
+            FileRange(path, member.offset, member.size),
         )
 
 

@@ -65,6 +65,9 @@ class ShardPiece:
     made_from: str = (
         ""  # with ``last``, an archive's identity (name, size, version): resume checks it
     )
+    # With ``last``, a fetched copy of a remote archive whose byte ranges the shard's batches
+    # read: the loader removes it once this batch is decoded (data.loader.Replay).
+    scratch: str = ""
 
 
 UNPLACED = ShardPiece(-1)  # a batch not yet joined to its piece (inside a worker)
