@@ -226,11 +226,11 @@ def _cell_groups(
     try:
         for index, group in enumerate(groups):
             _check_stored_size(group, wanted, index)
-            rows = table.read_row_group(index, columns=small) if small else None
+            rows = table.read_row_group(index, columns=small)  # `status` at least
             columns = _small_columns(rows, row, group.num_rows)
             for i in range(group.num_rows):
-                status = columns.get("status", [None] * (i + 1))[i]
-                size = None if status not in (None, "success") else 0  # 0: sized by the worker
+                failed = columns["status"][i] not in (None, "success")
+                size = None if failed else 0  # 0: the worker sizes the cell
                 cell = ParquetCell(path, index, i, image)
                 yield _sample(columns, i, row + i, size, cell, label, label_from, 0)
             row += group.num_rows
@@ -240,16 +240,19 @@ def _cell_groups(
         raise BrokenArchive(f"unreadable after row {row} ({error})") from None
 
 
-def _small_columns(rows: Any, first: int, count: int) -> dict[str, list[Any]]:
-    if rows is None:
-        return {}
-    total = sum(_expanded_bytes(rows.column(name)) for name in rows.column_names)
+def _small_columns(
+    rows: Any, first: int, count: int, image: str = "", cell_bytes: int = 0
+) -> dict[str, list[Any]]:
+    """Every column of ``rows`` but ``image``, as lists, once they and the image cells
+    (``cell_bytes``) are within the bound expanded (counted without expanding them)."""
+    names = [name for name in rows.column_names if name != image]
+    total = cell_bytes + sum(_expanded_bytes(rows.column(name)) for name in names)
     if total > MAX_ROW_GROUP_BYTES:
         raise BrokenArchive(
             f"rows {first} to {first + count - 1} hold {total:,} bytes once expanded, "
             f"over the bound of {MAX_ROW_GROUP_BYTES:,} per row group: not read"
         )
-    return {name: rows.column(name).to_pylist() for name in rows.column_names}
+    return {name: rows.column(name).to_pylist() for name in names}
 
 
 def _check_stored_size(group: Any, wanted: list[str], index: int) -> None:
@@ -298,14 +301,7 @@ def _row_group(
     if not pa.types.is_dictionary(cells.type):
         cells = cells.dictionary_encode()
     sizes = pc.take(pc.binary_length(cells.dictionary), cells.indices)
-    total = sum(_expanded_bytes(rows.column(n)) for n in rows.column_names if n != image)
-    total += pc.sum(sizes).as_py() or 0
-    if total > MAX_ROW_GROUP_BYTES:
-        raise BrokenArchive(
-            f"rows {first} to {first + len(cells) - 1} hold {total:,} bytes once expanded, "
-            f"over the bound of {MAX_ROW_GROUP_BYTES:,} per row group: not read"
-        )
-    columns = {n: rows.column(n).to_pylist() for n in rows.column_names if n != image}
+    columns = _small_columns(rows, first, len(cells), image, pc.sum(sizes).as_py() or 0)
     for i, size in enumerate(sizes.to_pylist()):
         index = cells.indices[i].as_py()
         data = None if size is None or size > max_bytes else cells.dictionary[index].as_py()

@@ -56,8 +56,8 @@ class Member:
     name: str
     size: int
     kind: str  # "" for a regular file, else what it is ("symbolic link", …): never read
-    read: Callable[[], bytes]  # its bytes, at most ``size``; BrokenArchive if it cannot be
-    where: FileRange | None = None  # where a worker can read its bytes itself, if it can
+    read: Callable[[], bytes]  # its bytes, at most ``size``; BrokenArchive if it cannot be read
+    where: FileRange  # where a worker reads its bytes (the main process reads only labels)
 
     @property
     def regular(self) -> bool:
@@ -124,7 +124,7 @@ class _Group:
 
     def __init__(self, key: str, first: str, label_from: str) -> None:
         self.key, self.first, self.label_from = key, first, label_from
-        self.image: tuple[str, bytes | FileRange | None, str] | None = None  # (member, data, error)
+        self.image: tuple[str, FileRange | None, str] | None = None  # (member, data, error)
         self.label: int | str | None = None
         self.label_error = ""
         self.names: list[str] = []
@@ -158,7 +158,7 @@ class _Group:
                     f"limit of {max_bytes}",
                 )
             else:
-                self.image = (name, member.where or member.read(), "")
+                self.image = (name, member.where, "")
         elif extension == "cls" and self.label_from == "cls":
             self.label, self.label_error = _class_label(member)
         elif extension == "json" and self.label_from.startswith("json:"):

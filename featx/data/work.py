@@ -34,9 +34,8 @@ class ParquetCell(NamedTuple):
     column: str
 
 
-# A file or byte range, a parquet cell, or the bytes themselves (the members of a fetched copy
-# of a remote archive, which is removed as soon as it is read, and the cells of a parquet file
-# whose row groups are too big to hand to every worker).
+# A file or byte range, a parquet cell, or the bytes themselves (the cells of a parquet shard
+# without a status column, or with row groups too big to hand to every worker).
 Payload = FileRange | ParquetCell | bytes
 
 
