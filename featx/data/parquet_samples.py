@@ -193,17 +193,19 @@ def _row_groups(
     groups = [table.metadata.row_group(group) for group in range(table.num_row_groups)]
     # The workers read the cells when the shard says which downloads failed (img2dataset's
     # `status`: the stats file's count leaves those out) and each row group is small enough.
-    if "status" in names and all(
+    in_workers = "status" in names and all(
         image_bytes(group, image) <= WORKER_ROW_GROUP_BYTES for group in groups
-    ):
-        yield from _cell_groups(table, groups, wanted, image, cells_of, label, label_from)
-        return
+    )
+    read = [column for column in wanted if column != image] if in_workers else wanted
     row = 0
     try:
-        for group in range(table.num_row_groups):
-            _check_stored_size(groups[group], wanted, group)
-            rows = table.read_row_group(group, columns=wanted)
-            yield from _row_group(rows, row, image, label, label_from, max_bytes)
+        for index, group in enumerate(groups):
+            _check_stored_size(group, wanted, index)
+            rows = table.read_row_group(index, columns=read)
+            if in_workers:
+                yield from _cells(rows, row, index, cells_of, image, label, label_from)
+            else:
+                yield from _row_group(rows, row, image, label, label_from, max_bytes)
             row += rows.num_rows
     except BrokenArchive:
         raise
@@ -211,33 +213,16 @@ def _row_groups(
         raise BrokenArchive(f"unreadable after row {row} ({error})") from None
 
 
-def _cell_groups(
-    table: Any,
-    groups: list[Any],
-    wanted: list[str],
-    image: str,
-    path: str,
-    label: str | None,
-    label_from: str,
+def _cells(
+    rows: Any, first: int, group: int, path: str, image: str, label: str | None, label_from: str
 ) -> Iterator[Sample]:
-    """The samples of row groups whose image cells the workers read: the small columns only."""
-    small = [column for column in wanted if column != image]
-    row = 0
-    try:
-        for index, group in enumerate(groups):
-            _check_stored_size(group, wanted, index)
-            rows = table.read_row_group(index, columns=small)  # `status` at least
-            columns = _small_columns(rows, row, group.num_rows)
-            for i in range(group.num_rows):
-                failed = columns["status"][i] not in (None, "success")
-                size = None if failed else 0  # 0: the worker sizes the cell
-                cell = ParquetCell(path, index, i, image)
-                yield _sample(columns, i, row + i, size, cell, label, label_from, 0)
-            row += group.num_rows
-    except BrokenArchive:
-        raise
-    except Exception as error:
-        raise BrokenArchive(f"unreadable after row {row} ({error})") from None
+    """A row group's samples whose image cells the workers read: its small columns only."""
+    columns = _small_columns(rows, first, rows.num_rows)
+    for i in range(rows.num_rows):
+        failed = columns["status"][i] not in (None, "success")
+        size = None if failed else 0  # 0: the worker sizes the cell
+        cell = ParquetCell(path, group, i, image)
+        yield _sample(columns, i, first + i, size, cell, label, label_from, 0)
 
 
 def _small_columns(
